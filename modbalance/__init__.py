@@ -1,0 +1,17 @@
+"""modbalance: plug-in PyTorch components against modality competition in multimodal learning.
+
+The four PaSE components (:class:`PrototypeCalibrator`, :class:`SinkhornAligner`,
+:class:`PrototypeGatedFusion`, :class:`ShapleyGradModulator`) each work alone inside any backbone;
+together they form the PaSE reference model in ``examples/``.
+"""
+
+from modbalance._checks import ModbalanceError, value_checks, value_checks_enabled
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "ModbalanceError",
+    "__version__",
+    "value_checks",
+    "value_checks_enabled",
+]

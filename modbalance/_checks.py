@@ -1,0 +1,337 @@
+"""Shared argument validation for every public entry point of :mod:`modbalance`.
+
+Every validator raises :class:`ModbalanceError` (a :class:`ValueError`) or :class:`TypeError` with a
+message that names the argument, shows what was received and says what was expected, so that a
+user can fix the call without reading the source.
+
+Two kinds of checks exist:
+
+* *structural* checks (type, rank, shape, dtype, Python scalars) never look at tensor values and
+  cost nothing on an accelerator;
+* *value* checks (finite values, label ranges, marginals summing to one) read tensor data and
+  therefore synchronise the host with the device. They can be switched off in hot loops with
+  :func:`value_checks` once a pipeline is known to be clean.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import threading
+from collections.abc import Iterable, Iterator, Sequence
+from typing import Any
+
+import torch
+from torch import Tensor
+
+__all__ = [
+    "ModbalanceError",
+    "check_choice",
+    "check_finite",
+    "check_int",
+    "check_ndim",
+    "check_real",
+    "check_same_size",
+    "check_shape",
+    "check_tensor",
+    "value_checks",
+    "value_checks_enabled",
+]
+
+
+class ModbalanceError(ValueError):
+    """Raised when an argument of a :mod:`modbalance` function or module is invalid.
+
+    It subclasses :class:`ValueError`, so ``except ValueError`` keeps working.
+
+    Example:
+        >>> from modbalance import ModbalanceError
+        >>> issubclass(ModbalanceError, ValueError)
+        True
+    """
+
+
+_state = threading.local()
+
+
+def value_checks_enabled() -> bool:
+    """Return whether value checks (which read tensor data) are currently enabled.
+
+    Example:
+        >>> from modbalance._checks import value_checks_enabled
+        >>> value_checks_enabled()
+        True
+    """
+    return getattr(_state, "value_checks", True)
+
+
+@contextlib.contextmanager
+def value_checks(enabled: bool) -> Iterator[None]:
+    """Context manager that enables or disables the value checks inside its block.
+
+    Value checks (NaN/inf detection, label ranges, marginal sums) read tensor data and so force a
+    host-device synchronisation. Disable them in a hot loop on an accelerator once the data are
+    known to be clean; structural checks (shapes, ranks, dtypes) always run.
+
+    Args:
+        enabled: ``False`` to skip value checks inside the block.
+
+    Example:
+        >>> import modbalance
+        >>> with modbalance.value_checks(False):
+        ...     modbalance.value_checks_enabled()
+        False
+    """
+    previous = value_checks_enabled()
+    _state.value_checks = bool(enabled)
+    try:
+        yield
+    finally:
+        _state.value_checks = previous
+
+
+def _shape_str(shape: Iterable[Any]) -> str:
+    return "(" + ", ".join(str(s) for s in shape) + ")"
+
+
+def check_tensor(
+    x: Any,
+    name: str,
+    *,
+    ndim: int | Sequence[int] | None = None,
+    dtype: str | None = None,
+    finite: bool = False,
+    nonempty: bool = False,
+) -> Tensor:
+    """Check that ``x`` is a tensor of the expected rank and dtype kind, and return it.
+
+    Args:
+        x: The value to check.
+        name: Argument name used in error messages.
+        ndim: Allowed rank or ranks; ``None`` accepts any rank.
+        dtype: ``"floating"``, ``"integer"``, ``"bool"``, ``"numeric"`` (floating or integer)
+            or ``None`` for any dtype.
+        finite: Also require every element to be finite (a value check, see :func:`value_checks`).
+        nonempty: Require at least one element.
+
+    Returns:
+        ``x`` unchanged.
+
+    Raises:
+        TypeError: If ``x`` is not a tensor or has the wrong dtype kind.
+        ModbalanceError: If the rank is wrong, the tensor is empty or holds NaN/inf.
+
+    Example:
+        >>> import torch
+        >>> from modbalance._checks import check_tensor
+        >>> check_tensor(torch.zeros(2, 3), "features", ndim=2, dtype="floating").shape
+        torch.Size([2, 3])
+    """
+    if not isinstance(x, Tensor):
+        raise TypeError(f"`{name}` must be a torch.Tensor, got {type(x).__name__}.")
+    if ndim is not None:
+        allowed = (ndim,) if isinstance(ndim, int) else tuple(ndim)
+        if x.ndim not in allowed:
+            want = " or ".join(str(a) for a in allowed)
+            raise ModbalanceError(
+                f"`{name}` must have {want} dimensions, got shape {_shape_str(x.shape)} "
+                f"({x.ndim} dimensions)."
+            )
+    if dtype is not None:
+        kinds = {
+            "floating": x.is_floating_point(),
+            "integer": not x.is_floating_point() and not x.is_complex() and x.dtype != torch.bool,
+            "bool": x.dtype == torch.bool,
+        }
+        kinds["numeric"] = kinds["floating"] or kinds["integer"]
+        if dtype not in kinds:
+            raise ValueError(f"unknown dtype kind {dtype!r}")
+        if not kinds[dtype]:
+            raise TypeError(f"`{name}` must have a {dtype} dtype, got {x.dtype}.")
+    if nonempty and x.numel() == 0:
+        raise ModbalanceError(f"`{name}` must not be empty, got shape {_shape_str(x.shape)}.")
+    if finite:
+        check_finite(x, name)
+    return x
+
+
+def check_ndim(x: Tensor, name: str, min_ndim: int) -> Tensor:
+    """Check that ``x`` has at least ``min_ndim`` dimensions.
+
+    Example:
+        >>> import torch
+        >>> from modbalance._checks import check_ndim
+        >>> check_ndim(torch.zeros(4, 2, 2), "cost", 2).ndim
+        3
+    """
+    check_tensor(x, name)
+    if x.ndim < min_ndim:
+        raise ModbalanceError(
+            f"`{name}` must have at least {min_ndim} dimensions, got shape "
+            f"{_shape_str(x.shape)}."
+        )
+    return x
+
+
+def check_shape(x: Tensor, name: str, expected: Sequence[int | str | None]) -> Tensor:
+    """Check that ``x`` has the expected shape.
+
+    Args:
+        x: Tensor to check.
+        name: Argument name used in error messages.
+        expected: One entry per dimension: an ``int`` that must match, or ``None``/a symbol
+            string (such as ``"N"``) that matches anything.
+
+    Raises:
+        ModbalanceError: If the rank or a fixed dimension differs.
+
+    Example:
+        >>> import torch
+        >>> from modbalance._checks import check_shape
+        >>> check_shape(torch.zeros(5, 8), "features", ("N", 8)).shape
+        torch.Size([5, 8])
+    """
+    check_tensor(x, name)
+    ok = x.ndim == len(expected) and all(
+        not isinstance(e, int) or e == s for e, s in zip(expected, x.shape)
+    )
+    if not ok:
+        want = _shape_str("?" if e is None else e for e in expected)
+        raise ModbalanceError(
+            f"`{name}` must have shape {want}, got shape {_shape_str(x.shape)}."
+        )
+    return x
+
+
+def check_same_size(
+    x: Tensor, x_name: str, dim_x: int, y: Tensor, y_name: str, dim_y: int
+) -> None:
+    """Check that ``x.shape[dim_x] == y.shape[dim_y]``.
+
+    Example:
+        >>> import torch
+        >>> from modbalance._checks import check_same_size
+        >>> check_same_size(torch.zeros(3, 2), "features", 0, torch.zeros(3), "labels", 0)
+    """
+    if x.shape[dim_x] != y.shape[dim_y]:
+        raise ModbalanceError(
+            f"`{x_name}` has size {x.shape[dim_x]} in dimension {dim_x} "
+            f"(shape {_shape_str(x.shape)}) but `{y_name}` has size {y.shape[dim_y]} in "
+            f"dimension {dim_y} (shape {_shape_str(y.shape)}); they must match."
+        )
+
+
+def check_finite(x: Tensor, name: str) -> Tensor:
+    """Check that every element of ``x`` is finite (skipped when value checks are disabled).
+
+    Raises:
+        ModbalanceError: If ``x`` holds NaN or infinite values; the message counts them.
+
+    Example:
+        >>> import torch
+        >>> from modbalance._checks import check_finite
+        >>> check_finite(torch.tensor([1.0, float("nan")]), "cost")
+        Traceback (most recent call last):
+            ...
+        modbalance._checks.ModbalanceError: `cost` must contain only finite values, got 1 NaN and 0 infinite value(s) in a tensor of shape (2).
+    """
+    if not value_checks_enabled() or not x.is_floating_point():
+        return x
+    bad = ~torch.isfinite(x)
+    if bool(bad.any()):
+        n_nan = int(torch.isnan(x).sum())
+        n_inf = int(bad.sum()) - n_nan
+        raise ModbalanceError(
+            f"`{name}` must contain only finite values, got {n_nan} NaN and {n_inf} "
+            f"infinite value(s) in a tensor of shape {_shape_str(x.shape)}."
+        )
+    return x
+
+
+def check_real(
+    value: Any,
+    name: str,
+    *,
+    low: float | None = None,
+    high: float | None = None,
+    low_inclusive: bool = True,
+    high_inclusive: bool = True,
+) -> float:
+    """Check a real-valued Python scalar hyperparameter and return it as ``float``.
+
+    Args:
+        value: The value to check (bool is rejected).
+        name: Argument name used in error messages.
+        low: Lower bound, or ``None`` for none.
+        high: Upper bound, or ``None`` for none.
+        low_inclusive: Whether ``low`` itself is allowed.
+        high_inclusive: Whether ``high`` itself is allowed.
+
+    Raises:
+        TypeError: If ``value`` is not a real number.
+        ModbalanceError: If it is NaN/inf or out of range.
+
+    Example:
+        >>> from modbalance._checks import check_real
+        >>> check_real(0.98, "momentum", low=0, high=1, high_inclusive=False)
+        0.98
+        >>> check_real(0.0, "epsilon", low=0, low_inclusive=False)
+        Traceback (most recent call last):
+            ...
+        modbalance._checks.ModbalanceError: `epsilon` must be > 0, got 0.0.
+    """
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        if isinstance(value, Tensor) and value.numel() == 1 and not value.requires_grad:
+            value = value.item()
+        else:
+            raise TypeError(f"`{name}` must be a real number, got {type(value).__name__}.")
+    value = float(value)
+    if not math.isfinite(value):
+        raise ModbalanceError(f"`{name}` must be finite, got {value}.")
+    if low is not None and (value < low or (not low_inclusive and value == low)):
+        op = ">=" if low_inclusive else ">"
+        raise ModbalanceError(f"`{name}` must be {op} {low}, got {value}.")
+    if high is not None and (value > high or (not high_inclusive and value == high)):
+        op = "<=" if high_inclusive else "<"
+        raise ModbalanceError(f"`{name}` must be {op} {high}, got {value}.")
+    return value
+
+
+def check_int(value: Any, name: str, *, low: int | None = None, high: int | None = None) -> int:
+    """Check an integer hyperparameter and return it.
+
+    Example:
+        >>> from modbalance._checks import check_int
+        >>> check_int(7, "num_classes", low=1)
+        7
+        >>> check_int(0, "num_classes", low=1)
+        Traceback (most recent call last):
+            ...
+        modbalance._checks.ModbalanceError: `num_classes` must be >= 1, got 0.
+    """
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"`{name}` must be an int, got {type(value).__name__} ({value!r}).")
+    if low is not None and value < low:
+        raise ModbalanceError(f"`{name}` must be >= {low}, got {value}.")
+    if high is not None and value > high:
+        raise ModbalanceError(f"`{name}` must be <= {high}, got {value}.")
+    return value
+
+
+def check_choice(value: Any, name: str, choices: Iterable[Any]) -> Any:
+    """Check that ``value`` is one of ``choices`` and return it.
+
+    Example:
+        >>> from modbalance._checks import check_choice
+        >>> check_choice("cosine", "metric", ("cosine", "sqeuclidean"))
+        'cosine'
+        >>> check_choice("l1", "metric", ("cosine", "sqeuclidean"))
+        Traceback (most recent call last):
+            ...
+        modbalance._checks.ModbalanceError: `metric` must be one of 'cosine', 'sqeuclidean'; got 'l1'.
+    """
+    choices = tuple(choices)
+    if value not in choices:
+        allowed = ", ".join(repr(c) for c in choices)
+        raise ModbalanceError(f"`{name}` must be one of {allowed}; got {value!r}.")
+    return value
