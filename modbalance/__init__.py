@@ -6,10 +6,12 @@ together they form the PaSE reference model in ``examples/``.
 """
 
 from modbalance._checks import ModbalanceError, value_checks, value_checks_enabled
+from modbalance.schedule import DualPhaseSchedule
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "DualPhaseSchedule",
     "ModbalanceError",
     "__version__",
     "value_checks",
