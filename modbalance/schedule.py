@@ -42,7 +42,7 @@ class DualPhaseSchedule:
         >>> from modbalance import DualPhaseSchedule
         >>> schedule = DualPhaseSchedule(switch_epoch=10, patience=2, mode="max")
         >>> for val in [0.50, 0.60, 0.59, 0.60]:
-        ...     schedule.epoch_end(val)
+        ...     phase = schedule.epoch_end(val)
         >>> schedule.phase, schedule.switched_at
         (2, 4)
     """
