@@ -1,0 +1,297 @@
+"""Prototype-gated fusion: weight each modality by how well it agrees with its prototypes.
+
+The "PGF" component of PaSE (He et al., AAAI 2026, `arXiv:2511.17585
+<https://arxiv.org/abs/2511.17585>`_). The authors' gate multiplied one scalar into every expert's
+router weight and was then renormalised away, so it had no effect at all. Here each modality has
+its own gate parameters and the gates are normalised *across modalities*, so a modality whose
+features agree less with its prototypes really is down-weighted, and an absent modality is
+removed exactly.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from typing import Any, NamedTuple
+
+import torch
+from torch import Tensor, nn
+
+from modbalance._checks import (
+    ModbalanceError,
+    check_choice,
+    check_finite,
+    check_int,
+    check_real,
+    check_tensor,
+    value_checks_enabled,
+)
+
+__all__ = ["FusionOutput", "PrototypeGatedFusion"]
+
+
+class FusionOutput(NamedTuple):
+    """Result of :meth:`PrototypeGatedFusion.forward`.
+
+    Attributes:
+        fused: ``(N, D)`` for ``mode="sum"``, ``(N, M * D)`` for ``mode="concat"``.
+        gates: ``(N, M)`` gate of each modality (constructor order); the gates of the present
+            modalities of a sample sum to 1, absent ones are exactly 0 (all zeros when none is
+            present).
+    """
+
+    fused: Tensor
+    gates: Tensor
+
+
+class PrototypeGatedFusion(nn.Module):
+    r"""Fuse M modality features with gates learned from each modality's prototype confidence.
+
+    For sample :math:`i` and modality :math:`m` with feature :math:`h_{im} \in \mathbb{R}^D`,
+    confidence :math:`c_{im}` (e.g. :meth:`modbalance.prototypes.PrototypeCalibrator.confidence`,
+    in :math:`[0, 1]`) and presence flag :math:`\pi_{im} \in \{0, 1\}`, each modality has its own
+    gate network (an affine term plus a small ``tanh`` MLP, :math:`H` = ``hidden`` units):
+
+    .. math::
+
+        s_{im} = a_m c_{im} + b_m + v_m^\top \tanh(w_m c_{im} + u_m),
+        \qquad a_m, b_m \in \mathbb{R},\; w_m, u_m, v_m \in \mathbb{R}^H,
+
+    .. math::
+
+        g_{im} = \frac{\pi_{im} \exp(s_{im} / T)}{\sum_{m'} \pi_{im'} \exp(s_{im'} / T)},
+
+    and the fused feature is :math:`\sum_m g_{im} h_{im}` (``mode="sum"``, dimension :math:`D`)
+    or the concatenation :math:`[g_{i1} h_{i1}, \dots, g_{iM} h_{iM}]` in constructor order
+    (``mode="concat"``, dimension :math:`MD`). :math:`a_m` starts at 1 and :math:`b_m` at 0, so an
+    untrained gate already favours the more confident modality; the MLP starts small and random.
+    With ``hidden=0`` the gate is the affine term alone.
+
+    Because the parameters differ per modality and the softmax runs across modalities, the gate
+    is not a constant that cancels (the defect of the authors' version): changing one modality's
+    confidence changes the output, and the gate parameters receive gradients.
+
+    Absent modalities (:math:`\pi_{im} = 0`) get a gate of exactly 0 and their features and
+    confidences are replaced by zeros with :func:`torch.where` before use, so they have no
+    influence at all, even when they hold NaN or inf, and receive exactly zero gradient. A sample
+    with no modality present gets a zero fused vector and zero gates. This makes ``present``
+    usable as a coalition mask for Shapley values.
+
+    Args:
+        modalities: Names of the :math:`M \ge 2` modalities; this order is the order of the gate
+            columns and of the ``concat`` blocks.
+        dim: Feature dimension :math:`D` shared by all modalities.
+        mode: ``"sum"`` or ``"concat"``.
+        hidden: Hidden units :math:`H \ge 0` of each modality's gate MLP (0: affine gate only).
+        temperature: Softmax temperature :math:`T > 0`.
+
+    Attributes:
+        out_dim: Size of the fused vector (``dim`` or ``M * dim``).
+
+    Raises:
+        ModbalanceError: On fewer than 2 or duplicate modalities, or invalid hyperparameters.
+
+    Example:
+        >>> import torch
+        >>> from modbalance.fusion import PrototypeGatedFusion
+        >>> fusion = PrototypeGatedFusion(["text", "audio", "vision"], 4)
+        >>> h = {m: torch.randn(2, 4) for m in ("text", "audio", "vision")}
+        >>> c = {"text": torch.tensor([0.9, 0.9]), "audio": torch.tensor([0.2, 0.8]),
+        ...      "vision": torch.tensor([0.5, 0.5])}
+        >>> present = {"text": torch.tensor([True, True]), "audio": torch.tensor([True, False]),
+        ...            "vision": torch.tensor([True, True])}
+        >>> out = fusion(h, c, present)
+        >>> out.fused.shape, out.gates[1, 1].item(), round(out.gates[0].sum().item(), 4)
+        (torch.Size([2, 4]), 0.0, 1.0)
+    """
+
+    def __init__(
+        self,
+        modalities: Sequence[str],
+        dim: int,
+        *,
+        mode: str = "sum",
+        hidden: int = 16,
+        temperature: float = 1.0,
+    ) -> None:
+        super().__init__()
+        if isinstance(modalities, str) or not isinstance(modalities, Sequence):
+            raise TypeError(
+                "`modalities` must be a sequence of names such as ['text', 'audio'], got "
+                f"{type(modalities).__name__} ({modalities!r})."
+            )
+        names = tuple(modalities)
+        for name in names:
+            if not isinstance(name, str):
+                raise TypeError(
+                    f"`modalities` must hold strings, got {type(name).__name__} ({name!r})."
+                )
+        if len(names) < 2:
+            raise ModbalanceError(
+                f"`modalities` must name at least 2 modalities to fuse, got {len(names)}: "
+                f"{list(names)}."
+            )
+        if len(set(names)) != len(names):
+            raise ModbalanceError(f"`modalities` must not repeat a name, got {list(names)}.")
+        self.modalities: tuple[str, ...] = names
+        self.dim = check_int(dim, "dim", low=1)
+        self.mode = check_choice(mode, "mode", ("sum", "concat"))
+        self.hidden = check_int(hidden, "hidden", low=0)
+        self.temperature = check_real(temperature, "temperature", low=0.0, low_inclusive=False)
+        m = len(names)
+        self.out_dim = dim if mode == "sum" else m * dim
+        self.scale = nn.Parameter(torch.empty(m))
+        self.bias = nn.Parameter(torch.empty(m))
+        if hidden > 0:
+            self.mlp_in_weight = nn.Parameter(torch.empty(m, hidden))
+            self.mlp_in_bias = nn.Parameter(torch.empty(m, hidden))
+            self.mlp_out_weight = nn.Parameter(torch.empty(m, hidden))
+        else:
+            self.register_parameter("mlp_in_weight", None)
+            self.register_parameter("mlp_in_bias", None)
+            self.register_parameter("mlp_out_weight", None)
+        self.reset_parameters()
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        """Affine gate at identity (:math:`a_m = 1, b_m = 0`), MLP as ``nn.Linear`` initialises."""
+        self.scale.fill_(1.0)
+        self.bias.zero_()
+        if self.hidden > 0:
+            # nn.Linear's default: U(-1/sqrt(fan_in), 1/sqrt(fan_in)); fan_in is 1, then H.
+            self.mlp_in_weight.uniform_(-1.0, 1.0)
+            self.mlp_in_bias.uniform_(-1.0, 1.0)
+            bound = 1.0 / math.sqrt(self.hidden)
+            self.mlp_out_weight.uniform_(-bound, bound)
+
+    def extra_repr(self) -> str:
+        """Hyperparameters shown by ``repr``."""
+        return (
+            f"modalities={list(self.modalities)}, dim={self.dim}, mode={self.mode!r}, "
+            f"hidden={self.hidden}, temperature={self.temperature}"
+        )
+
+    def _gather(self, mapping: Any, name: str) -> list[Any]:
+        if not isinstance(mapping, Mapping):
+            raise TypeError(
+                f"`{name}` must be a mapping from modality name to tensor, got "
+                f"{type(mapping).__name__}."
+            )
+        unknown = [k for k in mapping if k not in self.modalities]
+        if unknown:
+            raise ModbalanceError(
+                f"`{name}` has unknown modality {unknown[0]!r}; this fusion was built for "
+                f"{list(self.modalities)}."
+            )
+        missing = [m for m in self.modalities if m not in mapping]
+        if missing:
+            raise ModbalanceError(
+                f"`{name}` is missing modality {missing[0]!r}; expected every one of "
+                f"{list(self.modalities)} (mark absent samples with `present` instead)."
+            )
+        return [mapping[m] for m in self.modalities]
+
+    def gate_scores(self, confidence: Tensor) -> Tensor:
+        """Unnormalised gate scores :math:`s_{im}` for a ``(N, M)`` confidence matrix.
+
+        Args:
+            confidence: ``(N, M)`` confidences in constructor order.
+
+        Returns:
+            ``(N, M)`` scores (before temperature, masking and softmax).
+        """
+        check_tensor(confidence, "confidence", ndim=2, dtype="floating")
+        if confidence.shape[1] != len(self.modalities):
+            raise ModbalanceError(
+                f"`confidence` must have shape (N, {len(self.modalities)}) (one column per "
+                f"modality), got shape {tuple(confidence.shape)}."
+            )
+        c = confidence.to(self.scale.dtype)
+        s = self.scale * c + self.bias
+        if self.hidden > 0:
+            act = torch.tanh(c.unsqueeze(-1) * self.mlp_in_weight + self.mlp_in_bias)
+            s = s + (act * self.mlp_out_weight).sum(-1)
+        return s
+
+    def forward(
+        self,
+        features: Mapping[str, Tensor],
+        confidence: Mapping[str, Tensor],
+        present: Mapping[str, Tensor] | None = None,
+    ) -> FusionOutput:
+        """Gate and fuse the modality features.
+
+        Args:
+            features: ``{modality: (N, D)}`` floating features, one entry per modality.
+            confidence: ``{modality: (N,)}`` floating confidences, one entry per modality.
+            present: Optional ``{modality: (N,)}`` bool flags; ``False`` removes that modality
+                from that sample. ``None`` means every modality is present.
+
+        Returns:
+            :class:`FusionOutput` ``(fused, gates)``.
+
+        Raises:
+            ModbalanceError: On a missing or unknown modality, mismatched shapes, an empty batch,
+                or NaN/inf in a present modality's features or confidence.
+            TypeError: On non-mapping arguments or wrong dtypes (``present`` must be bool).
+        """
+        feats = self._gather(features, "features")
+        confs = self._gather(confidence, "confidence")
+        pres = None if present is None else self._gather(present, "present")
+
+        first = self.modalities[0]
+        ref = check_tensor(feats[0], f"features[{first!r}]", ndim=2, dtype="floating")
+        n = ref.shape[0]
+        if n == 0:
+            raise ModbalanceError(f"`features[{first!r}]` must not be an empty batch (N = 0).")
+        for name, x in zip(self.modalities, feats):
+            key = f"features[{name!r}]"
+            check_tensor(x, key, ndim=2, dtype="floating")
+            if tuple(x.shape) != (n, self.dim):
+                raise ModbalanceError(
+                    f"`{key}` must have shape ({n}, {self.dim}) (batch of "
+                    f"`features[{first!r}]`, dim={self.dim}), got shape {tuple(x.shape)}."
+                )
+            if x.dtype != ref.dtype or x.device != ref.device:
+                raise ModbalanceError(
+                    f"`{key}` is {x.dtype} on {x.device} but `features[{first!r}]` is "
+                    f"{ref.dtype} on {ref.device}; all modalities must match."
+                )
+        for name, x in zip(self.modalities, confs):
+            key = f"confidence[{name!r}]"
+            check_tensor(x, key, ndim=1, dtype="floating")
+            if x.shape[0] != n:
+                raise ModbalanceError(
+                    f"`{key}` must have shape ({n},) to match the features, got shape "
+                    f"{tuple(x.shape)}."
+                )
+        if pres is not None:
+            for name, x in zip(self.modalities, pres):
+                key = f"present[{name!r}]"
+                check_tensor(x, key, ndim=1, dtype="bool")
+                if x.shape[0] != n:
+                    raise ModbalanceError(
+                        f"`{key}` must have shape ({n},) to match the features, got shape "
+                        f"{tuple(x.shape)}."
+                    )
+
+        device = ref.device
+        h = torch.stack(feats, dim=1)  # (N, M, D)
+        c = torch.stack([x.to(device) for x in confs], dim=1)  # (N, M)
+        if pres is None:
+            on = torch.ones(n, len(self.modalities), dtype=torch.bool, device=device)
+        else:
+            on = torch.stack([x.to(device) for x in pres], dim=1)
+        h = torch.where(on.unsqueeze(-1), h, 0.0)
+        c = torch.where(on, c, 0.0)
+        if value_checks_enabled():
+            check_finite(h, "features (present modalities)")
+            check_finite(c, "confidence (present modalities)")
+
+        scores = self.gate_scores(c) / self.temperature
+        scores = scores.masked_fill(~on, torch.finfo(scores.dtype).min)
+        gates = torch.softmax(scores, dim=1)
+        gates = torch.where(on, gates, 0.0).to(h.dtype)
+        weighted = gates.unsqueeze(-1) * h
+        fused = weighted.sum(dim=1) if self.mode == "sum" else weighted.flatten(1)
+        return FusionOutput(fused, gates)

@@ -1,0 +1,546 @@
+"""Class prototypes per modality: label binning, batch class means and :class:`PrototypeCalibrator`.
+
+Prototype-guided calibration (the "PCL" component of PaSE, He et al., AAAI 2026,
+`arXiv:2511.17585 <https://arxiv.org/abs/2511.17585>`_) keeps, for one modality, one prototype
+per class (an exponential moving average of that class's features) and pulls every feature toward
+the prototype of its class. Unlike the authors' code, the loss here carries gradient to the
+encoder (the features are never detached), every class is initialised from its own first
+observation (not left at zero when absent from the first batch), and float sentiment labels go
+through an explicit binning (:func:`sentiment_classes`) instead of being used as indices. The
+prototype classifier and its cross-entropy follow PMR (Fan et al., CVPR 2023).
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from modbalance._checks import (
+    ModbalanceError,
+    check_choice,
+    check_finite,
+    check_int,
+    check_real,
+    check_same_size,
+    check_tensor,
+    value_checks_enabled,
+)
+from modbalance.distributed import all_reduce_sum
+
+__all__ = [
+    "CalibrationOutput",
+    "ClassMeans",
+    "PrototypeCalibrator",
+    "class_means",
+    "sentiment_classes",
+]
+
+_METRICS = ("cosine", "sqeuclidean")
+# (clip bound, offset) of the round-and-clip bins; 2 classes use the sign instead.
+_ROUND_BINS = {7: 3.0, 5: 2.0, 3: 1.0}
+
+
+def sentiment_classes(y: Tensor, num_classes: int = 7) -> Tensor:
+    r"""Bin continuous sentiment scores into class indices with MMSA's round-and-clip conventions.
+
+    For ``num_classes`` in ``{7, 5, 3}`` the score is clipped to :math:`[-B, B]`, rounded to the
+    nearest integer with ties to even (``numpy.round`` / :func:`torch.round`, as MMSA's
+    ``Mult_acc_7``, ``Mult_acc_5`` and its ``[-1, 1]`` 3-class accuracy do) and shifted by
+    :math:`B`:
+
+    .. math::
+
+        c(y) = \operatorname{round}\big(\operatorname{clip}(y, -B, B)\big) + B,
+        \qquad B = (K - 1) / 2 .
+
+    For ``num_classes=2`` the class is MMSA's "Has0" binary convention: non-negative vs negative,
+    :math:`c(y) = [\,y \ge 0\,]` (zero counts as positive).
+
+    ================  ==================  ============================================
+    ``num_classes``   rule                class of y = -3.7, -2.5, -0.5, 0, 0.5, 1.5, 2.5, 3.2
+    ================  ==================  ============================================
+    7                 clip [-3, 3], +3    0, 1, 3, 3, 3, 5, 5, 6
+    5                 clip [-2, 2], +2    0, 0, 2, 2, 2, 4, 4, 4
+    3                 clip [-1, 1], +1    0, 0, 1, 1, 1, 2, 2, 2
+    2                 y >= 0              0, 0, 0, 1, 1, 1, 1, 1
+    ================  ==================  ============================================
+
+    For 3 classes, 0 = negative, 1 = neutral, 2 = positive; ties at :math:`\pm 0.5` round to 0,
+    so "neutral" is the closed interval :math:`[-0.5, 0.5]`. Values beyond :math:`\pm 3` fall into
+    the extreme classes.
+
+    Args:
+        y: Float sentiment scores of any shape (MOSI/MOSEI use :math:`[-3, 3]`).
+        num_classes: 7, 5, 3 or 2.
+
+    Returns:
+        A ``torch.long`` tensor of the same shape as ``y`` with values in ``[0, num_classes)``.
+
+    Raises:
+        TypeError: If ``y`` is not a floating tensor.
+        ModbalanceError: If ``num_classes`` is not 7, 5, 3 or 2, or ``y`` holds NaN/inf.
+
+    Example:
+        >>> import torch
+        >>> from modbalance.prototypes import sentiment_classes
+        >>> y = torch.tensor([-3.7, -2.5, -0.5, 0.0, 0.5, 1.5, 2.5, 3.2])
+        >>> sentiment_classes(y, 7).tolist()
+        [0, 1, 3, 3, 3, 5, 5, 6]
+        >>> sentiment_classes(y, 2).tolist()
+        [0, 0, 0, 1, 1, 1, 1, 1]
+    """
+    check_choice(num_classes, "num_classes", (7, 5, 3, 2))
+    check_tensor(y, "y", dtype="floating", finite=True)
+    if num_classes == 2:
+        return (y >= 0).long()
+    bound = _ROUND_BINS[num_classes]
+    return (torch.round(y.clamp(-bound, bound)) + bound).long()
+
+
+class ClassMeans(NamedTuple):
+    """Per-class batch statistics returned by :func:`class_means`.
+
+    Attributes:
+        means: ``(K, D)`` mean feature of each class (zeros for classes absent from the batch);
+            differentiable with respect to the features.
+        counts: ``(K,)`` number of (masked-in) samples of each class, in the features' dtype.
+    """
+
+    means: Tensor
+    counts: Tensor
+
+
+def class_means(
+    features: Tensor, labels: Tensor, num_classes: int, mask: Tensor | None = None
+) -> ClassMeans:
+    r"""Differentiable per-class mean of a batch of features.
+
+    .. math::
+
+        \mu_k = \frac{\sum_i w_{ik} h_i}{\max(1, n_k)}, \qquad
+        n_k = \sum_i w_{ik}, \qquad w_{ik} = [\,y_i = k\,]\,[\,\text{mask}_i\,].
+
+    Masked-out rows (and labels outside ``[0, K)``) belong to no class; their values never enter
+    the result, even when they are NaN. No host synchronisation, no loop over the batch.
+
+    Args:
+        features: ``(N, D)`` floating features.
+        labels: ``(N,)`` integer class indices.
+        num_classes: Number of classes ``K``.
+        mask: Optional ``(N,)`` bool; ``False`` rows are ignored.
+
+    Returns:
+        :class:`ClassMeans` with ``means`` ``(K, D)`` and ``counts`` ``(K,)``.
+
+    Example:
+        >>> import torch
+        >>> from modbalance.prototypes import class_means
+        >>> h = torch.tensor([[1.0, 0.0], [3.0, 2.0], [5.0, 5.0]])
+        >>> out = class_means(h, torch.tensor([0, 0, 2]), 3)
+        >>> out.means.tolist(), out.counts.tolist()
+        ([[2.0, 1.0], [0.0, 0.0], [5.0, 5.0]], [2.0, 0.0, 1.0])
+    """
+    check_int(num_classes, "num_classes", low=1)
+    check_tensor(features, "features", ndim=2, dtype="floating")
+    check_tensor(labels, "labels", ndim=1, dtype="integer")
+    check_same_size(features, "features", 0, labels, "labels", 0)
+    valid = _check_mask(mask, features.shape[0], features.device)
+    weights = _class_weights(labels, num_classes, valid)
+    sums, counts = _class_sums(features, weights)
+    return ClassMeans(sums / counts.clamp_min(1).unsqueeze(1), counts)
+
+
+def _check_mask(mask: Tensor | None, n: int, device: torch.device) -> Tensor:
+    if mask is None:
+        return torch.ones(n, dtype=torch.bool, device=device)
+    check_tensor(mask, "mask", ndim=1, dtype="bool")
+    if mask.shape[0] != n:
+        raise ModbalanceError(
+            f"`mask` must have shape ({n},) to match the batch, got shape {tuple(mask.shape)}."
+        )
+    return mask.to(device)
+
+
+def _class_weights(labels: Tensor, num_classes: int, valid: Tensor) -> Tensor:
+    """(N, K) bool membership; out-of-range and masked-out labels belong to no class."""
+    classes = torch.arange(num_classes, device=labels.device)
+    return (labels.unsqueeze(1) == classes) & valid.unsqueeze(1)
+
+
+def _class_sums(features: Tensor, weights: Tensor) -> tuple[Tensor, Tensor]:
+    """Per-class sums (K, D) and counts (K,) in the features' dtype; other rows never enter."""
+    rows = weights.any(dim=1, keepdim=True)
+    clean = torch.where(rows, features, 0.0)
+    w = weights.to(features.dtype)
+    return w.transpose(0, 1) @ clean, w.sum(dim=0)
+
+
+class CalibrationOutput(NamedTuple):
+    """Result of :meth:`PrototypeCalibrator.forward`.
+
+    Attributes:
+        loss: Scalar calibration loss (differentiable w.r.t. the features).
+        logits: ``(N, K)`` prototype logits, similarity / temperature, differentiable w.r.t.
+            the features; ``-inf`` for classes that are not initialised yet. Masked-out rows are
+            computed from a zero feature, so they never hold NaN, whatever the input held.
+        prototypes: ``(K, D)`` snapshot of the prototypes after this step's update (detached).
+        class_means: ``(K, D)`` differentiable mean of this batch's masked-in features per class,
+            in the metric's space (L2-normalised features under ``"cosine"``); zeros for absent
+            classes. Local to this process, never all-reduced.
+        class_counts: ``(K,)`` number of masked-in samples per class in this batch, as floats.
+    """
+
+    loss: Tensor
+    logits: Tensor
+    prototypes: Tensor
+    class_means: Tensor
+    class_counts: Tensor
+
+
+class PrototypeCalibrator(nn.Module):
+    r"""Per-modality class prototypes (EMA) and a calibration loss that pulls features to them.
+
+    Keeps :math:`K` prototypes :math:`p_k \in \mathbb{R}^D` for one modality. Let
+    :math:`\phi(h) = h / \lVert h \rVert` for ``metric="cosine"`` and :math:`\phi(h) = h` for
+    ``"sqeuclidean"``. In training mode every call first updates, under ``no_grad``, the
+    prototype of each class present in the (masked) batch with the batch class mean
+    :math:`\bar z_k = \frac{1}{n_k}\sum_{i: y_i = k} \phi(h_i)`:
+
+    .. math::
+
+        p_k \leftarrow
+        \begin{cases}
+            \bar z_k & \text{first observation of class } k,\\
+            \gamma\, p_k + (1 - \gamma)\, \bar z_k & \text{otherwise,}
+        \end{cases}
+
+    with momentum :math:`\gamma` (PaSE uses 0.98). Under ``"cosine"`` both the batch mean
+    :math:`\bar z_k` and the EMA result are projected onto the unit sphere
+    (:math:`v \mapsto v / \lVert v \rVert`), so prototypes always have unit norm. Classes
+    absent from the batch are left untouched; a class that has never been seen is
+    *uninitialised* and is excluded everywhere (logits ``-inf``, no loss).
+
+    The loss is then computed against the **updated** prototypes (so a class first seen in this
+    batch already contributes) with the prototypes treated as constants (stop-gradient):
+
+    .. math::
+
+        s_k(h) = \begin{cases} \langle \phi(h), p_k \rangle & \text{cosine}\\
+                  -\lVert h - p_k \rVert^2 & \text{sqeuclidean}\end{cases},
+        \qquad \ell_{ik} = s_k(h_i) / \tau,
+
+    .. math::
+
+        \mathcal{L} = \frac{1}{|Q|} \sum_{i \in Q} \Big[
+            \lambda_{\text{pull}}\, d(h_i, \operatorname{sg}(p_{y_i}))
+            - \lambda_{\text{ce}} \log \operatorname{softmax}_k(\ell_{ik})_{y_i} \Big],
+
+    where :math:`d = 1 - \langle\phi(h), p\rangle` (cosine) or :math:`\lVert h - p\rVert^2`
+    (sqeuclidean, summed over the :math:`D` dimensions), the softmax runs over initialised
+    classes only, and :math:`Q` is the set of masked-in samples whose class is initialised. If
+    :math:`Q` is empty the loss is an exact zero that is still connected to the features' graph.
+    The pull term is zero when every feature equals its class prototype; the cross-entropy term
+    is not (it is the PMR prototype classifier's loss), so set ``ce_weight=0`` for a pure pull.
+
+    Under :mod:`torch.distributed` the class sums and counts are summed over all ranks
+    (:func:`modbalance.distributed.all_reduce_sum`) before the EMA step, so every rank holds the
+    prototypes a single process would compute on the concatenated batch. Every rank must then
+    call ``forward`` in training mode the same number of times. The loss, ``logits`` and
+    ``class_means`` stay local to each rank.
+
+    All state lives in buffers: ``prototypes`` ``(K, D)``, ``initialized`` ``(K,)`` bool and
+    ``counts`` ``(K,)`` long (samples seen over training, summed over ranks), so
+    ``state_dict()`` round-trips exactly and ``.to(device/dtype)`` moves them (the floating
+    prototypes follow a dtype change; the EMA is computed in the prototypes' dtype).
+
+    Args:
+        num_classes: Number of classes :math:`K \ge 1`.
+        dim: Feature dimension :math:`D`.
+        momentum: EMA momentum :math:`\gamma \in [0, 1]`.
+        metric: ``"cosine"`` (prototypes on the unit sphere) or ``"sqeuclidean"``.
+        temperature: Logit temperature :math:`\tau > 0`.
+        ce_weight: Weight :math:`\lambda_{\text{ce}} \ge 0` of the prototype cross-entropy.
+        pull_weight: Weight :math:`\lambda_{\text{pull}} \ge 0` of the pull term.
+        label_bins: If set (7, 5, 3 or 2), float labels are binned with
+            :func:`sentiment_classes` and ``num_classes`` must equal it; if ``None``, labels must
+            be integer class indices.
+
+    Raises:
+        ModbalanceError: On invalid hyperparameters.
+
+    Example:
+        >>> import torch
+        >>> from modbalance.prototypes import PrototypeCalibrator
+        >>> encoder = torch.nn.Linear(5, 8)
+        >>> calib = PrototypeCalibrator(7, 8, label_bins=7)
+        >>> y = torch.tensor([-2.9, -0.2, 0.4, 1.6, 2.2, 3.0])   # MOSI-style scores
+        >>> out = calib(encoder(torch.randn(6, 5)), y)
+        >>> out.logits.shape, calib.initialized.tolist()
+        (torch.Size([6, 7]), [True, False, False, True, False, True, True])
+        >>> out.loss.backward()
+        >>> bool(encoder.weight.grad.abs().sum() > 0)
+        True
+    """
+
+    prototypes: Tensor
+    initialized: Tensor
+    counts: Tensor
+
+    def __init__(
+        self,
+        num_classes: int,
+        dim: int,
+        *,
+        momentum: float = 0.98,
+        metric: str = "cosine",
+        temperature: float = 0.1,
+        ce_weight: float = 1.0,
+        pull_weight: float = 1.0,
+        label_bins: int | None = None,
+    ) -> None:
+        super().__init__()
+        self.num_classes = check_int(num_classes, "num_classes", low=1)
+        self.dim = check_int(dim, "dim", low=1)
+        self.momentum = check_real(momentum, "momentum", low=0.0, high=1.0)
+        self.metric = check_choice(metric, "metric", _METRICS)
+        self.temperature = check_real(temperature, "temperature", low=0.0, low_inclusive=False)
+        self.ce_weight = check_real(ce_weight, "ce_weight", low=0.0)
+        self.pull_weight = check_real(pull_weight, "pull_weight", low=0.0)
+        if label_bins is not None:
+            check_choice(label_bins, "label_bins", (7, 5, 3, 2))
+            if label_bins != num_classes:
+                raise ModbalanceError(
+                    f"`label_bins` ({label_bins}) must equal `num_classes` ({num_classes}): "
+                    "binned float labels index the prototypes."
+                )
+        self.label_bins = label_bins
+        self.register_buffer("prototypes", torch.zeros(num_classes, dim))
+        self.register_buffer("initialized", torch.zeros(num_classes, dtype=torch.bool))
+        self.register_buffer("counts", torch.zeros(num_classes, dtype=torch.long))
+
+    def extra_repr(self) -> str:
+        """Hyperparameters shown by ``repr``."""
+        return (
+            f"num_classes={self.num_classes}, dim={self.dim}, momentum={self.momentum}, "
+            f"metric={self.metric!r}, temperature={self.temperature}, "
+            f"ce_weight={self.ce_weight}, pull_weight={self.pull_weight}, "
+            f"label_bins={self.label_bins}"
+        )
+
+    @torch.no_grad()
+    def reset(self) -> None:
+        """Forget every prototype: zero them, clear the flags and the counts."""
+        self.prototypes.zero_()
+        self.initialized.zero_()
+        self.counts.zero_()
+
+    # ----------------------------------------------------------------------------- validation
+    def _check_features(self, features: Tensor, rows: Tensor | None = None) -> Tensor:
+        check_tensor(features, "features", ndim=2, dtype="floating", nonempty=True)
+        if features.shape[1] != self.dim:
+            raise ModbalanceError(
+                f"`features` must have shape (N, {self.dim}) (dim={self.dim}), got shape "
+                f"{tuple(features.shape)}."
+            )
+        if features.device != self.prototypes.device:
+            raise ModbalanceError(
+                f"`features` is on {features.device} but the prototypes are on "
+                f"{self.prototypes.device}; move the module with `.to(device)`."
+            )
+        if value_checks_enabled():
+            if rows is None:
+                check_finite(features, "features")
+            else:
+                check_finite(torch.where(rows.unsqueeze(1), features, 0.0), "features")
+        return features
+
+    def _class_labels(self, labels: Tensor, n: int, valid: Tensor, name: str = "labels") -> Tensor:
+        check_tensor(labels, name, ndim=1)
+        if labels.shape[0] != n:
+            raise ModbalanceError(
+                f"`{name}` must have shape ({n},) to match `features`, got shape "
+                f"{tuple(labels.shape)}."
+            )
+        labels = labels.to(self.prototypes.device)
+        if labels.is_floating_point():
+            if self.label_bins is None:
+                raise ModbalanceError(
+                    f"`{name}` are floating point ({labels.dtype}) but this PrototypeCalibrator "
+                    "has no binning: pass integer class indices, or construct it with "
+                    "`label_bins=7|5|3|2` to bin float sentiment scores with sentiment_classes()."
+                )
+            safe = torch.where(valid, labels, 0.0)
+            return sentiment_classes(safe, self.label_bins)
+        check_tensor(labels, name, dtype="integer")
+        if value_checks_enabled():
+            bad = valid & ((labels < 0) | (labels >= self.num_classes))
+            if bool(bad.any()):
+                value = int(labels[bad][0])
+                raise ModbalanceError(
+                    f"`{name}` must be class indices in [0, {self.num_classes}) for the "
+                    f"masked-in samples, got {int(bad.sum())} out-of-range value(s), e.g. {value}."
+                )
+        return labels
+
+    # ------------------------------------------------------------------------------- geometry
+    def _embed(self, features: Tensor) -> Tensor:
+        if self.metric == "cosine":
+            return F.normalize(features, dim=-1)
+        return features
+
+    def _similarity(self, features: Tensor, prototypes: Tensor, init: Tensor) -> Tensor:
+        protos = prototypes.to(features.dtype)
+        if self.metric == "cosine":
+            sim = self._embed(features) @ protos.transpose(0, 1)
+        else:
+            sq = (
+                features.pow(2).sum(-1, keepdim=True)
+                - 2.0 * features @ protos.transpose(0, 1)
+                + protos.pow(2).sum(-1)
+            )
+            sim = -sq.clamp_min(0.0)
+        return sim.masked_fill(~init, float("-inf"))
+
+    def _snapshot(self) -> tuple[Tensor, Tensor]:
+        # Clones so that a later in-place EMA step cannot invalidate a pending backward.
+        return self.prototypes.detach().clone(), self.initialized.clone()
+
+    # ------------------------------------------------------------------------------- public API
+    def similarity(self, features: Tensor) -> Tensor:
+        """Similarity of each feature to each prototype, ``-inf`` for uninitialised classes.
+
+        Cosine similarity under ``metric="cosine"``, negative squared Euclidean distance under
+        ``"sqeuclidean"``. Differentiable w.r.t. ``features``; never updates the prototypes.
+
+        Args:
+            features: ``(N, D)`` floating features.
+
+        Returns:
+            ``(N, K)`` similarities.
+        """
+        self._check_features(features)
+        protos, init = self._snapshot()
+        return self._similarity(features, protos, init)
+
+    def confidence(self, features: Tensor, labels: Tensor | None = None) -> Tensor:
+        r"""Agreement of each feature with the prototypes, in :math:`[0, 1]`.
+
+        Let :math:`q_i = \operatorname{softmax}_k(\ell_{ik})` over the initialised classes. Without
+        ``labels`` (inference) the confidence is :math:`\max_k q_{ik}`, the prototype
+        classifier's top probability; with ``labels`` it is :math:`q_{i y_i}`, the probability of
+        the true class (``0`` when that class is uninitialised). Before any class is initialised
+        the confidence is ``0``. With a single initialised class the label-free confidence is
+        always ``1``. Differentiable w.r.t. ``features``; detach it if the gate should not train
+        the encoder.
+
+        Args:
+            features: ``(N, D)`` floating features.
+            labels: Optional ``(N,)`` class indices (or float scores when ``label_bins`` is set).
+
+        Returns:
+            ``(N,)`` confidences in the features' dtype.
+        """
+        self._check_features(features)
+        n = features.shape[0]
+        protos, init = self._snapshot()
+        logits = self._similarity(features, protos, init) / self.temperature
+        probs = _masked_softmax(logits, init)
+        if labels is None:
+            return probs.max(dim=-1).values
+        valid = torch.ones(n, dtype=torch.bool, device=features.device)
+        y = self._class_labels(labels, n, valid)
+        y = y.clamp(0, self.num_classes - 1)
+        return probs.gather(1, y.unsqueeze(1)).squeeze(1)
+
+    def forward(
+        self, features: Tensor, labels: Tensor, mask: Tensor | None = None
+    ) -> CalibrationOutput:
+        """Update the prototypes (training mode only) and compute the calibration loss.
+
+        Args:
+            features: ``(N, D)`` floating features of one modality (not detached: the loss
+                trains the encoder through them).
+            labels: ``(N,)`` integer class indices in ``[0, K)``, or float scores when
+                ``label_bins`` is set.
+            mask: Optional ``(N,)`` bool; ``False`` rows (padding, missing modality) neither
+                update the prototypes nor enter the loss, and may hold any value (even NaN)
+                and any label.
+
+        Returns:
+            :class:`CalibrationOutput` ``(loss, logits, prototypes, class_means, class_counts)``.
+
+        Raises:
+            ModbalanceError: On an empty batch, a wrong feature dimension, NaN/inf in masked-in
+                features, out-of-range labels, or float labels without ``label_bins``.
+            TypeError: On non-tensor inputs or wrong dtypes (e.g. a non-bool mask).
+        """
+        check_tensor(features, "features", ndim=2, dtype="floating", nonempty=True)
+        n = features.shape[0]
+        valid = _check_mask(mask, n, features.device)
+        self._check_features(features, valid)
+        y = self._class_labels(labels, n, valid)
+        member = _class_weights(y, self.num_classes, valid)  # (N, K) bool
+        in_class = member.any(dim=1)
+        clean = torch.where(in_class.unsqueeze(1), features, 0.0)
+        emb = self._embed(clean)
+        sums, counts = _class_sums(emb, member)
+        means = sums / counts.clamp_min(1).unsqueeze(1)
+
+        if self.training:
+            self._ema_update(emb, member, sums)
+
+        protos, init = self._snapshot()
+        y_safe = y.clamp(0, self.num_classes - 1)
+        qualified = in_class & init[y_safe]
+        logits = self._similarity(clean, protos, init) / self.temperature
+        # Ties the loss to the features' graph even when both weights are zero.
+        per_sample = 0.0 * clean.sum(-1)
+        if self.pull_weight > 0:
+            target = protos.to(features.dtype).index_select(0, y_safe)
+            if self.metric == "cosine":
+                dist = 1.0 - (emb * target).sum(-1)
+            else:
+                dist = (clean - target).pow(2).sum(-1)
+            per_sample = per_sample + self.pull_weight * dist
+        if self.ce_weight > 0:
+            finite = logits.masked_fill(~init, torch.finfo(logits.dtype).min)
+            logp = F.log_softmax(finite, dim=-1).gather(1, y_safe.unsqueeze(1)).squeeze(1)
+            per_sample = per_sample - self.ce_weight * logp
+        total = torch.where(qualified, per_sample, 0.0).sum()
+        loss = total / qualified.sum().clamp_min(1).to(total.dtype)
+        return CalibrationOutput(loss, logits, protos, means, counts)
+
+    @torch.no_grad()
+    def _ema_update(self, emb: Tensor, member: Tensor, batch_sums: Tensor) -> None:
+        dtype = self.prototypes.dtype
+        if emb.dtype == dtype:
+            sums = batch_sums.detach().clone()  # never reduce in place into the autograd graph
+        else:
+            sums = member.to(dtype).transpose(0, 1) @ emb.detach().to(dtype)
+        n = member.sum(dim=0)  # exact integer counts, (K,) long
+        # The only step that differs between one process and several: global class statistics.
+        all_reduce_sum(sums)
+        all_reduce_sum(n)
+        present = n > 0
+        batch_mean = sums / n.clamp_min(1).to(dtype).unsqueeze(1)
+        if self.metric == "cosine":
+            batch_mean = F.normalize(batch_mean, dim=-1)
+        old = self.prototypes
+        ema = self.momentum * old + (1.0 - self.momentum) * batch_mean
+        if self.metric == "cosine":
+            ema = F.normalize(ema, dim=-1)
+        new = torch.where(self.initialized.unsqueeze(1), ema, batch_mean)
+        new = torch.where(present.unsqueeze(1), new, old)
+        self.prototypes.copy_(new)
+        self.initialized.logical_or_(present)
+        self.counts.add_(n)
+
+
+def _masked_softmax(logits: Tensor, init: Tensor) -> Tensor:
+    """Softmax over initialised classes; rows are all zeros when no class is initialised."""
+    finite = logits.masked_fill(~init, torch.finfo(logits.dtype).min)
+    probs = F.softmax(finite, dim=-1)
+    return torch.where(init, probs, 0.0)
