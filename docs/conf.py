@@ -36,6 +36,7 @@ autoclass_content = "class"
 napoleon_google_docstring = True
 napoleon_numpy_docstring = False
 napoleon_use_rtype = False
+napoleon_use_ivar = True  # NamedTuple "Attributes:" sections must not duplicate autodoc members
 
 intersphinx_mapping = {
     "python": ("https://docs.python.org/3", None),

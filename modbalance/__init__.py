@@ -7,6 +7,14 @@ together they form the PaSE reference model in ``examples/``.
 
 from modbalance._checks import ModbalanceError, value_checks, value_checks_enabled
 from modbalance.fusion import FusionOutput, PrototypeGatedFusion
+from modbalance.modulation import (
+    ModulatorHandle,
+    OGMGEModulator,
+    ShapleyGradModulator,
+    ogmge_coefficients,
+    pase_coefficients,
+    pase_shares,
+)
 from modbalance.prototypes import (
     CalibrationOutput,
     ClassMeans,
@@ -15,6 +23,15 @@ from modbalance.prototypes import (
     sentiment_classes,
 )
 from modbalance.schedule import DualPhaseSchedule
+from modbalance.shapley import (
+    GameResult,
+    ModalityGame,
+    ShapleyResult,
+    coalition_masks,
+    interactions_from_table,
+    shapley_from_table,
+    shapley_values,
+)
 
 __version__ = "0.1.0"
 
@@ -23,12 +40,25 @@ __all__ = [
     "ClassMeans",
     "DualPhaseSchedule",
     "FusionOutput",
+    "GameResult",
+    "ModalityGame",
     "ModbalanceError",
+    "ModulatorHandle",
+    "OGMGEModulator",
     "PrototypeCalibrator",
     "PrototypeGatedFusion",
+    "ShapleyGradModulator",
+    "ShapleyResult",
     "__version__",
     "class_means",
+    "coalition_masks",
+    "interactions_from_table",
+    "ogmge_coefficients",
+    "pase_coefficients",
+    "pase_shares",
     "sentiment_classes",
+    "shapley_from_table",
+    "shapley_values",
     "value_checks",
     "value_checks_enabled",
 ]

@@ -1,0 +1,765 @@
+r"""Per-modality modulation of gradients or updates: :class:`ShapleyGradModulator`, OGM-GE.
+
+A modulator holds explicit parameter *groups*, one per modality, turns per-modality contributions
+into coefficients :math:`k_m \in [0, 1]` (:meth:`~ShapleyGradModulator.observe`) and slows each
+group's learning by its coefficient on every optimizer step. Two ways to apply :math:`k_m`:
+
+* ``apply="update"`` (default) rescales the parameter **update** of the optimizer,
+  :math:`\theta \leftarrow \theta_\text{old} + k_m (\theta_\text{new} - \theta_\text{old})`.
+  This works with every optimizer, Adam/AdamW included, and needs :meth:`attach`.
+* ``apply="grad"`` multiplies the **gradients**, :math:`g \leftarrow k_m g`, between
+  ``backward()`` and ``optimizer.step()``. Under SGD this equals scaling that branch's loss; under
+  Adam, AdamW, RMSprop or Adagrad it has almost **no effect**, because these optimizers divide
+  the gradient by a running estimate of its own magnitude, so a constant factor cancels (the
+  official PaSE code measured exactly zero change). A warning says so when you attach such an
+  optimizer.
+
+Under ``torch.distributed`` (DDP) the modulation runs after ``backward()`` has averaged the
+gradients over ranks, and :meth:`~ShapleyGradModulator.observe` averages the contributions over
+ranks, so every rank scales identical gradients or updates by identical coefficients.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any, Literal
+
+import torch
+from torch import Tensor, nn
+
+from modbalance._checks import (
+    ModbalanceError,
+    check_choice,
+    check_finite,
+    check_real,
+    check_tensor,
+    value_checks_enabled,
+)
+from modbalance.distributed import all_reduce_mean
+
+__all__ = [
+    "ModulatorHandle",
+    "OGMGEModulator",
+    "ShapleyGradModulator",
+    "ogmge_coefficients",
+    "pase_coefficients",
+    "pase_shares",
+]
+
+_ADAPTIVE_OPTIMIZERS: tuple[type, ...] = tuple(
+    getattr(torch.optim, name)
+    for name in (
+        "Adam",
+        "AdamW",
+        "Adamax",
+        "NAdam",
+        "RAdam",
+        "RMSprop",
+        "Adagrad",
+        "Adadelta",
+        "SparseAdam",
+        "Adafactor",
+    )
+    if hasattr(torch.optim, name)
+)
+
+
+# --------------------------------------------------------------------------------------------
+# coefficient rules (functional)
+# --------------------------------------------------------------------------------------------
+
+
+def pase_shares(contributions: Tensor) -> Tensor:
+    r"""Normalised positive shares :math:`\psi` of contributions.
+
+    .. math::
+
+        \psi_m = \frac{\max(\phi_m, 0)}{\sum_j \max(\phi_j, 0)},
+
+    and :math:`\psi_m = 1/M` for every :math:`m` when no contribution is positive.
+
+    Args:
+        contributions: ``(..., M)`` floating contributions :math:`\phi` (e.g. Shapley values).
+
+    Returns:
+        ``(..., M)`` shares, non-negative and summing to one.
+
+    Example:
+        >>> import torch
+        >>> from modbalance.modulation import pase_shares
+        >>> pase_shares(torch.tensor([3.0, 1.0, -2.0]))
+        tensor([0.7500, 0.2500, 0.0000])
+    """
+    check_tensor(contributions, "contributions", dtype="floating")
+    pos = contributions.clamp_min(0)
+    total = pos.sum(-1, keepdim=True)
+    tiny = torch.finfo(pos.dtype).tiny
+    uniform = torch.full_like(pos, 1.0 / max(pos.shape[-1], 1))
+    return torch.where(total > 0, pos / total.clamp_min(tiny), uniform)
+
+
+def pase_coefficients(contributions: Tensor) -> Tensor:
+    r"""PaSE modulation coefficients from contributions.
+
+    With the shares :math:`\psi` of :func:`pase_shares`,
+
+    .. math::
+
+        k_m = \exp\!\Bigl(\frac{\min_j \psi_j}{\psi_m} - 1\Bigr) \in (e^{-1}, 1],
+
+    so the weakest modality keeps :math:`k = 1` and the dominant one is slowed the most. A
+    modality with :math:`\psi_m = 0` is the weakest and gets :math:`k_m = 1`; when some
+    :math:`\psi_m = 0`, every modality with a positive share gets :math:`e^{-1}` (the limit).
+    No host synchronisation.
+
+    Args:
+        contributions: ``(..., M)`` floating contributions.
+
+    Returns:
+        ``(..., M)`` coefficients.
+
+    Example:
+        >>> import torch
+        >>> from modbalance.modulation import pase_coefficients
+        >>> pase_coefficients(torch.tensor([0.6, 0.2, 0.2])).round(decimals=4)
+        tensor([0.5134, 1.0000, 1.0000])
+    """
+    shares = pase_shares(contributions)
+    tiny = torch.finfo(shares.dtype).tiny
+    psi_min = shares.amin(-1, keepdim=True)
+    ratio = torch.where(shares > 0, psi_min / shares.clamp_min(tiny), torch.ones_like(shares))
+    return torch.exp(ratio - 1.0)
+
+
+def ogmge_coefficients(scores: Tensor, alpha: float = 0.1, *, continuous: bool = True) -> Tensor:
+    r"""OGM-GE modulation coefficients for :math:`M` modalities.
+
+    OGM-GE (Peng et al., CVPR 2022) compares the two modalities' scores
+    :math:`s_m` (the summed softmax probability of the true class, or any *positive*,
+    higher-is-better unimodal score such as :math:`\exp(-\text{MAE}_m)`) and damps the dominant
+    one. For :math:`M` modalities we compare each one with the mean of the others,
+
+    .. math::
+
+        \rho_m = \frac{s_m}{\frac{1}{M-1}\sum_{j \ne m} s_j}, \qquad
+        k_m = 1 - \tanh\bigl(\alpha\,\operatorname{relu}(\rho_m - 1)\bigr),
+
+    which reduces to the pairwise ratio :math:`s_a / s_v` for :math:`M = 2`. Only modalities
+    ahead of the others (:math:`\rho_m > 1`) are damped, and :math:`k` is continuous at
+    :math:`\rho_m = 1`. With ``continuous=False`` the released code's form is used instead:
+    :math:`k_m = 1 - \tanh(\alpha \rho_m)` if :math:`\rho_m > 1`, else 1 (it jumps from 1 to
+    :math:`1 - \tanh(\alpha)` at :math:`\rho_m = 1`), which reproduces the original exactly for
+    two modalities.
+
+    Args:
+        scores: ``(..., M)`` positive scores, :math:`M \ge 2`.
+        alpha: Modulation strength :math:`\alpha \ge 0` (0.1 in the paper's CREMA-D setting).
+        continuous: Use :math:`\rho_m - 1` (default) or the original :math:`\rho_m`.
+
+    Returns:
+        ``(..., M)`` coefficients in :math:`(0, 1]`.
+
+    Example:
+        >>> import torch
+        >>> from modbalance.modulation import ogmge_coefficients
+        >>> ogmge_coefficients(torch.tensor([30.0, 10.0]), alpha=0.5).round(decimals=4)
+        tensor([0.2384, 1.0000])
+    """
+    check_tensor(scores, "scores", dtype="floating")
+    alpha = check_real(alpha, "alpha", low=0.0)
+    m = scores.shape[-1] if scores.ndim else 0
+    if m < 2:
+        raise ModbalanceError(
+            f"`scores` must hold at least 2 modalities in its last dimension, got shape "
+            f"{tuple(scores.shape)}."
+        )
+    others = (scores.sum(-1, keepdim=True) - scores) / (m - 1)
+    ratio = scores / others
+    if continuous:
+        return 1.0 - torch.tanh(alpha * torch.relu(ratio - 1.0))
+    return torch.where(ratio > 1, 1.0 - torch.tanh(alpha * ratio), torch.ones_like(ratio))
+
+
+# --------------------------------------------------------------------------------------------
+# shared machinery
+# --------------------------------------------------------------------------------------------
+
+
+def _parse_groups(
+    groups: Mapping[str, nn.Module | Iterable[nn.Parameter]],
+) -> tuple[tuple[str, ...], list[list[nn.Parameter]]]:
+    if not isinstance(groups, Mapping):
+        raise TypeError(
+            "`groups` must be a mapping {modality: nn.Module or iterable of parameters}, got "
+            f"{type(groups).__name__}."
+        )
+    if len(groups) < 2:
+        raise ModbalanceError(
+            f"`groups` must hold at least 2 modalities to balance, got {len(groups)} "
+            f"({list(groups)})."
+        )
+    names: list[str] = []
+    params: list[list[nn.Parameter]] = []
+    owner: dict[int, str] = {}
+    for name, group in groups.items():
+        if not isinstance(name, str):
+            raise TypeError(f"`groups` keys must be modality names (str), got {name!r}.")
+        if isinstance(group, nn.Module):
+            plist = list(group.parameters())
+        elif isinstance(group, Tensor):
+            plist = [group]
+        elif isinstance(group, Iterable):
+            plist = list(group)
+        else:
+            raise TypeError(
+                f"`groups[{name!r}]` must be an nn.Module or an iterable of parameters, got "
+                f"{type(group).__name__}."
+            )
+        unique: list[nn.Parameter] = []
+        seen: set[int] = set()
+        for p in plist:
+            if not isinstance(p, Tensor):
+                raise TypeError(
+                    f"`groups[{name!r}]` must contain tensors (parameters), got {type(p).__name__}."
+                )
+            if id(p) in seen:
+                continue
+            if id(p) in owner:
+                raise ModbalanceError(
+                    f"`groups` overlap: a parameter of shape {tuple(p.shape)} is in both "
+                    f"{owner[id(p)]!r} and {name!r}; every parameter may belong to one modality "
+                    "only (leave shared layers such as the fusion head out of the groups)."
+                )
+            seen.add(id(p))
+            owner[id(p)] = name
+            unique.append(p)
+        if not unique:
+            raise ModbalanceError(
+                f"`groups[{name!r}]` is empty; pass a module with parameters or a non-empty list "
+                "(a generator that was already consumed is empty too)."
+            )
+        names.append(name)
+        params.append(unique)
+    return tuple(names), params
+
+
+def _by_device_dtype(tensors: list[Tensor]) -> dict[tuple[torch.device, torch.dtype], list[int]]:
+    out: dict[tuple[torch.device, torch.dtype], list[int]] = {}
+    for i, t in enumerate(tensors):
+        out.setdefault((t.device, t.dtype), []).append(i)
+    return out
+
+
+class ModulatorHandle:
+    """Removable handle returned by ``attach``; also a context manager.
+
+    ``remove()`` unregisters the optimizer hooks (idempotent). Leaving a ``with`` block removes
+    them too, also when the block raises.
+    """
+
+    def __init__(self, modulator: _GroupModulator, hooks: list[Any]) -> None:
+        self._modulator = modulator
+        self._hooks = hooks
+
+    def remove(self) -> None:
+        """Unregister the optimizer hooks."""
+        while self._hooks:
+            self._hooks.pop().remove()
+        if self._modulator._handle is self:
+            self._modulator._handle = None
+            self._modulator._snapshots = None
+            self._modulator._last_signature = None
+
+    def __enter__(self) -> ModulatorHandle:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.remove()
+
+
+class _GroupModulator(nn.Module):
+    """Groups, EMA coefficients in buffers, and the grad/update application machinery."""
+
+    def __init__(
+        self,
+        groups: Mapping[str, nn.Module | Iterable[nn.Parameter]],
+        *,
+        momentum: float,
+        apply: str,
+        min_coefficient: float,
+    ) -> None:
+        super().__init__()
+        names, params = _parse_groups(groups)
+        self.modalities: tuple[str, ...] = names
+        self._group_params: list[list[nn.Parameter]] = params  # plain list: not registered
+        self.momentum = check_real(momentum, "momentum", low=0.0, high=1.0, high_inclusive=False)
+        self.apply_mode: str = check_choice(apply, "apply", ("update", "grad"))
+        self.min_coefficient = check_real(min_coefficient, "min_coefficient", low=0.0, high=1.0)
+        m = len(names)
+        self.register_buffer("coefficient", torch.ones(m))
+        self.register_buffer("initialized", torch.zeros((), dtype=torch.bool))
+        self._handle: ModulatorHandle | None = None
+        self._snapshots: list[tuple[list[Tensor], list[Tensor]]] | None = None
+        self._last_signature: tuple[Any, ...] | None = None
+        self._noise = False
+        self._generator: torch.Generator | None = None
+
+    # ---- observation ---------------------------------------------------------------------
+
+    def _as_vector(self, values: Mapping[str, Tensor | float] | Tensor, name: str) -> Tensor:
+        coef = self.coefficient
+        if isinstance(values, Mapping):
+            unknown = [k for k in values if k not in self.modalities]
+            if unknown:
+                raise ModbalanceError(
+                    f"`{name}` has unknown modalities {unknown}; the groups are "
+                    f"{list(self.modalities)}."
+                )
+            missing = [k for k in self.modalities if k not in values]
+            if missing:
+                raise ModbalanceError(
+                    f"`{name}` is missing modalities {missing}; give one value for each of "
+                    f"{list(self.modalities)}."
+                )
+            items = []
+            for key in self.modalities:
+                v = values[key]
+                if isinstance(v, bool) or not isinstance(v, (Tensor, int, float)):
+                    raise TypeError(
+                        f"`{name}[{key!r}]` must be a float or a 1-element tensor, got "
+                        f"{type(v).__name__}."
+                    )
+                t = v.detach() if isinstance(v, Tensor) else torch.tensor(float(v))
+                if t.numel() != 1:
+                    raise ModbalanceError(
+                        f"`{name}[{key!r}]` must hold one value, got shape {tuple(t.shape)}."
+                    )
+                items.append(t.reshape(()).to(device=coef.device, dtype=coef.dtype))
+            x = torch.stack(items)
+        elif isinstance(values, Tensor):
+            if values.shape != (len(self.modalities),):
+                raise ModbalanceError(
+                    f"`{name}` must have shape ({len(self.modalities)},), one value per modality "
+                    f"in the order {list(self.modalities)}; got shape {tuple(values.shape)}."
+                )
+            check_tensor(values, name, dtype="numeric")
+            x = values.detach().to(device=coef.device, dtype=coef.dtype).clone()
+        else:
+            raise TypeError(
+                f"`{name}` must be a mapping {{modality: value}} or a ({len(self.modalities)},) "
+                f"tensor, got {type(values).__name__}."
+            )
+        check_finite(x, name)
+        return all_reduce_mean(x)
+
+    @torch.no_grad()
+    def _update_ema(self, raw: Tensor) -> Tensor:
+        raw = raw.to(self.coefficient).clamp_min(self.min_coefficient)
+        smoothed = self.momentum * self.coefficient + (1.0 - self.momentum) * raw
+        self.coefficient.copy_(torch.where(self.initialized, smoothed, raw))
+        self.initialized.fill_(True)
+        return self.coefficient.clone()
+
+    @property
+    def coefficients(self) -> dict[str, Tensor]:
+        """Current (smoothed) coefficient of each modality, as 0-dim tensors."""
+        coef = self.coefficient.detach().clone()
+        return {name: coef[i] for i, name in enumerate(self.modalities)}
+
+    def reset(self) -> None:
+        """Forget every observation: coefficients back to 1, the next ``observe`` initialises."""
+        with torch.no_grad():
+            self.coefficient.fill_(1.0)
+            self.initialized.fill_(False)
+
+    # ---- application -----------------------------------------------------------------------
+
+    def _signature(self) -> tuple[Any, ...]:
+        sig: list[Any] = []
+        for params in self._group_params:
+            for p in params:
+                g = p.grad
+                sig.append((p._version, None if g is None else (id(g), g._version)))
+        return tuple(sig)
+
+    @torch.no_grad()
+    def _modify_grads(self, scale: bool) -> bool:
+        """Scale (and optionally add noise to) the groups' gradients. False if none had a grad."""
+        coef = self.coefficient
+        any_grad = False
+        for m, params in enumerate(self._group_params):
+            grads = [p.grad for p in params if p.grad is not None]
+            if not grads:
+                continue
+            any_grad = True
+            stds = (
+                [g.std() if g.numel() > 1 else g.new_zeros(()) for g in grads]
+                if (self._noise)
+                else None
+            )
+            if scale:
+                for (device, dtype), idx in _by_device_dtype(grads).items():
+                    k = coef[m].to(device=device, dtype=dtype)
+                    torch._foreach_mul_([grads[i] for i in idx], k)
+            if stds is not None:
+                for g, std in zip(grads, stds):
+                    g.add_(self._draw_noise(g) * std)
+        return any_grad
+
+    def _draw_noise(self, like: Tensor) -> Tensor:
+        gen = self._generator
+        if gen is None:
+            return torch.randn_like(like)
+        noise = torch.randn(like.shape, generator=gen, device=gen.device, dtype=like.dtype)
+        return noise.to(like.device)
+
+    @torch.no_grad()
+    def step(self) -> Tensor:
+        """Multiply each group's gradients by its coefficient (``apply="grad"``).
+
+        Call it between ``loss.backward()`` (after DDP's gradient all-reduce and after
+        ``scaler.unscale_(optimizer)`` with AMP) and ``optimizer.step()``, or let :meth:`attach`
+        call it for you. Uses ``torch._foreach_mul_`` per device and dtype with the coefficients
+        as tensors, so there is no host synchronisation. Parameters without a gradient and
+        parameters outside the groups are untouched.
+
+        A second ``step()`` before the optimizer has stepped (and before any new ``backward()``)
+        would scale the same gradients twice and raises; it is detected with PyTorch's tensor
+        version counters of the group parameters and their gradients (an optimizer step changes
+        the parameters in place, a backward pass or ``zero_grad`` changes the gradients).
+
+        Returns:
+            ``(M,)`` the coefficients that were applied.
+
+        Raises:
+            ModbalanceError: With ``apply="update"`` (use :meth:`attach`), or on a second call.
+        """
+        if self.apply_mode == "update":
+            raise ModbalanceError(
+                "apply='update' rescales the parameter update after optimizer.step(), so it works "
+                "through `attach(optimizer)`; call `modulator.attach(optimizer)` once instead of "
+                "`step()`, or construct the modulator with apply='grad' (SGD only)."
+            )
+        self._apply_grad_mode()
+        return self.coefficient.clone()
+
+    def _apply_grad_mode(self) -> None:
+        if self._last_signature is not None and self._signature() == self._last_signature:
+            raise ModbalanceError(
+                "the modulation was already applied to these gradients: step() was called twice "
+                "before optimizer.step() (with attach(optimizer), the optimizer hook applies it, "
+                "so do not call step() yourself)."
+            )
+        if self._modify_grads(scale=True):
+            self._last_signature = self._signature()
+
+    @torch.no_grad()
+    def _pre_step_hook(self, optimizer: Any, args: Any, kwargs: Any) -> None:
+        if self.apply_mode == "grad":
+            self._apply_grad_mode()
+            return
+        if self._noise:
+            self._modify_grads(scale=False)
+        snaps = []
+        for params in self._group_params:
+            live = [p for p in params if p.grad is not None]
+            snaps.append((live, [p.detach().clone() for p in live]))
+        self._snapshots = snaps
+
+    @torch.no_grad()
+    def _post_step_hook(self, optimizer: Any, args: Any, kwargs: Any) -> None:
+        if self.apply_mode == "grad":
+            self._last_signature = None
+            return
+        snaps, self._snapshots = self._snapshots, None
+        if snaps is None:
+            return
+        coef = self.coefficient
+        for m, (live, old) in enumerate(snaps):
+            if not live:
+                continue
+            for (device, dtype), idx in _by_device_dtype(live).items():
+                ps = [live[i] for i in idx]
+                olds = [old[i] for i in idx]
+                k = coef[m].to(device=device, dtype=dtype)
+                torch._foreach_sub_(olds, ps)  # old - new
+                torch._foreach_mul_(olds, 1.0 - k)  # (1 - k)(old - new)
+                torch._foreach_add_(ps, olds)  # k new + (1 - k) old
+
+    def attach(self, optimizer: torch.optim.Optimizer) -> ModulatorHandle:
+        r"""Apply the modulation automatically on every ``optimizer.step()``.
+
+        Registers an optimizer step pre-hook and post-hook. With ``apply="grad"`` the pre-hook
+        scales the gradients (as :meth:`step`); with ``apply="update"`` the pre-hook snapshots the
+        group parameters that have a gradient and the post-hook rescales their update,
+        :math:`\theta \leftarrow \theta_\text{old} + k_m(\theta_\text{new} -
+        \theta_\text{old})` (this costs one copy of those parameters during the step). The
+        training loop stays ``loss.backward(); optimizer.step()``, plus ``observe(...)`` whenever
+        new contributions arrive. With a ``GradScaler``, skipped steps skip the hooks too.
+
+        Args:
+            optimizer: The optimizer that updates (at least) the group parameters.
+
+        Returns:
+            A :class:`ModulatorHandle`; ``handle.remove()`` or leaving ``with handle:`` removes
+            both hooks.
+
+        Raises:
+            ModbalanceError: If the modulator is already attached.
+        """
+        if not isinstance(optimizer, torch.optim.Optimizer):
+            raise TypeError(
+                f"`optimizer` must be a torch.optim.Optimizer, got {type(optimizer).__name__}."
+            )
+        if self._handle is not None:
+            raise ModbalanceError(
+                "this modulator is already attached to an optimizer; call `handle.remove()` first."
+            )
+        if self.apply_mode == "grad" and isinstance(optimizer, _ADAPTIVE_OPTIMIZERS):
+            warnings.warn(
+                f"apply='grad' with {type(optimizer).__name__}: adaptive optimizers divide each "
+                "gradient by a running estimate of its own magnitude, so multiplying a group's "
+                "gradients by a constant k leaves its updates (almost) unchanged and the "
+                "modulation has ~no effect. Use apply='update', which rescales the parameter "
+                "update itself.",
+                UserWarning,
+                stacklevel=2,
+            )
+        pre = optimizer.register_step_pre_hook(self._pre_step_hook)
+        try:
+            post = optimizer.register_step_post_hook(self._post_step_hook)
+        except BaseException:
+            pre.remove()
+            raise
+        self._handle = ModulatorHandle(self, [pre, post])
+        self._last_signature = None
+        return self._handle
+
+    def extra_repr(self) -> str:
+        return (
+            f"modalities={self.modalities!r}, momentum={self.momentum}, "
+            f"apply={self.apply_mode!r}, min_coefficient={self.min_coefficient}"
+        )
+
+
+# --------------------------------------------------------------------------------------------
+# public modulators
+# --------------------------------------------------------------------------------------------
+
+
+class ShapleyGradModulator(_GroupModulator):
+    r"""Slow the dominant modality's learning in proportion to its Shapley contribution (PaSE).
+
+    :meth:`observe` turns contributions :math:`\phi` (e.g. the Shapley values of
+    :class:`~modbalance.shapley.ModalityGame`) into raw coefficients with the PaSE rule
+    (:func:`pase_coefficients`)
+
+    .. math::
+
+        \psi_m = \frac{\max(\phi_m, 0)}{\sum_j \max(\phi_j, 0)}, \qquad
+        \tilde k_m = \exp\!\Bigl(\frac{\min_j \psi_j}{\psi_m} - 1\Bigr),
+
+    (uniform shares when no contribution is positive), clamps them below at ``min_coefficient``
+    and smooths them with an exponential moving average,
+    :math:`k \leftarrow \mu k + (1 - \mu)\tilde k`; the **first** observation initialises
+    :math:`k = \tilde k` (before any observation :math:`k = 1`, no modulation). Any other rule can
+    be passed as a callable ``(M,) contributions -> (M,) coefficients``.
+
+    The coefficients are then applied to each group on every optimizer step, to the update
+    (``apply="update"``, works under Adam) or to the gradient (``apply="grad"``, SGD), see the
+    module documentation and :meth:`attach`. Groups are explicit: ``{"text": model.text_encoder,
+    "audio": model.audio_encoder.parameters(), ...}``; shared layers (the fusion head) stay out and
+    are never modulated. Overlapping groups, empty groups and fewer than two groups are errors.
+
+    The state (``coefficient``, ``initialized``, ``shares``) lives in buffers: ``state_dict()``,
+    ``load_state_dict()`` and ``.to(device)`` work; the groups' parameters are *not* part of the
+    state dict. Move the modulator to the parameters' device so that no copies are needed.
+
+    Args:
+        groups: ``{modality: nn.Module or iterable of parameters}``, at least two, disjoint.
+        rule: ``"pase"`` or a callable mapping ``(M,)`` contributions to ``(M,)`` non-negative
+            coefficients.
+        momentum: EMA momentum :math:`\mu \in [0, 1)`; 0 uses the latest observation only.
+        apply: ``"update"`` (default) or ``"grad"``.
+        min_coefficient: Lower bound for every raw coefficient, in :math:`[0, 1]`.
+
+    Reference:
+        K. He et al., "PaSE: Prototype-aligned Calibration and Shapley-based Equilibrium for
+        Multimodal Sentiment Analysis", AAAI 2026 (arXiv:2511.17585).
+
+    Example:
+        >>> import torch
+        >>> from torch import nn
+        >>> from modbalance.modulation import ShapleyGradModulator
+        >>> text, audio = nn.Linear(4, 2), nn.Linear(3, 2)
+        >>> opt = torch.optim.Adam([*text.parameters(), *audio.parameters()], lr=1e-2)
+        >>> mod = ShapleyGradModulator({"text": text, "audio": audio})
+        >>> mod.observe({"text": 0.6, "audio": 0.2}).round(decimals=4)
+        tensor([0.5134, 1.0000])
+        >>> with mod.attach(opt):
+        ...     loss = text(torch.randn(8, 4)).sum() + audio(torch.randn(8, 3)).sum()
+        ...     loss.backward()
+        ...     opt.step()  # text's update is scaled by 0.5134, audio's by 1
+    """
+
+    def __init__(
+        self,
+        groups: Mapping[str, nn.Module | Iterable[nn.Parameter]],
+        *,
+        rule: Literal["pase"] | Callable[[Tensor], Tensor] = "pase",
+        momentum: float = 0.9,
+        apply: Literal["update", "grad"] = "update",
+        min_coefficient: float = 0.0,
+    ) -> None:
+        super().__init__(groups, momentum=momentum, apply=apply, min_coefficient=min_coefficient)
+        if not callable(rule):
+            check_choice(rule, "rule", ("pase",))
+        self.rule = rule
+        self.register_buffer("shares", torch.full((len(self.modalities),), math.nan))
+
+    @torch.no_grad()
+    def observe(self, contributions: Mapping[str, Tensor | float] | Tensor) -> Tensor:
+        """Update the coefficients from new per-modality contributions.
+
+        Args:
+            contributions: ``{modality: value}`` for every group, or an ``(M,)`` tensor in group
+                order (e.g. ``GameResult.shapley``). Averaged over ranks under
+                ``torch.distributed``.
+
+        Returns:
+            ``(M,)`` smoothed coefficients, in group order.
+
+        Raises:
+            ModbalanceError: Unknown or missing modality, wrong shape, non-finite values (a value
+                check), or a custom rule returning a wrong shape or negative values.
+        """
+        x = self._as_vector(contributions, "contributions")
+        self.shares.copy_(pase_shares(x))
+        if isinstance(self.rule, str):
+            raw = pase_coefficients(x)
+        else:
+            raw = self.rule(x)  # type: ignore[operator]
+            check_tensor(raw, "rule(contributions)", dtype="floating")
+            if raw.shape != x.shape:
+                raise ModbalanceError(
+                    f"`rule` must return one coefficient per modality, shape {tuple(x.shape)}; "
+                    f"got shape {tuple(raw.shape)}."
+                )
+            check_finite(raw, "rule(contributions)")
+            if value_checks_enabled() and bool((raw < 0).any()):
+                raise ModbalanceError(
+                    f"`rule` must return non-negative coefficients, got {raw.tolist()}."
+                )
+        return self._update_ema(raw)
+
+    def extra_repr(self) -> str:
+        """Summarise the configuration for ``repr``."""
+        rule = self.rule if isinstance(self.rule, str) else getattr(self.rule, "__name__", "custom")
+        return f"{super().extra_repr()}, rule={rule!r}"
+
+
+class OGMGEModulator(_GroupModulator):
+    r"""On-the-fly gradient modulation with generalisation enhancement (OGM-GE), for M modalities.
+
+    :meth:`observe` takes one *positive*, higher-is-better score per modality (OGM-GE uses the
+    summed softmax probability of the true class under each modality's unimodal logits; for
+    regression pass e.g. :math:`\exp(-\text{MAE}_m)`) and computes (:func:`ogmge_coefficients`)
+
+    .. math::
+
+        \rho_m = \frac{s_m}{\frac{1}{M-1}\sum_{j \ne m} s_j}, \qquad
+        k_m = 1 - \tanh\bigl(\alpha\,\operatorname{relu}(\rho_m - 1)\bigr),
+
+    so only the modalities ahead of the mean of the others are damped. For two modalities
+    :math:`\rho` is the paper's ratio; ``continuous=False`` uses the released code's
+    :math:`1 - \tanh(\alpha\rho_m)` for :math:`\rho_m > 1` exactly. With ``noise=True`` the
+    generalisation enhancement adds Gaussian noise to each gradient tensor of the groups,
+    :math:`g \leftarrow k_m g + \mathcal N(0, \operatorname{std}(g)^2)`, with the standard
+    deviation of the unmodulated gradient, drawn from ``generator``. (The original adds it to
+    convolution weights only; put only those parameters in the groups to reproduce that.) With
+    ``apply="update"`` the noise is added to the gradient and the whole update is scaled by
+    :math:`k_m`; under plain SGD without noise both modes equal the original.
+
+    The interface (groups, ``apply``, ``momentum``, :meth:`attach`, :meth:`step`,
+    :meth:`observe`, ``state_dict``) is the one of :class:`ShapleyGradModulator`; ``momentum``
+    defaults to 0 here (the original uses the current batch's ratio).
+
+    Args:
+        groups: ``{modality: nn.Module or iterable of parameters}``, at least two, disjoint.
+        alpha: Modulation strength :math:`\alpha \ge 0`.
+        momentum: EMA momentum in :math:`[0, 1)`.
+        apply: ``"update"`` (default) or ``"grad"`` (the original, with SGD).
+        min_coefficient: Lower bound for every raw coefficient.
+        continuous: ``True`` for :math:`\rho - 1` (continuous), ``False`` for the original.
+        noise: Add the generalisation-enhancement noise.
+        generator: Random generator for the noise (its device is used for drawing).
+
+    Reference:
+        X. Peng, Y. Wei, A. Deng, D. Wang, D. Hu, "Balanced Multimodal Learning via On-the-fly
+        Gradient Modulation", CVPR 2022.
+
+    Example:
+        >>> import torch
+        >>> from torch import nn
+        >>> from modbalance.modulation import OGMGEModulator
+        >>> audio, video = nn.Linear(4, 2), nn.Linear(4, 2)
+        >>> mod = OGMGEModulator({"audio": audio, "video": video}, alpha=0.5)
+        >>> mod.observe({"audio": 30.0, "video": 10.0}).round(decimals=4)
+        tensor([0.2384, 1.0000])
+    """
+
+    def __init__(
+        self,
+        groups: Mapping[str, nn.Module | Iterable[nn.Parameter]],
+        *,
+        alpha: float = 0.1,
+        momentum: float = 0.0,
+        apply: Literal["update", "grad"] = "update",
+        min_coefficient: float = 0.0,
+        continuous: bool = True,
+        noise: bool = False,
+        generator: torch.Generator | None = None,
+    ) -> None:
+        super().__init__(groups, momentum=momentum, apply=apply, min_coefficient=min_coefficient)
+        self.alpha = check_real(alpha, "alpha", low=0.0)
+        self.continuous = bool(continuous)
+        if generator is not None and not isinstance(generator, torch.Generator):
+            raise TypeError(
+                f"`generator` must be a torch.Generator, got {type(generator).__name__}."
+            )
+        self._noise = bool(noise)
+        self._generator = generator
+        self.register_buffer("ratio", torch.full((len(self.modalities),), math.nan))
+
+    @torch.no_grad()
+    def observe(self, scores: Mapping[str, Tensor | float] | Tensor) -> Tensor:
+        """Update the coefficients from per-modality scores.
+
+        Args:
+            scores: ``{modality: score}`` or an ``(M,)`` tensor in group order; positive,
+                higher is better. Averaged over ranks under ``torch.distributed``.
+
+        Returns:
+            ``(M,)`` smoothed coefficients, in group order.
+
+        Raises:
+            ModbalanceError: Unknown or missing modality, non-finite or non-positive scores.
+        """
+        x = self._as_vector(scores, "scores")
+        if value_checks_enabled() and bool((x <= 0).any()):
+            raise ModbalanceError(
+                f"`scores` must be positive (e.g. summed true-class probabilities or "
+                f"exp(-loss)), got {x.tolist()}."
+            )
+        m = x.shape[0]
+        self.ratio.copy_(x / ((x.sum() - x) / (m - 1)))
+        return self._update_ema(ogmge_coefficients(x, self.alpha, continuous=self.continuous))
+
+    def extra_repr(self) -> str:
+        """Summarise the configuration for ``repr``."""
+        return (
+            f"{super().extra_repr()}, alpha={self.alpha}, continuous={self.continuous}, "
+            f"noise={self._noise}"
+        )

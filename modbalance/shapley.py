@@ -1,0 +1,737 @@
+r"""Shapley values of modalities: coalition tables, exact/sampled estimators, :class:`ModalityGame`.
+
+A *game* over :math:`M` players (modalities) assigns a value :math:`v(S)` to every coalition
+:math:`S \subseteq \{0, \dots, M-1\}`. This module stores the :math:`2^M` values in a *coalition
+table* indexed by the bit mask of the coalition: entry ``c`` holds :math:`v(S_c)` with
+:math:`S_c = \{m : \text{bit } m \text{ of } c \text{ is set}\}` (see :func:`coalition_masks`).
+
+The Shapley value of player :math:`m` (Shapley, 1953) is
+
+.. math::
+
+    \phi_m = \sum_{S \subseteq N \setminus \{m\}}
+        \frac{|S|!\,(M - |S| - 1)!}{M!}\,\bigl(v(S \cup \{m\}) - v(S)\bigr),
+
+a fixed linear map of the table: :func:`shapley_from_table` applies it as one matrix product with
+a cached :math:`(2^M, M)` weight matrix. For many players, :func:`shapley_values` samples
+permutations instead. :class:`ModalityGame` builds the table of a multimodal model from features
+computed once by the encoders and a single batched pass of the fusion head over all coalitions.
+
+References:
+    L. S. Shapley, "A value for n-person games", *Contributions to the Theory of Games II*, 1953.
+    J. Castro, D. Gómez, J. Tejada, "Polynomial calculation of the Shapley value based on
+    sampling", *Computers & Operations Research* 36(5), 2009.
+    M. Grabisch, M. Roubens, "An axiomatic approach to the concept of interaction among players in
+    cooperative games", *International Journal of Game Theory* 28, 1999.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import Literal, NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from modbalance._checks import (
+    ModbalanceError,
+    check_choice,
+    check_int,
+    check_same_size,
+    check_tensor,
+)
+from modbalance.distributed import all_reduce_sum, is_distributed
+
+__all__ = [
+    "GameResult",
+    "ModalityGame",
+    "ShapleyResult",
+    "coalition_masks",
+    "interactions_from_table",
+    "shapley_from_table",
+    "shapley_values",
+]
+
+_MAX_TABLE_PLAYERS = 24
+
+
+class ShapleyResult(NamedTuple):
+    """Output of :func:`shapley_values`: ``(values, stderr, num_evaluations)``."""
+
+    #: ``(M,)`` Shapley value of each player.
+    values: Tensor
+    #: ``(M,)`` standard error of each estimate (zeros for the exact method, NaN when fewer than
+    #: two independent permutation units were drawn).
+    stderr: Tensor
+    #: Number of coalitions passed to the value function.
+    num_evaluations: int
+
+
+class GameResult(NamedTuple):
+    """Output of :class:`ModalityGame`: ``(table, shapley, interactions, modalities)``."""
+
+    #: ``(2^M,)`` coalition values, indexed as in :func:`coalition_masks`.
+    table: Tensor
+    #: ``(M,)`` exact Shapley value of each modality.
+    shapley: Tensor
+    #: ``(M, M)`` pairwise Shapley interaction indices (zero diagonal), see
+    #: :func:`interactions_from_table`.
+    interactions: Tensor
+    #: Modality names, in player order.
+    modalities: tuple[str, ...]
+
+
+# --------------------------------------------------------------------------------------------
+# coalition tables
+# --------------------------------------------------------------------------------------------
+
+
+def _check_num_players(num_players: int, name: str = "num_players") -> int:
+    return check_int(num_players, name, low=1, high=_MAX_TABLE_PLAYERS)
+
+
+def coalition_masks(num_players: int, *, device: torch.device | str | None = None) -> Tensor:
+    """Return every coalition of ``num_players`` players as a boolean mask.
+
+    Row ``c`` has player ``m`` present iff bit ``m`` of ``c`` is set, so row 0 is the empty
+    coalition and the last row the grand coalition. Coalition tables in this module use the same
+    order.
+
+    Args:
+        num_players: Number of players :math:`M` (1 to 24).
+        device: Device of the returned tensor.
+
+    Returns:
+        ``(2^M, M)`` boolean tensor.
+
+    Example:
+        >>> from modbalance.shapley import coalition_masks
+        >>> coalition_masks(2).int()
+        tensor([[0, 0],
+                [1, 0],
+                [0, 1],
+                [1, 1]], dtype=torch.int32)
+    """
+    m = _check_num_players(num_players)
+    codes = torch.arange(2**m, device=device)
+    bits = torch.arange(m, device=device)
+    return ((codes.unsqueeze(1) >> bits) & 1).bool()
+
+
+def _codes_to_masks(codes: Tensor, num_players: int) -> Tensor:
+    bits = torch.arange(num_players, device=codes.device)
+    return ((codes.unsqueeze(-1) >> bits) & 1).bool()
+
+
+@functools.lru_cache(maxsize=64)
+def _shapley_weights(num_players: int, dtype: torch.dtype, device: torch.device) -> Tensor:
+    """(2^M, M) matrix W with phi = v @ W (computed in float64, then cast)."""
+    m = num_players
+    masks = coalition_masks(m).to(torch.float64)
+    size = masks.sum(1)  # |c|
+    fact = [math.factorial(k) for k in range(m + 1)]
+    # weight of a marginal contribution that adds a player to a coalition of size s
+    w = torch.tensor([fact[s] * fact[m - s - 1] / fact[m] for s in range(m)], dtype=torch.float64)
+    present_w = w[(size - 1).clamp(min=0).long()].unsqueeze(1)  # player in c: +w(|c|-1)
+    absent_w = -w[size.clamp(max=m - 1).long()].unsqueeze(1)  # player not in c: -w(|c|)
+    weights = torch.where(masks.bool(), present_w, absent_w)
+    return weights.to(dtype=dtype, device=device)
+
+
+@functools.lru_cache(maxsize=32)
+def _interaction_weights(num_players: int, dtype: torch.dtype, device: torch.device) -> Tensor:
+    """(2^M, M, M) tensor W with I = einsum('c,cij->ij', v, W)."""
+    m = num_players
+    masks = coalition_masks(m)
+    if m < 2:
+        return torch.zeros(2**m, m, m, dtype=dtype, device=device)
+    fact = [math.factorial(k) for k in range(m + 1)]
+    # weight of the discrete derivative at a coalition S of size s not containing i, j
+    w = torch.tensor(
+        [fact[s] * fact[m - s - 2] / fact[m - 1] for s in range(m - 1)], dtype=torch.float64
+    )
+    size = masks.sum(1).long()  # (2^M,)
+    pi = masks.unsqueeze(2)  # (2^M, M, 1)
+    pj = masks.unsqueeze(1)  # (2^M, 1, M)
+    inside = pi.long() + pj.long()  # how many of i, j the coalition holds
+    s = (size.view(-1, 1, 1) - inside).clamp(0, m - 2)
+    sign = torch.where(pi == pj, 1.0, -1.0).to(torch.float64)
+    weights = sign * w[s]
+    eye = torch.eye(m, dtype=torch.bool)
+    weights = weights.masked_fill(eye, 0.0)
+    return weights.to(dtype=dtype, device=device)
+
+
+def _check_table(values: Tensor, name: str = "values") -> int:
+    check_tensor(values, name, dtype="floating")
+    if values.ndim < 1:
+        raise ModbalanceError(f"`{name}` must have at least 1 dimension (..., 2^M), got a scalar.")
+    n = values.shape[-1]
+    if n < 2 or n & (n - 1):
+        raise ModbalanceError(
+            f"the last dimension of `{name}` must be a power of two 2^M with M >= 1 (one value "
+            f"per coalition), got shape {tuple(values.shape)}."
+        )
+    m = n.bit_length() - 1
+    if m > _MAX_TABLE_PLAYERS:
+        raise ModbalanceError(f"`{name}` describes {m} players; at most 24 are supported.")
+    return m
+
+
+def shapley_from_table(values: Tensor) -> Tensor:
+    r"""Exact Shapley values from a coalition table.
+
+    .. math::
+
+        \phi_m = \sum_{c=0}^{2^M-1} W_{cm}\, v(S_c), \qquad
+        W_{cm} = \begin{cases}
+            \frac{(|S_c|-1)!\,(M-|S_c|)!}{M!} & m \in S_c \\
+            -\frac{|S_c|!\,(M-|S_c|-1)!}{M!} & m \notin S_c
+        \end{cases}
+
+    The weight matrix is built once per ``(M, dtype, device)`` and cached; the call is a single
+    matrix product, differentiable with respect to ``values``.
+
+    Args:
+        values: ``(..., 2^M)`` floating coalition values, ordered as in :func:`coalition_masks`.
+
+    Returns:
+        ``(..., M)`` Shapley values; they sum to :math:`v(N) - v(\emptyset)` (efficiency).
+
+    Example:
+        >>> import torch
+        >>> from modbalance.shapley import shapley_from_table
+        >>> # v(S) = 1 if both players are present (pure synergy): each gets half
+        >>> shapley_from_table(torch.tensor([0.0, 0.0, 0.0, 1.0]))
+        tensor([0.5000, 0.5000])
+    """
+    m = _check_table(values)
+    return values @ _shapley_weights(m, values.dtype, values.device)
+
+
+def interactions_from_table(values: Tensor) -> Tensor:
+    r"""Pairwise Shapley interaction indices from a coalition table.
+
+    For :math:`i \ne j` this is the Shapley interaction index of Grabisch & Roubens (1999):
+
+    .. math::
+
+        I_{ij} = \sum_{S \subseteq N \setminus \{i, j\}}
+            \frac{|S|!\,(M - |S| - 2)!}{(M - 1)!}
+            \bigl(v(S \cup \{i, j\}) - v(S \cup \{i\}) - v(S \cup \{j\}) + v(S)\bigr).
+
+    :math:`I_{ij} > 0` means that the two modalities are worth more together than the sum of
+    their separate contributions (synergy), :math:`I_{ij} < 0` that they are redundant. The result
+    is symmetric with a zero diagonal (the main effects are the Shapley values themselves); for a
+    one-player table it is ``(..., 1, 1)`` zeros.
+
+    Args:
+        values: ``(..., 2^M)`` floating coalition values, ordered as in :func:`coalition_masks`.
+
+    Returns:
+        ``(..., M, M)`` interaction indices.
+
+    Example:
+        >>> import torch
+        >>> from modbalance.shapley import interactions_from_table
+        >>> interactions_from_table(torch.tensor([0.0, 0.0, 0.0, 1.0]))
+        tensor([[0., 1.],
+                [1., 0.]])
+    """
+    m = _check_table(values)
+    weights = _interaction_weights(m, values.dtype, values.device)
+    return torch.einsum("...c,cij->...ij", values, weights)
+
+
+# --------------------------------------------------------------------------------------------
+# generic estimator
+# --------------------------------------------------------------------------------------------
+
+
+def _call_value_fn(value_fn: Callable[[Tensor], Tensor], masks: Tensor) -> Tensor:
+    out = value_fn(masks)
+    check_tensor(out, "value_fn(coalitions)", dtype="floating")
+    if out.shape != (masks.shape[0],):
+        raise ModbalanceError(
+            f"`value_fn` must return one value per coalition, shape ({masks.shape[0]},), "
+            f"for a coalition batch of shape {tuple(masks.shape)}; got shape {tuple(out.shape)}."
+        )
+    return out
+
+
+def shapley_values(
+    value_fn: Callable[[Tensor], Tensor],
+    num_players: int,
+    *,
+    method: Literal["auto", "exact", "permutation"] = "auto",
+    num_permutations: int = 64,
+    antithetic: bool = True,
+    generator: torch.Generator | None = None,
+    max_exact_players: int = 10,
+    device: torch.device | str | None = None,
+) -> ShapleyResult:
+    r"""Shapley values of a game given by a batched value function, exact or sampled.
+
+    ``method="exact"`` evaluates all :math:`2^M` coalitions in **one** call of ``value_fn`` and
+    applies :func:`shapley_from_table`. ``method="permutation"`` estimates
+
+    .. math::
+
+        \hat\phi_m = \frac{1}{n} \sum_{k=1}^{n}
+            \bigl(v(P^{\pi_k}_m \cup \{m\}) - v(P^{\pi_k}_m)\bigr)
+
+    over :math:`n` random permutations :math:`\pi_k`, where :math:`P^{\pi}_m` is the set of
+    players preceding :math:`m` in :math:`\pi` (Castro et al., 2009). With ``antithetic=True``
+    the permutations come in pairs :math:`(\pi, \text{reverse}(\pi))`, which makes the two
+    estimates negatively correlated and reduces the variance; the pair averages are then the
+    independent units of the standard error
+    :math:`\hat\sigma / \sqrt{n_\text{units}}`. Every distinct coalition that the permutations
+    visit is evaluated once, in a single batched ``value_fn`` call. The estimator is unbiased and
+    satisfies efficiency exactly (each permutation's marginals sum to
+    :math:`v(N) - v(\emptyset)`).
+
+    ``method="auto"`` is exact for ``num_players <= max_exact_players`` (default 10, i.e. 1024
+    coalitions) and sampled above.
+
+    Args:
+        value_fn: Maps a boolean ``(C, M)`` coalition batch (row = players present) to ``(C,)``
+            floating values.
+        num_players: Number of players :math:`M` (1 to 24).
+        method: ``"auto"``, ``"exact"`` or ``"permutation"``.
+        num_permutations: Number of permutations :math:`n` for sampling (even when
+            ``antithetic``).
+        antithetic: Pair every permutation with its reverse.
+        generator: Random generator (CPU) for the permutations; the global one when ``None``.
+        max_exact_players: Largest :math:`M` that ``"auto"`` computes exactly.
+        device: Device of the coalition masks passed to ``value_fn``.
+
+    Returns:
+        :class:`ShapleyResult` with ``values`` ``(M,)``, ``stderr`` ``(M,)`` and
+        ``num_evaluations``.
+
+    Raises:
+        ModbalanceError: On invalid arguments or a ``value_fn`` output of the wrong shape.
+
+    Example:
+        >>> import torch
+        >>> from modbalance.shapley import shapley_values
+        >>> w = torch.tensor([1.0, 2.0, 3.0])
+        >>> additive = lambda coalitions: coalitions.float() @ w  # v(S) = sum of w over S
+        >>> shapley_values(additive, 3).values.round(decimals=4).tolist()
+        [1.0, 2.0, 3.0]
+        >>> res = shapley_values(additive, 3, method="permutation", num_permutations=8,
+        ...                      generator=torch.Generator().manual_seed(0))
+        >>> res.values.round(decimals=4).tolist(), res.num_evaluations
+        ([1.0, 2.0, 3.0], 8)
+    """
+    if not callable(value_fn):
+        raise TypeError(f"`value_fn` must be callable, got {type(value_fn).__name__}.")
+    m = _check_num_players(num_players)
+    check_choice(method, "method", ("auto", "exact", "permutation"))
+    max_exact = check_int(max_exact_players, "max_exact_players", low=1, high=_MAX_TABLE_PLAYERS)
+    if method == "auto":
+        method = "exact" if m <= max_exact else "permutation"
+
+    if method == "exact":
+        masks = coalition_masks(m, device=device)
+        table = _call_value_fn(value_fn, masks)
+        values = shapley_from_table(table)
+        return ShapleyResult(values, torch.zeros_like(values), masks.shape[0])
+
+    n = check_int(num_permutations, "num_permutations", low=1)
+    if antithetic and n % 2:
+        raise ModbalanceError(
+            f"`num_permutations` must be even with antithetic=True (pairs of a permutation and "
+            f"its reverse), got {n}."
+        )
+    if generator is not None and not isinstance(generator, torch.Generator):
+        raise TypeError(f"`generator` must be a torch.Generator, got {type(generator).__name__}.")
+    n_base = n // 2 if antithetic else n
+    keys = torch.rand(n_base, m, generator=generator)
+    perms = keys.argsort(dim=1)  # (n_base, M)
+    if antithetic:
+        perms = torch.cat([perms, perms.flip(1)], dim=0)  # rows k and k + n_base are paired
+    # coalition codes of every prefix: 0, then cumulative sums of 2^player
+    steps = torch.ones(1, dtype=torch.long) << perms  # (n, M)
+    codes = torch.cat([torch.zeros(n, 1, dtype=torch.long), steps.cumsum(1)], dim=1)  # (n, M+1)
+    unique, inverse = torch.unique(codes, return_inverse=True)
+    table = _call_value_fn(value_fn, _codes_to_masks(unique, m).to(device))
+    prefix_values = table[inverse.to(table.device)]  # (n, M+1)
+    gains = prefix_values[:, 1:] - prefix_values[:, :-1]  # gain of the k-th player of each perm
+    marginals = torch.empty_like(gains).scatter_(1, perms.to(gains.device), gains)  # by player
+    if antithetic:
+        units = 0.5 * (marginals[:n_base] + marginals[n_base:])
+    else:
+        units = marginals
+    values = units.mean(0)
+    if units.shape[0] > 1:
+        stderr = units.std(0) / math.sqrt(units.shape[0])
+    else:
+        stderr = torch.full_like(values, float("nan"))
+    return ShapleyResult(values, stderr, int(unique.numel()))
+
+
+# --------------------------------------------------------------------------------------------
+# modality game
+# --------------------------------------------------------------------------------------------
+
+Head = Callable[[dict[str, Tensor], dict[str, Tensor]], Tensor]
+
+
+class _EvalMode:
+    """Put every submodule in eval mode and restore each one's training flag on exit."""
+
+    def __init__(self, modules: Sequence[nn.Module]) -> None:
+        seen: dict[int, nn.Module] = {}
+        for root in modules:
+            for sub in root.modules():
+                seen.setdefault(id(sub), sub)
+        self._modules = list(seen.values())
+        self._flags: list[bool] = []
+
+    def __enter__(self) -> None:
+        self._flags = [mod.training for mod in self._modules]
+        for mod in self._modules:
+            mod.training = False
+
+    def __exit__(self, *exc: object) -> None:
+        for mod, flag in zip(self._modules, self._flags):
+            mod.training = flag
+
+
+class ModalityGame:
+    r"""The cooperative game of a multimodal model's modalities, evaluated in one batched pass.
+
+    The encoders run **once**; their per-modality features are repeated for all :math:`2^M`
+    coalitions, stacked along the batch dimension, and the fusion ``head`` is called once per chunk
+    of coalitions (once in total by default) under :func:`torch.no_grad`, with every module
+    reachable from the head in eval mode (dropout off, batch-norm running statistics) and each
+    submodule's training flag restored afterwards, also when the head raises.
+
+    A modality absent from coalition :math:`S` is *masked*:
+
+    * ``"zero"``: its features are replaced by zeros;
+    * ``"mean"``: by the batch mean of that modality (over all ranks under ``torch.distributed``);
+    * ``"learned"``: by a given absent embedding (e.g. a trained ``nn.Parameter``);
+    * ``"present"``: its features are left as they are and only the presence flags mark it
+      absent; the head must honour the flags (e.g. a gated fusion that gives absent modalities
+      zero weight).
+
+    In every mode the head receives the presence flags. The coalition value is an average over
+    the :math:`N` samples,
+
+    .. math::
+
+        v(S) = \frac{1}{N} \sum_{i=1}^{N} u\bigl(f(\tilde x^{S}_i), y_i\bigr),
+
+    with :math:`u` = minus the squared error (regression) or minus the cross-entropy
+    (classification) for ``value="neg_loss"``, the accuracy for ``value="accuracy"``
+    (classification: argmax; regression: sign agreement :math:`[\hat y > 0] = [y > 0]` over the
+    samples with a non-zero target, MMSA's "Non0 Acc-2"; zero if every target is zero), or minus
+    the absolute error for ``value="neg_mae"`` (regression only). Under ``torch.distributed`` the
+    per-coalition value sums and sample counts are all-reduced, so every rank obtains the table of
+    the global batch exactly. The exact Shapley values and pairwise interactions then follow from
+    the table (:func:`shapley_from_table`, :func:`interactions_from_table`).
+
+    Cost: one head pass over :math:`2^M N` rows. Memory is bounded with ``chunk_size``
+    (coalitions per head call).
+
+    Args:
+        head: Fusion head called as ``head(features, present)`` with ``features[name]`` of
+            shape ``(B, *F_m)`` and ``present[name]`` a ``(B,)`` boolean tensor; returns ``(B,)``
+            or ``(B, 1)`` predictions (regression) or ``(B, C)`` logits (classification). An
+            ``nn.Module`` or a bound method of one is switched to eval mode during the pass.
+        modalities: Modality names, in player order (at least one, distinct).
+        masking: ``"zero"``, ``"mean"``, ``"learned"`` or ``"present"``.
+        value: ``"neg_loss"``, ``"accuracy"`` or ``"neg_mae"``.
+        task: ``"regression"`` or ``"classification"``.
+        chunk_size: Coalitions per head call; ``None`` evaluates all :math:`2^M` at once.
+        absent_embeddings: For ``masking="learned"``, a tensor of shape ``F_m`` per modality.
+        modules: Further modules to put in eval mode during the pass (when ``head`` is a plain
+            function that calls them).
+
+    Example:
+        >>> import torch
+        >>> from modbalance.shapley import ModalityGame
+        >>> def head(features, present):  # a sum of per-modality scores
+        ...     return features["text"].sum(1) + 0.5 * features["audio"].sum(1)
+        >>> game = ModalityGame(head, ["text", "audio"], masking="zero", value="neg_mae")
+        >>> feats = {"text": torch.ones(4, 2), "audio": torch.ones(4, 2)}
+        >>> res = game(feats, torch.full((4,), 2.5))
+        >>> res.table
+        tensor([-2.5000, -0.5000, -1.5000, -0.5000])
+        >>> res.shapley, res.modalities
+        (tensor([1.5000, 0.5000]), ('text', 'audio'))
+    """
+
+    def __init__(
+        self,
+        head: Head,
+        modalities: Sequence[str],
+        *,
+        masking: Literal["zero", "mean", "learned", "present"] = "zero",
+        value: Literal["neg_loss", "accuracy", "neg_mae"] = "neg_loss",
+        task: Literal["regression", "classification"] = "regression",
+        chunk_size: int | None = None,
+        absent_embeddings: Mapping[str, Tensor] | None = None,
+        modules: Iterable[nn.Module] | None = None,
+    ) -> None:
+        if not callable(head):
+            raise TypeError(f"`head` must be callable, got {type(head).__name__}.")
+        if isinstance(modalities, str) or not isinstance(modalities, Sequence):
+            raise TypeError(
+                f"`modalities` must be a sequence of names such as ['text', 'audio'], got "
+                f"{modalities!r}."
+            )
+        names = tuple(modalities)
+        if not names:
+            raise ModbalanceError("`modalities` must name at least one modality, got none.")
+        if any(not isinstance(n, str) for n in names) or len(set(names)) != len(names):
+            raise ModbalanceError(f"`modalities` must be distinct strings, got {names!r}.")
+        _check_num_players(len(names), "len(modalities)")
+        self.head = head
+        self.modalities = names
+        self.masking = check_choice(masking, "masking", ("zero", "mean", "learned", "present"))
+        self.value = check_choice(value, "value", ("neg_loss", "accuracy", "neg_mae"))
+        self.task = check_choice(task, "task", ("regression", "classification"))
+        if self.task == "classification" and self.value == "neg_mae":
+            raise ModbalanceError(
+                "`value='neg_mae'` needs task='regression'; for classification use 'neg_loss' "
+                "or 'accuracy'."
+            )
+        self.chunk_size = None if chunk_size is None else check_int(chunk_size, "chunk_size", low=1)
+        if self.masking == "learned":
+            if absent_embeddings is None:
+                raise ModbalanceError(
+                    "`masking='learned'` needs `absent_embeddings`, one tensor per modality."
+                )
+            if not isinstance(absent_embeddings, Mapping) or set(absent_embeddings) != set(names):
+                got = sorted(absent_embeddings) if isinstance(absent_embeddings, Mapping) else None
+                raise ModbalanceError(
+                    f"`absent_embeddings` must map exactly the modalities {list(names)} to "
+                    f"tensors, got keys {got}."
+                )
+            for key, emb in absent_embeddings.items():
+                check_tensor(emb, f"absent_embeddings[{key!r}]", dtype="floating")
+            self.absent_embeddings: Mapping[str, Tensor] | None = absent_embeddings
+        elif absent_embeddings is not None:
+            raise ModbalanceError(
+                f"`absent_embeddings` is only used with masking='learned', got masking="
+                f"{self.masking!r}."
+            )
+        else:
+            self.absent_embeddings = None
+        mods: list[nn.Module] = []
+        if isinstance(head, nn.Module):
+            mods.append(head)
+        elif isinstance(getattr(head, "__self__", None), nn.Module):
+            mods.append(head.__self__)  # type: ignore[attr-defined]
+        for extra in modules or ():
+            if not isinstance(extra, nn.Module):
+                raise TypeError(
+                    f"`modules` must hold nn.Module objects, got {type(extra).__name__}."
+                )
+            mods.append(extra)
+        self._modules = mods
+
+    def __repr__(self) -> str:
+        return (
+            f"ModalityGame(modalities={self.modalities!r}, masking={self.masking!r}, "
+            f"value={self.value!r}, task={self.task!r}, chunk_size={self.chunk_size!r})"
+        )
+
+    @property
+    def num_players(self) -> int:
+        """Number of modalities :math:`M`."""
+        return len(self.modalities)
+
+    # ----------------------------------------------------------------------------------------
+
+    def _check_inputs(self, features: Mapping[str, Tensor], target: Tensor) -> tuple[Tensor, int]:
+        if not isinstance(features, Mapping):
+            raise TypeError(
+                f"`features` must be a mapping from modality name to tensor, got "
+                f"{type(features).__name__}."
+            )
+        if set(features) != set(self.modalities):
+            raise ModbalanceError(
+                f"`features` must have exactly the keys {list(self.modalities)}, got "
+                f"{sorted(features)}."
+            )
+        first = self.modalities[0]
+        for name in self.modalities:
+            x = check_tensor(features[name], f"features[{name!r}]", dtype="floating")
+            if x.ndim < 2:
+                raise ModbalanceError(
+                    f"`features[{name!r}]` must have shape (N, D, ...), got shape {tuple(x.shape)}."
+                )
+            check_same_size(x, f"features[{name!r}]", 0, features[first], f"features[{first!r}]", 0)
+        check_tensor(target, "target", nonempty=True)
+        if target.ndim == 2 and target.shape[1] == 1:
+            target = target[:, 0]
+        if target.ndim != 1:
+            raise ModbalanceError(
+                f"`target` must have shape (N,), got shape {tuple(target.shape)}."
+            )
+        check_same_size(target, "target", 0, features[first], f"features[{first!r}]", 0)
+        if self.task == "classification":
+            check_tensor(target, "target", dtype="integer")
+        else:
+            check_tensor(target, "target", dtype="floating")
+        if self.masking == "learned":
+            assert self.absent_embeddings is not None
+            for name in self.modalities:
+                emb = self.absent_embeddings[name]
+                want = tuple(features[name].shape[1:])
+                if tuple(emb.shape) != want:
+                    raise ModbalanceError(
+                        f"`absent_embeddings[{name!r}]` must have shape {want} (the feature "
+                        f"shape without the batch dimension), got {tuple(emb.shape)}."
+                    )
+        return target, features[first].shape[0]
+
+    def _fill_values(self, features: Mapping[str, Tensor]) -> dict[str, Tensor]:
+        """Per-modality replacement for absent features, broadcastable to (N, *F_m)."""
+        fill: dict[str, Tensor] = {}
+        for name in self.modalities:
+            x = features[name]
+            if self.masking == "zero":
+                fill[name] = x.new_zeros(())
+            elif self.masking == "mean":
+                total = x.sum(0, keepdim=True)
+                if is_distributed():
+                    count = torch.tensor([float(x.shape[0])], device=x.device, dtype=x.dtype)
+                    packed = all_reduce_sum(torch.cat([total.flatten(), count]))
+                    total = packed[:-1].view_as(total)
+                    fill[name] = total / packed[-1]
+                else:
+                    fill[name] = total / x.shape[0]
+            elif self.masking == "learned":
+                assert self.absent_embeddings is not None
+                emb = self.absent_embeddings[name].detach()
+                fill[name] = emb.to(device=x.device, dtype=x.dtype).unsqueeze(0)
+        return fill
+
+    def _per_sample_values(
+        self, out: Tensor, target: Tensor, n: int, c: int
+    ) -> tuple[Tensor, Tensor]:
+        """(c, N) head output -> (c,) value sums and (c,) counts."""
+        rows = c * n
+        if self.task == "regression":
+            if out.shape == (rows, 1):
+                out = out[:, 0]
+            if out.shape != (rows,):
+                raise ModbalanceError(
+                    f"a regression `head` must return shape (B,) or (B, 1); for B={rows} it "
+                    f"returned shape {tuple(out.shape)}."
+                )
+            pred = out.view(c, n)
+            if not pred.is_floating_point():
+                raise ModbalanceError(f"`head` must return a floating tensor, got {pred.dtype}.")
+            pred = pred.float() if pred.dtype in (torch.float16, torch.bfloat16) else pred
+            y = target.to(pred.dtype).unsqueeze(0)
+            if self.value == "neg_loss":
+                sums = -(pred - y).square().sum(1)
+                counts = torch.full_like(sums, float(n))
+            elif self.value == "neg_mae":
+                sums = -(pred - y).abs().sum(1)
+                counts = torch.full_like(sums, float(n))
+            else:
+                nonzero = (y != 0).to(pred.dtype)
+                agree = ((pred > 0) == (y > 0)).to(pred.dtype) * nonzero
+                sums = agree.sum(1)
+                counts = nonzero.sum(1).expand(c).clone()
+            return sums, counts
+        if out.ndim != 2 or out.shape[0] != rows:
+            raise ModbalanceError(
+                f"a classification `head` must return logits of shape (B, C); for B={rows} it "
+                f"returned shape {tuple(out.shape)}."
+            )
+        logits = out.float() if out.dtype in (torch.float16, torch.bfloat16) else out
+        y = target.repeat(c)
+        if self.value == "neg_loss":
+            per = -F.cross_entropy(logits, y, reduction="none")
+        else:
+            per = (logits.argmax(1) == y).to(logits.dtype)
+        sums = per.view(c, n).sum(1)
+        return sums, torch.full_like(sums, float(n))
+
+    def coalition_values(
+        self, features: Mapping[str, Tensor], target: Tensor, coalitions: Tensor
+    ) -> Tensor:
+        """Values of the given coalitions, one batched head pass per chunk.
+
+        This is a value function for :func:`shapley_values` (e.g. permutation sampling for many
+        modalities): ``shapley_values(partial(game.coalition_values, feats, y), M)``.
+
+        Args:
+            features: ``name -> (N, *F_m)`` features from the encoders.
+            target: ``(N,)`` regression targets (floating) or class indices (integer).
+            coalitions: ``(C, M)`` boolean masks, player order = ``modalities``.
+
+        Returns:
+            ``(C,)`` coalition values (at least float32).
+        """
+        target, n = self._check_inputs(features, target)
+        check_tensor(coalitions, "coalitions", ndim=2, dtype="bool")
+        if coalitions.shape[1] != self.num_players:
+            raise ModbalanceError(
+                f"`coalitions` must have shape (C, {self.num_players}), got "
+                f"{tuple(coalitions.shape)}."
+            )
+        ref = features[self.modalities[0]]
+        coalitions = coalitions.to(ref.device)
+        total_c = coalitions.shape[0]
+        step = self.chunk_size or max(total_c, 1)
+        sums, counts = [], []
+        with torch.no_grad(), _EvalMode(self._modules):
+            fill = self._fill_values(features)
+            for start in range(0, total_c, step):
+                chunk = coalitions[start : start + step]
+                c = chunk.shape[0]
+                feats: dict[str, Tensor] = {}
+                present: dict[str, Tensor] = {}
+                for j, name in enumerate(self.modalities):
+                    x = features[name]
+                    flags = chunk[:, j].view(c, 1).expand(c, n)  # (c, N)
+                    rep = x.unsqueeze(0).expand(c, *x.shape)  # (c, N, *F)
+                    if self.masking != "present":
+                        keep = flags.view(c, n, *([1] * (x.ndim - 1)))
+                        rep = torch.where(keep, rep, fill[name])
+                    feats[name] = rep.reshape(c * n, *x.shape[1:])
+                    present[name] = flags.reshape(c * n)
+                out = self.head(feats, present)
+                check_tensor(out, "head(features, present)")
+                s, k = self._per_sample_values(out, target, n, c)
+                sums.append(s)
+                counts.append(k)
+            total = torch.cat(sums) if sums else ref.new_zeros(0)
+            count = torch.cat(counts) if counts else ref.new_zeros(0)
+            if is_distributed():
+                packed = all_reduce_sum(torch.stack([total, count]))
+                total, count = packed[0], packed[1]
+            return total / count.clamp_min(1.0)
+
+    def __call__(self, features: Mapping[str, Tensor], target: Tensor) -> GameResult:
+        """Evaluate every coalition and return the table, Shapley values and interactions.
+
+        Args:
+            features: ``name -> (N, *F_m)`` features computed once by the encoders (detached or
+                not; no gradient flows through the game).
+            target: ``(N,)`` (or ``(N, 1)``) regression targets or integer class indices.
+
+        Returns:
+            :class:`GameResult` with ``table`` ``(2^M,)``, ``shapley`` ``(M,)``,
+            ``interactions`` ``(M, M)`` and ``modalities``.
+        """
+        masks = coalition_masks(self.num_players)  # moved to the features' device
+        table = self.coalition_values(features, target, masks)
+        return GameResult(
+            table,
+            shapley_from_table(table),
+            interactions_from_table(table),
+            self.modalities,
+        )

@@ -1,0 +1,679 @@
+"""Tests for modbalance.shapley: exact tables, sampled estimator, ModalityGame."""
+
+from __future__ import annotations
+
+import functools
+import itertools
+import math
+import os
+import socket
+
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from torch import nn
+
+from modbalance._checks import ModbalanceError
+from modbalance.modulation import ShapleyGradModulator, pase_coefficients
+from modbalance.shapley import (
+    GameResult,
+    ModalityGame,
+    ShapleyResult,
+    coalition_masks,
+    interactions_from_table,
+    shapley_from_table,
+    shapley_values,
+)
+
+# ------------------------------------------------------------------------------------------
+# obviously-correct references
+# ------------------------------------------------------------------------------------------
+
+
+def code_of(players) -> int:
+    return sum(1 << p for p in players)
+
+
+def brute_force_shapley(table: torch.Tensor) -> torch.Tensor:
+    """Average marginal contribution over all M! orderings."""
+    m = table.numel().bit_length() - 1
+    phi = torch.zeros(m, dtype=torch.float64)
+    perms = list(itertools.permutations(range(m)))
+    for perm in perms:
+        prefix: list[int] = []
+        for player in perm:
+            before = table[code_of(prefix)]
+            prefix.append(player)
+            phi[player] += table[code_of(prefix)] - before
+    return phi / len(perms)
+
+
+def brute_force_interactions(table: torch.Tensor) -> torch.Tensor:
+    """Grabisch-Roubens Shapley interaction index by direct summation over subsets."""
+    m = table.numel().bit_length() - 1
+    out = torch.zeros(m, m, dtype=torch.float64)
+    for i, j in itertools.permutations(range(m), 2):
+        rest = [p for p in range(m) if p not in (i, j)]
+        for size in range(len(rest) + 1):
+            w = math.factorial(size) * math.factorial(m - size - 2) / math.factorial(m - 1)
+            for subset in itertools.combinations(rest, size):
+                s = list(subset)
+                delta = (
+                    table[code_of([*s, i, j])]
+                    - table[code_of([*s, i])]
+                    - table[code_of([*s, j])]
+                    + table[code_of(s)]
+                )
+                out[i, j] += w * delta
+    return out
+
+
+def random_table(m: int, seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(2**m, generator=g, dtype=torch.float64)
+
+
+# ------------------------------------------------------------------------------------------
+# coalition masks and exact values
+# ------------------------------------------------------------------------------------------
+
+
+def test_coalition_masks_bit_order():
+    masks = coalition_masks(3)
+    assert masks.shape == (8, 3) and masks.dtype == torch.bool
+    for c in range(8):
+        assert masks[c].tolist() == [bool(c >> m & 1) for m in range(3)]
+    assert not masks[0].any() and masks[-1].all()
+
+
+@pytest.mark.parametrize("bad", [0, 25, -1])
+def test_coalition_masks_rejects_bad_sizes(bad):
+    with pytest.raises(ModbalanceError, match="num_players"):
+        coalition_masks(bad)
+
+
+@pytest.mark.parametrize("m", [1, 2, 3, 4, 5, 6])
+def test_exact_equals_brute_force(m):
+    for seed in range(3):
+        table = random_table(m, seed)
+        torch.testing.assert_close(shapley_from_table(table), brute_force_shapley(table))
+
+
+@pytest.mark.parametrize("m", [2, 3, 4, 5])
+def test_interactions_equal_brute_force(m):
+    table = random_table(m, 7)
+    got = interactions_from_table(table)
+    torch.testing.assert_close(got, brute_force_interactions(table))
+    torch.testing.assert_close(got, got.T)
+
+
+def test_interactions_of_unanimity_game():
+    # v(S) = 1 iff {0, 1} ⊆ S: pure synergy between 0 and 1, nothing else
+    masks = coalition_masks(4)
+    table = (masks[:, 0] & masks[:, 1]).double()
+    inter = interactions_from_table(table)
+    expected = torch.zeros(4, 4, dtype=torch.float64)
+    expected[0, 1] = expected[1, 0] = 1.0
+    torch.testing.assert_close(inter, expected)
+    torch.testing.assert_close(shapley_from_table(table), torch.tensor([0.5, 0.5, 0, 0]).double())
+
+
+def test_interactions_single_player_is_zero():
+    assert interactions_from_table(torch.tensor([0.0, 2.0])).tolist() == [[0.0]]
+
+
+def test_batched_tables_and_dtype_device(device, dtype):
+    if dtype in (torch.float16, torch.bfloat16):
+        pytest.skip("exact comparison in low precision")
+    tables = torch.randn(3, 5, 16, dtype=dtype, device=device)
+    phi = shapley_from_table(tables)
+    assert phi.shape == (3, 5, 4) and phi.dtype == dtype and phi.device == tables.device
+    torch.testing.assert_close(phi[1, 2], shapley_from_table(tables[1, 2]))
+    inter = interactions_from_table(tables)
+    assert inter.shape == (3, 5, 4, 4)
+
+
+def test_shapley_from_table_is_differentiable():
+    table = torch.randn(8, requires_grad=True)
+    shapley_from_table(table).sum().backward()
+    # sum of phi = v(N) - v(empty)
+    expected = torch.zeros(8)
+    expected[0], expected[-1] = -1.0, 1.0
+    torch.testing.assert_close(table.grad, expected)
+
+
+@pytest.mark.parametrize(
+    ("table", "match"),
+    [
+        (torch.zeros(3), "power of two"),
+        (torch.zeros(1), "power of two"),
+        (torch.tensor(1.0), "at least 1 dimension"),
+    ],
+)
+def test_table_errors(table, match):
+    with pytest.raises(ModbalanceError, match=match):
+        shapley_from_table(table)
+
+
+def test_table_must_be_floating():
+    with pytest.raises(TypeError, match="floating"):
+        shapley_from_table(torch.zeros(4, dtype=torch.long))
+
+
+# ------------------------------------------------------------------------------------------
+# axioms (hypothesis)
+# ------------------------------------------------------------------------------------------
+
+floats = st.floats(-10, 10, allow_nan=False, allow_infinity=False)
+
+
+@st.composite
+def tables(draw, min_players=1, max_players=6):
+    m = draw(st.integers(min_players, max_players))
+    values = draw(st.lists(floats, min_size=2**m, max_size=2**m))
+    return torch.tensor(values, dtype=torch.float64)
+
+
+@settings(max_examples=40, deadline=None)
+@given(tables())
+def test_efficiency(table):
+    phi = shapley_from_table(table)
+    torch.testing.assert_close(phi.sum(), table[-1] - table[0])
+
+
+@settings(max_examples=40, deadline=None)
+@given(tables(min_players=2), st.data())
+def test_symmetry(table, data):
+    m = table.numel().bit_length() - 1
+    i, j = data.draw(st.permutations(range(m)))[:2]
+    masks = coalition_masks(m)
+    swapped = masks.clone()
+    swapped[:, [i, j]] = masks[:, [j, i]]
+    codes = (swapped.long() << torch.arange(m)).sum(1)
+    sym = 0.5 * (table + table[codes])  # v(S) = v(swap_ij(S)): i and j are interchangeable
+    phi = shapley_from_table(sym)
+    torch.testing.assert_close(phi[i], phi[j])
+
+
+@settings(max_examples=40, deadline=None)
+@given(tables(min_players=1), st.data())
+def test_null_player(table, data):
+    m = table.numel().bit_length() - 1
+    i = data.draw(st.integers(0, m - 1))
+    codes = torch.arange(2**m) & ~(1 << i)  # v(S) = v(S without i)
+    phi = shapley_from_table(table[codes])
+    torch.testing.assert_close(phi[i], torch.tensor(0.0, dtype=torch.float64))
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.integers(1, 6), st.data(), floats, floats)
+def test_linearity(m, data, a, b):
+    v = torch.tensor(data.draw(st.lists(floats, min_size=2**m, max_size=2**m))).double()
+    w = torch.tensor(data.draw(st.lists(floats, min_size=2**m, max_size=2**m))).double()
+    torch.testing.assert_close(
+        shapley_from_table(a * v + b * w),
+        a * shapley_from_table(v) + b * shapley_from_table(w),
+        atol=1e-9,
+        rtol=1e-9,
+    )
+
+
+# ------------------------------------------------------------------------------------------
+# shapley_values
+# ------------------------------------------------------------------------------------------
+
+
+class CountingGame:
+    def __init__(self, table: torch.Tensor):
+        self.table = table
+        self.calls = 0
+        self.rows = 0
+
+    def __call__(self, coalitions: torch.Tensor) -> torch.Tensor:
+        assert coalitions.dtype == torch.bool
+        self.calls += 1
+        self.rows += coalitions.shape[0]
+        m = coalitions.shape[1]
+        codes = (coalitions.long() << torch.arange(m, device=coalitions.device)).sum(1)
+        return self.table[codes]
+
+
+def test_exact_method_uses_one_call():
+    table = random_table(5)
+    game = CountingGame(table)
+    res = shapley_values(game, 5, method="exact")
+    assert isinstance(res, ShapleyResult)
+    assert game.calls == 1 and game.rows == 32 and res.num_evaluations == 32
+    torch.testing.assert_close(res.values, brute_force_shapley(table))
+    assert torch.equal(res.stderr, torch.zeros(5, dtype=torch.float64))
+
+
+def test_auto_switches_to_sampling_above_max_exact_players():
+    table = random_table(6)
+    game = CountingGame(table)
+    res = shapley_values(game, 6, max_exact_players=5, num_permutations=4)
+    assert game.calls == 1
+    assert res.num_evaluations == game.rows < 64
+    assert torch.isfinite(res.stderr).all() and (res.stderr > 0).any()
+    exact = shapley_values(CountingGame(table), 6, max_exact_players=6)
+    assert exact.num_evaluations == 64
+
+
+@pytest.mark.parametrize("antithetic", [True, False])
+def test_permutation_estimator_is_efficient_and_seeded(antithetic):
+    table = random_table(7, 3)
+    kwargs = dict(method="permutation", num_permutations=6, antithetic=antithetic)
+    a = shapley_values(CountingGame(table), 7, generator=torch.Generator().manual_seed(5), **kwargs)
+    b = shapley_values(CountingGame(table), 7, generator=torch.Generator().manual_seed(5), **kwargs)
+    assert torch.equal(a.values, b.values) and torch.equal(a.stderr, b.stderr)
+    torch.testing.assert_close(a.values.sum(), table[-1] - table[0])
+
+
+def test_antithetic_pairs_are_exact_for_two_players():
+    # with M = 2 a permutation and its reverse enumerate every ordering
+    table = random_table(2, 1)
+    res = shapley_values(CountingGame(table), 2, method="permutation", num_permutations=2)
+    torch.testing.assert_close(res.values, brute_force_shapley(table))
+
+
+@pytest.mark.parametrize("antithetic", [True, False])
+def test_permutation_error_shrinks_and_stderr_covers(antithetic):
+    m = 7
+    table = random_table(m, 11)
+    exact = shapley_from_table(table)
+
+    def run(n, seed):
+        return shapley_values(
+            CountingGame(table),
+            m,
+            method="permutation",
+            num_permutations=n,
+            antithetic=antithetic,
+            generator=torch.Generator().manual_seed(seed),
+        )
+
+    def rmse(n):
+        errs = torch.stack([run(n, s).values - exact for s in range(20)])
+        return errs.square().mean().sqrt()
+
+    assert rmse(128) < 0.5 * rmse(8)
+    covered = []
+    for seed in range(40):
+        res = run(32, 100 + seed)
+        covered.append((res.values - exact).abs() <= 2.576 * res.stderr)
+    frac = torch.cat(covered).double().mean()
+    assert frac >= 0.85, frac
+
+
+def test_permutation_estimator_is_unbiased():
+    table = random_table(5, 2)
+    exact = shapley_from_table(table)
+    means = torch.stack(
+        [
+            shapley_values(
+                CountingGame(table),
+                5,
+                method="permutation",
+                num_permutations=8,
+                generator=torch.Generator().manual_seed(s),
+            ).values
+            for s in range(400)
+        ]
+    ).mean(0)
+    torch.testing.assert_close(means, exact, atol=0.05, rtol=0)
+
+
+def test_single_permutation_stderr_is_nan():
+    res = shapley_values(
+        CountingGame(random_table(3)),
+        3,
+        method="permutation",
+        num_permutations=1,
+        antithetic=False,
+    )
+    assert torch.isnan(res.stderr).all()
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "exc", "match"),
+    [
+        (dict(method="kernel"), ModbalanceError, "method"),
+        (dict(method="permutation", num_permutations=3), ModbalanceError, "even"),
+        (dict(method="permutation", num_permutations=0), ModbalanceError, "num_permutations"),
+        (dict(method="permutation", generator=0), TypeError, "generator"),
+        (dict(max_exact_players=0), ModbalanceError, "max_exact_players"),
+    ],
+)
+def test_shapley_values_argument_errors(kwargs, exc, match):
+    with pytest.raises(exc, match=match):
+        shapley_values(CountingGame(random_table(3)), 3, **kwargs)
+
+
+def test_value_fn_output_is_checked():
+    with pytest.raises(ModbalanceError, match=r"one value per coalition, shape \(8,\)"):
+        shapley_values(lambda c: torch.zeros(8, 1), 3)
+    with pytest.raises(TypeError, match="floating"):
+        shapley_values(lambda c: c.sum(1), 3)
+    with pytest.raises(TypeError, match="callable"):
+        shapley_values(None, 3)
+
+
+# ------------------------------------------------------------------------------------------
+# ModalityGame
+# ------------------------------------------------------------------------------------------
+
+NAMES = ("text", "audio", "vision")
+DIMS = {"text": 5, "audio": 3, "vision": 4}
+
+
+class FusionHead(nn.Module):
+    """Small MLP fusion head with batch norm and dropout; uses the presence flags."""
+
+    def __init__(self, out_dim: int = 1, honour_flags: bool = False):
+        super().__init__()
+        self.proj = nn.ModuleDict({n: nn.Linear(d, 8) for n, d in DIMS.items()})
+        self.mlp = nn.Sequential(
+            nn.BatchNorm1d(8), nn.Dropout(0.5), nn.ReLU(), nn.Linear(8, out_dim)
+        )
+        self.honour_flags = honour_flags
+        self.out_dim = out_dim
+        self.calls = 0
+        self.seen_training: list[bool] = []
+
+    def forward(self, features, present):
+        self.calls += 1
+        self.seen_training.append(self.training)
+        h = 0.0
+        for n in NAMES:
+            z = self.proj[n](features[n])
+            flag = present[n].to(z.dtype).unsqueeze(1)
+            if self.honour_flags:
+                z = z * flag
+            h = h + z + 0.1 * flag  # the flags always matter, so wrong flags are caught
+        out = self.mlp(h)
+        return out[:, 0] if self.out_dim == 1 else out
+
+
+def make_inputs(device, n=12, task="regression", seed=0):
+    g = torch.Generator().manual_seed(seed)
+    feats = {k: torch.randn(n, d, generator=g).to(device) for k, d in DIMS.items()}
+    if task == "regression":
+        y = torch.randn(n, generator=g)
+        y[:2] = 0.0  # zero targets exercise the "Non0" accuracy
+    else:
+        y = torch.randint(0, 3, (n,), generator=g)
+    return feats, y.to(device)
+
+
+def reference_table(head, feats, y, masking, value, task, absent=None):
+    """Evaluate each coalition separately with a plain loop (head in eval mode)."""
+    was = head.training
+    head.eval()
+    n = y.shape[0]
+    rows = []
+    with torch.no_grad():
+        for mask in coalition_masks(len(NAMES)).tolist():
+            f, p = {}, {}
+            for j, name in enumerate(NAMES):
+                x = feats[name]
+                present = mask[j]
+                if present or masking == "present":
+                    f[name] = x
+                elif masking == "zero":
+                    f[name] = torch.zeros_like(x)
+                elif masking == "mean":
+                    f[name] = x.mean(0, keepdim=True).expand_as(x)
+                else:
+                    f[name] = absent[name].expand_as(x)
+                p[name] = torch.full((n,), present, dtype=torch.bool, device=x.device)
+            out = head(f, p)
+            if task == "regression":
+                out = out.reshape(n)
+                if value == "neg_loss":
+                    v = -((out - y) ** 2).mean()
+                elif value == "neg_mae":
+                    v = -(out - y).abs().mean()
+                else:
+                    nz = y != 0
+                    v = ((out[nz] > 0) == (y[nz] > 0)).double().mean()
+            elif value == "neg_loss":
+                v = -F.cross_entropy(out, y)
+            else:
+                v = (out.argmax(1) == y).double().mean()
+            rows.append(float(v))
+    head.train(was)
+    return torch.tensor(rows, dtype=torch.float64)
+
+
+CASES = [
+    ("regression", "neg_loss"),
+    ("regression", "neg_mae"),
+    ("regression", "accuracy"),
+    ("classification", "neg_loss"),
+    ("classification", "accuracy"),
+]
+
+
+@pytest.mark.parametrize("masking", ["zero", "mean", "learned", "present"])
+@pytest.mark.parametrize(("task", "value"), CASES)
+def test_game_batched_equals_per_coalition_loop(device, masking, task, value):
+    head = FusionHead(out_dim=1 if task == "regression" else 3, honour_flags=masking == "present")
+    head.to(device).train()
+    head.mlp[0].running_mean.normal_()  # non-trivial running statistics
+    feats, y = make_inputs(device, task=task)
+    absent = (
+        {k: torch.randn(d, device=device) for k, d in DIMS.items()}
+        if masking == "learned"
+        else None
+    )
+    game = ModalityGame(
+        head, NAMES, masking=masking, value=value, task=task, absent_embeddings=absent
+    )
+    res = game(feats, y)
+    assert isinstance(res, GameResult) and res.modalities == NAMES
+    assert head.calls == 1  # one head call for all 8 coalitions
+    assert (
+        res.table.shape == (8,) and res.shapley.shape == (3,) and res.interactions.shape == (3, 3)
+    )
+    ref = reference_table(head, feats, y, masking, value, task, absent)
+    torch.testing.assert_close(res.table.double().cpu(), ref, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(res.shapley, shapley_from_table(res.table))
+    torch.testing.assert_close(res.interactions, interactions_from_table(res.table))
+    assert head.training and all(m.training for m in head.modules())
+
+
+def test_game_masking_modes_differ(device):
+    head = FusionHead().to(device)
+    feats, y = make_inputs(device)
+    tables = {
+        m: ModalityGame(head, NAMES, masking=m)(feats, y).table for m in ("zero", "mean", "present")
+    }
+    assert not torch.allclose(tables["zero"], tables["mean"])
+    assert not torch.allclose(tables["zero"], tables["present"])
+    torch.testing.assert_close(tables["zero"][-1], tables["mean"][-1])  # all present: same
+
+
+@pytest.mark.parametrize("chunk_size", [1, 3, 8, 100])
+def test_chunk_size_gives_same_table(device, chunk_size):
+    head = FusionHead().to(device)
+    feats, y = make_inputs(device)
+    full = ModalityGame(head, NAMES, masking="mean")(feats, y).table
+    head.calls = 0
+    chunked = ModalityGame(head, NAMES, masking="mean", chunk_size=chunk_size)(feats, y).table
+    assert head.calls == math.ceil(8 / chunk_size)
+    torch.testing.assert_close(chunked, full)
+
+
+def test_game_restores_modes_and_requires_grad_and_has_no_graph(device):
+    head = FusionHead().to(device).train()
+    head.mlp[1].eval()  # a submodule already in eval mode must stay so
+    frozen = head.proj["audio"].weight
+    frozen.requires_grad_(False)
+    feats, y = make_inputs(device)
+    feats = {k: v.requires_grad_() for k, v in feats.items()}
+    res = ModalityGame(head, NAMES)(feats, y)
+    assert head.seen_training == [False]
+    assert head.training and head.mlp.training and head.mlp[0].training
+    assert not head.mlp[1].training
+    assert not frozen.requires_grad and head.proj["text"].weight.requires_grad
+    assert not res.table.requires_grad and head.proj["text"].weight.grad is None
+
+
+def test_game_restores_modes_after_exception(device):
+    head = FusionHead().to(device).train()
+    head.mlp[1].eval()
+
+    def failing(features, present):
+        head(features, present)
+        raise RuntimeError("boom")
+
+    game = ModalityGame(failing, NAMES, modules=[head])
+    with pytest.raises(RuntimeError, match="boom"):
+        game(*make_inputs(device))
+    assert head.seen_training == [False]
+    assert head.training and head.mlp[0].training and not head.mlp[1].training
+
+
+def test_bound_method_head_gets_eval_mode(device):
+    class Model(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.head = FusionHead()
+
+        def fuse(self, features, present):
+            return self.head(features, present)
+
+    model = Model().to(device).train()
+    ModalityGame(model.fuse, NAMES)(*make_inputs(device))
+    assert model.head.seen_training == [False] and model.training and model.head.training
+
+
+def test_head_returning_column_is_accepted(device):
+    head = FusionHead().to(device)
+    feats, y = make_inputs(device)
+    flat = ModalityGame(head, NAMES)(feats, y).table
+    col = ModalityGame(lambda f, p: head(f, p).unsqueeze(1), NAMES, modules=[head])(feats, y).table
+    torch.testing.assert_close(flat, col)
+
+
+def test_coalition_values_feed_shapley_values(device):
+    head = FusionHead().to(device)
+    feats, y = make_inputs(device)
+    game = ModalityGame(head, NAMES)
+    exact = game(feats, y)
+    value_fn = functools.partial(game.coalition_values, feats, y)
+    sub = coalition_masks(3)[[5, 2, 7]]
+    torch.testing.assert_close(value_fn(sub), exact.table[[5, 2, 7]])
+    res = shapley_values(value_fn, 3, method="exact", device=device)
+    torch.testing.assert_close(res.values, exact.shapley)
+
+
+def test_regression_accuracy_all_zero_targets_is_zero(device):
+    head = FusionHead().to(device)
+    feats, _ = make_inputs(device)
+    res = ModalityGame(head, NAMES, value="accuracy")(feats, torch.zeros(12, device=device))
+    assert torch.equal(res.table, torch.zeros(8, device=device))
+
+
+def test_game_constructor_errors():
+    head = FusionHead()
+    with pytest.raises(ModbalanceError, match="masking"):
+        ModalityGame(head, NAMES, masking="drop")
+    with pytest.raises(ModbalanceError, match="neg_mae"):
+        ModalityGame(head, NAMES, value="neg_mae", task="classification")
+    with pytest.raises(ModbalanceError, match="absent_embeddings"):
+        ModalityGame(head, NAMES, masking="learned")
+    with pytest.raises(ModbalanceError, match="exactly the modalities"):
+        ModalityGame(head, NAMES, masking="learned", absent_embeddings={"text": torch.zeros(5)})
+    with pytest.raises(ModbalanceError, match="only used with masking='learned'"):
+        ModalityGame(head, NAMES, absent_embeddings={k: torch.zeros(d) for k, d in DIMS.items()})
+    with pytest.raises(ModbalanceError, match="distinct"):
+        ModalityGame(head, ["a", "a"])
+    with pytest.raises(ModbalanceError, match="at least one"):
+        ModalityGame(head, [])
+    with pytest.raises(TypeError, match="sequence"):
+        ModalityGame(head, "text")
+    with pytest.raises(ModbalanceError, match="chunk_size"):
+        ModalityGame(head, NAMES, chunk_size=0)
+    with pytest.raises(TypeError, match="callable"):
+        ModalityGame(3, NAMES)
+
+
+def test_game_call_errors():
+    head = FusionHead()
+    feats, y = make_inputs("cpu")
+    game = ModalityGame(head, NAMES)
+    with pytest.raises(ModbalanceError, match="exactly the keys"):
+        game({"text": feats["text"]}, y)
+    bad = dict(feats, audio=feats["audio"][:5])
+    with pytest.raises(ModbalanceError, match="size 5 in dimension 0"):
+        game(bad, y)
+    with pytest.raises(ModbalanceError, match=r"`target` must have shape \(N,\)"):
+        game(feats, y.view(3, 4))
+    with pytest.raises(ModbalanceError, match="`target` has size 11"):
+        game(feats, y[:11])
+    with pytest.raises(TypeError, match="integer"):
+        ModalityGame(FusionHead(out_dim=3), NAMES, task="classification")(feats, y)
+    with pytest.raises(ModbalanceError, match=r"shape \(B,\) or \(B, 1\)"):
+        ModalityGame(lambda f, p: torch.zeros(5), NAMES)(feats, y)
+    with pytest.raises(ModbalanceError, match=r"logits of shape \(B, C\)"):
+        ModalityGame(lambda f, p: torch.zeros(96), NAMES, task="classification")(
+            feats, torch.zeros(12, dtype=torch.long)
+        )
+    emb = {k: torch.zeros(d + 1) for k, d in DIMS.items()}
+    with pytest.raises(ModbalanceError, match=r"absent_embeddings\['text'\]` must have shape"):
+        ModalityGame(head, NAMES, masking="learned", absent_embeddings=emb)(feats, y)
+
+
+# ------------------------------------------------------------------------------------------
+# torch.distributed: every rank gets the table of the global batch
+# ------------------------------------------------------------------------------------------
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _dist_worker(rank, world, port, feats, y, state, out_dir):
+    import torch.distributed as dist
+
+    os.environ["MASTER_ADDR"] = "127.0.0.1"
+    os.environ["MASTER_PORT"] = str(port)
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        torch.set_num_threads(1)
+        head = FusionHead()
+        head.load_state_dict(state)
+        shard = slice(rank * 6, (rank + 1) * 6)
+        local = {k: v[shard] for k, v in feats.items()}
+        for masking in ("mean", "zero"):
+            res = ModalityGame(head, NAMES, masking=masking, value="neg_mae")(local, y[shard])
+            torch.save(res.table, os.path.join(out_dir, f"{masking}_{rank}.pt"))
+        # the modulator averages contributions over ranks: identical coefficients everywhere
+        mod = ShapleyGradModulator({"a": nn.Linear(1, 1), "b": nn.Linear(1, 1)}, momentum=0.0)
+        k = mod.observe(torch.tensor([1.0 + 2.0 * rank, 1.0]))
+        torch.save(k, os.path.join(out_dir, f"coef_{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.distributed
+def test_distributed_game_and_modulator_agree_with_global_batch(tmp_path):
+    import torch.multiprocessing as mp
+
+    head = FusionHead()
+    feats, y = make_inputs("cpu")
+    args = (2, _free_port(), feats, y, head.state_dict(), str(tmp_path))
+    mp.spawn(_dist_worker, args=args, nprocs=2, join=True)
+    for masking in ("mean", "zero"):
+        expected = ModalityGame(head, NAMES, masking=masking, value="neg_mae")(feats, y).table
+        for rank in range(2):
+            table = torch.load(tmp_path / f"{masking}_{rank}.pt")
+            torch.testing.assert_close(table, expected, atol=1e-5, rtol=1e-5)
+    expected_k = pase_coefficients(torch.tensor([2.0, 1.0]))  # mean of [1, 1] and [3, 1]
+    for rank in range(2):
+        torch.testing.assert_close(torch.load(tmp_path / f"coef_{rank}.pt"), expected_k)
