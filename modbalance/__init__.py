@@ -6,7 +6,23 @@ together they form the PaSE reference model in ``examples/``.
 """
 
 from modbalance._checks import ModbalanceError, value_checks, value_checks_enabled
+from modbalance.data import (
+    CompetitionData,
+    MultimodalDataset,
+    collate_multimodal,
+    load_mmsa,
+    load_mult,
+    make_competition_data,
+)
 from modbalance.fusion import FusionOutput, PrototypeGatedFusion
+from modbalance.metrics import (
+    iemocap_metrics,
+    imbalance_index,
+    msa_regression_metrics,
+    probe_score,
+    shapley_shares,
+    sims_regression_metrics,
+)
 from modbalance.modulation import (
     ModulatorHandle,
     OGMGEModulator,
@@ -38,12 +54,14 @@ __version__ = "0.1.0"
 __all__ = [
     "CalibrationOutput",
     "ClassMeans",
+    "CompetitionData",
     "DualPhaseSchedule",
     "FusionOutput",
     "GameResult",
     "ModalityGame",
     "ModbalanceError",
     "ModulatorHandle",
+    "MultimodalDataset",
     "OGMGEModulator",
     "PrototypeCalibrator",
     "PrototypeGatedFusion",
@@ -52,13 +70,23 @@ __all__ = [
     "__version__",
     "class_means",
     "coalition_masks",
+    "collate_multimodal",
+    "iemocap_metrics",
+    "imbalance_index",
     "interactions_from_table",
+    "load_mmsa",
+    "load_mult",
+    "make_competition_data",
+    "msa_regression_metrics",
     "ogmge_coefficients",
     "pase_coefficients",
     "pase_shares",
+    "probe_score",
     "sentiment_classes",
     "shapley_from_table",
+    "shapley_shares",
     "shapley_values",
+    "sims_regression_metrics",
     "value_checks",
     "value_checks_enabled",
 ]

@@ -1,0 +1,17 @@
+"""Data: MMSA / MulT pickle loaders, the multimodal dataset and collate, synthetic competition data.
+
+.. warning::
+    Pickles run code when they are loaded. Only load files you trust.
+"""
+
+from modbalance.data.mmsa import MultimodalDataset, collate_multimodal, load_mmsa, load_mult
+from modbalance.data.synthetic import CompetitionData, make_competition_data
+
+__all__ = [
+    "CompetitionData",
+    "MultimodalDataset",
+    "collate_multimodal",
+    "load_mmsa",
+    "load_mult",
+    "make_competition_data",
+]

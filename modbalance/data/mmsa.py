@@ -1,0 +1,703 @@
+"""Loaders for the MMSA and MulT feature pickles, the dataset they return and its collate function.
+
+Two pickle layouts cover most multimodal sentiment work (see the "Bring your own MOSI / MOSEI
+file" guide):
+
+* **MMSA** (thuiar/MMSA; MOSI, MOSEI, CH-SIMS, aligned and unaligned): a dict
+  ``{"train"|"valid"|"test": {"text", "text_bert", "audio", "vision", "regression_labels",
+  "id", "raw_text", ["audio_lengths", "vision_lengths"], ...}}``.
+* **MulT** (yaohungt/Multimodal-Transformer; also MultiBench, MMIM): a dict
+  ``{"train"|"valid"|"test": {"text", "audio", "vision", "labels", ["id"]}}`` with labels
+  (N, 1, 1) for sentiment or (N, 4, 2) for IEMOCAP.
+
+Both give a :class:`MultimodalDataset` whose items hold only the *valid* frames of every modality;
+:func:`collate_multimodal` pads a batch back to a rectangle and returns masks and lengths.
+
+.. warning::
+    Pickles run code when they are loaded. Only load files you trust.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import warnings
+from collections import Counter
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+from torch.utils.data import Dataset
+
+from modbalance._checks import ModbalanceError
+
+__all__ = ["MultimodalDataset", "collate_multimodal", "load_mmsa", "load_mult"]
+
+_SPLITS = ("train", "valid", "test")
+_MODALITIES = ("text", "audio", "vision")
+_SIMS_UNIMODAL = {"text": "regression_labels_T", "audio": "regression_labels_A",
+                  "vision": "regression_labels_V"}  # fmt: skip
+
+
+# ----------------------------------------------------------------------------------------------
+# valid-frame detection
+# ----------------------------------------------------------------------------------------------
+
+
+def _frame_nonzero(x: Tensor, chunk: int = 1024) -> Tensor:
+    """(N, T, D) -> (N, T) bool: the frame has at least one non-zero entry (chunked over N)."""
+    if x.shape[0] <= chunk:
+        return (x != 0).any(-1)
+    return torch.cat([(x[i : i + chunk] != 0).any(-1) for i in range(0, x.shape[0], chunk)])
+
+
+def _spans_from_nonzero(nonzero: Tensor) -> tuple[Tensor, Tensor]:
+    """Valid span = first to last non-zero frame (leading/trailing all-zero frames are padding)."""
+    n, t = nonzero.shape
+    if t == 0:
+        z = torch.zeros(n, dtype=torch.long)
+        return z, z
+    any_nz = nonzero.any(1)
+    first = nonzero.to(torch.uint8).argmax(1)
+    last = t - nonzero.flip(1).to(torch.uint8).argmax(1)
+    start = torch.where(any_nz, first, torch.zeros_like(first))
+    end = torch.where(any_nz, last, torch.zeros_like(last))
+    return start.long(), end.long()
+
+
+def _spans_from_lengths(nonzero: Tensor, lengths: Tensor) -> tuple[Tensor, Tensor]:
+    """Place ``lengths[i]`` valid frames at the end whose complement is all-zero padding.
+
+    Post-padding (valid frames first) is taken when the frames after the first ``L`` are all
+    zero, pre-padding when the frames before the last ``L`` are all zero and post-padding is not
+    consistent; when neither side is all zero the valid frames are the first ``L`` (what
+    ``pack_padded_sequence`` and MMSA's length-aware models assume).
+    """
+    t = nonzero.shape[1]
+    idx = torch.arange(t)
+    after = idx[None, :] >= lengths[:, None]
+    before = idx[None, :] < (t - lengths)[:, None]
+    post_ok = ~(nonzero & after).any(1)
+    pre_ok = ~(nonzero & before).any(1)
+    start = torch.where(~post_ok & pre_ok, t - lengths, torch.zeros_like(lengths))
+    return start, start + lengths
+
+
+# ----------------------------------------------------------------------------------------------
+# dataset
+# ----------------------------------------------------------------------------------------------
+
+
+class MultimodalDataset(Dataset):
+    """Per-sample multimodal sequences with their valid-frame spans, labels and ids.
+
+    The features of each modality are stored as one padded tensor (N, T_m, D_m) exactly as in
+    the source file, together with the span ``[start, end)`` of valid frames of every sample.
+    Item ``i`` is a dict:
+
+    * ``"features"``: ``{m: (L_m, D_m)}`` — the valid frames only (float32; ``int64`` for BERT
+      token ids, see :func:`load_mmsa`);
+    * ``"mask"``: ``{m: (L_m,) bool}`` — all ``True`` (kept so that items and batches have the
+      same keys);
+    * ``"label"``: a 0-dim float32 tensor (sentiment regression) or, for the IEMOCAP MulT layout
+      (``task == "iemocap"``), a (4,) int64 vector of present (1) / absent (0) emotions in the
+      order ``("Neutral", "Happy", "Sad", "Angry")``;
+    * ``"id"``: ``str``;
+    * ``"unimodal_labels"``: ``{m: 0-dim float32}``, only when the file has unimodal labels
+      (CH-SIMS ``regression_labels_T/_A/_V``).
+
+    Where the valid span comes from: explicit ``lengths`` when given (the side is inferred from
+    which end is all-zero padding, defaulting to "valid frames first"), otherwise the frames from
+    the first to the last frame that has a non-zero entry. The padding side is never assumed.
+
+    Args:
+        features: ``{modality: (N, T_m, D_m) tensor}`` (float, or integer token ids).
+        labels: (N,) float sentiment labels, or (N, 4) int64 IEMOCAP emotion indicators.
+        ids: N sample ids (default ``"<split>_<i>"``).
+        lengths: Optional ``{modality: (N,) int}`` counts of valid frames.
+        split: Name of the split, kept as an attribute.
+        unimodal_labels: Optional ``{modality: (N,) float}`` per-modality labels.
+
+    Attributes:
+        modalities: Tuple of modality names, in the order given.
+        dims: ``{modality: D_m}``.
+        split: The split name.
+        task: ``"regression"`` or ``"iemocap"``.
+
+    Raises:
+        ModbalanceError: On inconsistent sample counts, wrong ranks or lengths out of range.
+
+    Example:
+        >>> import torch
+        >>> from modbalance.data import MultimodalDataset
+        >>> audio = torch.zeros(2, 4, 3)
+        >>> audio[0, :2] = 1.0  # sample 0: 2 valid frames, post-padded
+        >>> audio[1, 1:] = 2.0  # sample 1: 3 valid frames, pre-padded
+        >>> ds = MultimodalDataset({"audio": audio}, torch.tensor([0.5, -1.0]))
+        >>> ds[1]["features"]["audio"].shape, ds.dims
+        (torch.Size([3, 3]), {'audio': 3})
+        >>> batch = ds.collate([ds[0], ds[1]])
+        >>> batch["lengths"]["audio"].tolist(), batch["mask"]["audio"].tolist()
+        ([2, 3], [[True, True, False], [True, True, True]])
+    """
+
+    def __init__(
+        self,
+        features: Mapping[str, Tensor],
+        labels: Tensor,
+        *,
+        ids: Sequence[str] | None = None,
+        lengths: Mapping[str, Tensor] | None = None,
+        split: str = "train",
+        unimodal_labels: Mapping[str, Tensor] | None = None,
+    ) -> None:
+        if not isinstance(features, Mapping) or not features:
+            raise ModbalanceError("`features` must be a non-empty dict {modality: (N, T, D)}.")
+        if not isinstance(labels, Tensor):
+            raise TypeError(f"`labels` must be a torch.Tensor, got {type(labels).__name__}.")
+        n = labels.shape[0] if labels.ndim > 0 else -1
+        if labels.ndim == 1 and labels.is_floating_point():
+            self.task = "regression"
+            labels = labels.float()
+        elif labels.ndim == 2 and labels.shape[1] == 4 and not labels.is_floating_point():
+            self.task = "iemocap"
+            labels = labels.long()
+        else:
+            raise ModbalanceError(
+                f"`labels` must be (N,) float (sentiment) or (N, 4) integer (IEMOCAP), got shape "
+                f"{tuple(labels.shape)} and dtype {labels.dtype}."
+            )
+        self._features: dict[str, Tensor] = {}
+        self._start: dict[str, Tensor] = {}
+        self._end: dict[str, Tensor] = {}
+        lengths = dict(lengths or {})
+        for m, x in features.items():
+            if not isinstance(x, Tensor):
+                raise TypeError(
+                    f"`features[{m!r}]` must be a torch.Tensor, got {type(x).__name__}."
+                )
+            if x.ndim != 3:
+                raise ModbalanceError(
+                    f"`features[{m!r}]` must have shape (N, T, D), got shape {tuple(x.shape)}."
+                )
+            if x.shape[0] != n:
+                raise ModbalanceError(
+                    f"`features[{m!r}]` has {x.shape[0]} samples but `labels` has {n}; "
+                    "they must match."
+                )
+            nonzero = _frame_nonzero(x)
+            if m in lengths and lengths[m] is not None:
+                ln = torch.as_tensor(lengths[m]).reshape(-1).long()
+                if ln.shape[0] != n or bool((ln < 0).any()) or bool((ln > x.shape[1]).any()):
+                    raise ModbalanceError(
+                        f"`lengths[{m!r}]` must hold {n} integers in [0, {x.shape[1]}], got shape "
+                        f"{tuple(ln.shape)} with range "
+                        f"[{int(ln.min()) if ln.numel() else 0}, "
+                        f"{int(ln.max()) if ln.numel() else 0}]."
+                    )
+                start, end = _spans_from_lengths(nonzero, ln)
+            else:
+                start, end = _spans_from_nonzero(nonzero)
+            self._features[m] = x
+            self._start[m], self._end[m] = start, end
+        unknown = set(lengths) - set(features)
+        if unknown:
+            raise ModbalanceError(
+                f"`lengths` has modalities {sorted(unknown)} that are not in `features` "
+                f"({sorted(features)})."
+            )
+        if ids is None:
+            ids = [f"{split}_{i}" for i in range(n)]
+        ids = [str(i) for i in ids]
+        if len(ids) != n:
+            raise ModbalanceError(f"`ids` has {len(ids)} entries but `labels` has {n}.")
+        self._unimodal: dict[str, Tensor] = {}
+        for m, y in (unimodal_labels or {}).items():
+            y = torch.as_tensor(y).reshape(-1).float()
+            if y.shape[0] != n:
+                raise ModbalanceError(
+                    f"`unimodal_labels[{m!r}]` has {y.shape[0]} entries but `labels` has {n}."
+                )
+            self._unimodal[m] = y
+        self._labels = labels
+        self._ids = ids
+        self.split = split
+        self.modalities: tuple[str, ...] = tuple(self._features)
+        self.dims: dict[str, int] = {m: int(x.shape[2]) for m, x in self._features.items()}
+
+    def __len__(self) -> int:
+        return self._labels.shape[0]
+
+    @property
+    def labels(self) -> Tensor:
+        """All labels: (N,) float32 sentiment, or (N, 4) int64 for IEMOCAP."""
+        return self._labels
+
+    @property
+    def ids(self) -> list[str]:
+        """The N sample ids."""
+        return list(self._ids)
+
+    @property
+    def unimodal_labels(self) -> dict[str, Tensor]:
+        """Per-modality (N,) labels when the file has them (CH-SIMS), else an empty dict."""
+        return dict(self._unimodal)
+
+    def lengths(self, modality: str) -> Tensor:
+        """(N,) int64 number of valid frames of ``modality`` for every sample."""
+        return self._end[modality] - self._start[modality]
+
+    def padded(self, modality: str) -> Tensor:
+        """The stored (N, T, D) tensor of ``modality``, padding as in the source file."""
+        return self._features[modality]
+
+    def valid_mask(self, modality: str) -> Tensor:
+        """(N, T) bool mask of the valid frames of ``modality`` in :meth:`padded` layout."""
+        t = torch.arange(self._features[modality].shape[1])
+        s, e = self._start[modality], self._end[modality]
+        return (t[None, :] >= s[:, None]) & (t[None, :] < e[:, None])
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        n = len(self)
+        if not -n <= i < n:
+            raise IndexError(f"index {i} is out of range for a dataset of {n} samples.")
+        i = i % n
+        feats, mask = {}, {}
+        for m, x in self._features.items():
+            s, e = int(self._start[m][i]), int(self._end[m][i])
+            feats[m] = x[i, s:e]
+            mask[m] = torch.ones(e - s, dtype=torch.bool)
+        item: dict[str, Any] = {
+            "features": feats,
+            "mask": mask,
+            "label": self._labels[i],
+            "id": self._ids[i],
+        }
+        if self._unimodal:
+            item["unimodal_labels"] = {m: y[i] for m, y in self._unimodal.items()}
+        return item
+
+    @staticmethod
+    def collate(batch: list[dict[str, Any]]) -> dict[str, Any]:
+        """Pad a list of items into a batch (see :func:`collate_multimodal`)."""
+        return collate_multimodal(batch)
+
+    def __repr__(self) -> str:
+        dims = ", ".join(f"{m}={self._features[m].shape[1]}x{d}" for m, d in self.dims.items())
+        return f"MultimodalDataset(split={self.split!r}, n={len(self)}, task={self.task!r}, {dims})"
+
+
+def collate_multimodal(batch: list[dict[str, Any]]) -> dict[str, Any]:
+    """Pad a list of :class:`MultimodalDataset` items to a rectangular batch.
+
+    Every modality is padded with zeros **after** its valid frames up to the longest sequence of
+    that modality in the batch (so ``x[b, :lengths[b]]`` are the valid frames).
+
+    Args:
+        batch: Items as returned by ``MultimodalDataset.__getitem__``.
+
+    Returns:
+        dict with ``"features"`` ``{m: (B, T_m, D_m)}``, ``"mask"`` ``{m: (B, T_m) bool}``
+        (``True`` on valid frames), ``"lengths"`` ``{m: (B,) int64}``, ``"label"`` (B,) float32 or
+        (B, 4) int64, ``"id"`` ``list[str]`` and, when present, ``"unimodal_labels"``
+        ``{m: (B,)}``.
+
+    Raises:
+        ModbalanceError: If ``batch`` is empty or its items have different modalities.
+
+    Example:
+        >>> import torch
+        >>> from modbalance.data import collate_multimodal
+        >>> def item(n):
+        ...     return {"features": {"a": torch.ones(n, 2)},
+        ...             "mask": {"a": torch.ones(n, dtype=torch.bool)},
+        ...             "label": torch.tensor(0.0), "id": str(n)}
+        >>> items = [item(1), item(3)]
+        >>> out = collate_multimodal(items)
+        >>> out["features"]["a"].shape, out["lengths"]["a"].tolist(), out["id"]
+        (torch.Size([2, 3, 2]), [1, 3], ['1', '3'])
+    """
+    if not batch:
+        raise ModbalanceError("`batch` must contain at least one item, got an empty list.")
+    mods = tuple(batch[0]["features"])
+    feats, masks, lens = {}, {}, {}
+    for m in mods:
+        try:
+            xs = [b["features"][m] for b in batch]
+        except KeyError:
+            raise ModbalanceError(
+                f"every item of `batch` must have modality {m!r}; the first item has {mods}."
+            ) from None
+        lengths = torch.tensor([x.shape[0] for x in xs], dtype=torch.long)
+        t_max = int(lengths.max())
+        out = xs[0].new_zeros((len(xs), t_max, *xs[0].shape[1:]))
+        for b, x in enumerate(xs):
+            out[b, : x.shape[0]] = x
+        feats[m] = out
+        lens[m] = lengths
+        masks[m] = torch.arange(t_max)[None, :] < lengths[:, None]
+    result: dict[str, Any] = {
+        "features": feats,
+        "mask": masks,
+        "lengths": lens,
+        "label": torch.stack([b["label"] for b in batch]),
+        "id": [b["id"] for b in batch],
+    }
+    if "unimodal_labels" in batch[0]:
+        result["unimodal_labels"] = {
+            m: torch.stack([b["unimodal_labels"][m] for b in batch])
+            for m in batch[0]["unimodal_labels"]
+        }
+    return result
+
+
+# ----------------------------------------------------------------------------------------------
+# file reading
+# ----------------------------------------------------------------------------------------------
+
+
+def _read_pickle(path: str | os.PathLike) -> Any:
+    path = os.fspath(path)
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"no such file: {path!r}")
+    if os.path.isdir(path):
+        raise ModbalanceError(f"{path!r} is a directory, expected a .pkl file.")
+    try:
+        with open(path, "rb") as f:
+            try:
+                return pickle.load(f)
+            except UnicodeDecodeError:  # pickles written by Python 2
+                f.seek(0)
+                return pickle.load(f, encoding="latin1")
+    except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError,
+            ImportError, IndexError, KeyError) as exc:  # fmt: skip
+        raise ModbalanceError(
+            f"{path!r} is not a readable pickle file ({type(exc).__name__}: {exc})."
+        ) from exc
+
+
+def _get_split(data: Any, path: Any, split: str) -> Mapping[str, Any]:
+    if split not in _SPLITS:
+        raise ModbalanceError(
+            f"`split` must be one of {', '.join(map(repr, _SPLITS))}; got {split!r}."
+        )
+    if not isinstance(data, Mapping):
+        raise ModbalanceError(
+            f"{os.fspath(path)!r} must hold a dict with keys 'train', 'valid', 'test', got a "
+            f"{type(data).__name__}."
+        )
+    if split not in data:
+        raise ModbalanceError(
+            f"{os.fspath(path)!r} has no split {split!r} (top-level keys: "
+            f"{sorted(map(str, data))})."
+        )
+    d = data[split]
+    if not isinstance(d, Mapping):
+        raise ModbalanceError(
+            f"split {split!r} must be a dict of arrays, got a {type(d).__name__}."
+        )
+    return d
+
+
+def _require(d: Mapping[str, Any], key: str, split: str) -> Any:
+    if key not in d:
+        raise ModbalanceError(
+            f"split {split!r} has no key {key!r} (keys present: {sorted(map(str, d))})."
+        )
+    return d[key]
+
+
+def _array(value: Any, key: str, split: str, ndim: tuple[int, ...]) -> np.ndarray:
+    try:
+        arr = np.asarray(value)
+    except Exception as exc:
+        raise ModbalanceError(f"key {key!r} of split {split!r} is not an array: {exc}") from exc
+    if arr.dtype == object or not (np.issubdtype(arr.dtype, np.number) or arr.dtype == np.bool_):
+        raise ModbalanceError(
+            f"key {key!r} of split {split!r} must be numeric, got dtype {arr.dtype}."
+        )
+    if arr.ndim not in ndim:
+        want = " or ".join(str(k) for k in ndim)
+        raise ModbalanceError(
+            f"key {key!r} of split {split!r} must have {want} dimensions, got shape "
+            f"{tuple(arr.shape)}."
+        )
+    return arr
+
+
+def _float_features(arr: np.ndarray, key: str, repaired: list[str]) -> Tensor:
+    """Cast to float32 and set non-finite entries to 0 (MMSA sets -inf to 0), counting them."""
+    x = np.ascontiguousarray(arr, dtype=np.float32)  # no copy when already float32
+    bad = ~np.isfinite(x)
+    if bad.any():
+        n_nan = int(np.isnan(x).sum())
+        n_ninf = int(np.isneginf(x).sum())
+        n_pinf = int(bad.sum()) - n_nan - n_ninf
+        parts = [f"{c} {k}" for c, k in ((n_ninf, "-inf"), (n_nan, "NaN"), (n_pinf, "+inf")) if c]
+        repaired.append(f"{key}: {', '.join(parts)}")
+        x = np.where(bad, np.float32(0.0), x)  # a repaired copy; the caller's array is untouched
+    if not x.flags.writeable:
+        x = x.copy()
+    return torch.from_numpy(x)
+
+
+def _check_n(arrays: Mapping[str, Any], split: str) -> int:
+    sizes = {k: len(v) for k, v in arrays.items()}
+    counts = Counter(sizes.values())
+    n = max(counts, key=lambda size: counts[size])  # the majority names the odd key out
+    ref_key = next(k for k, s in sizes.items() if s == n)
+    for k, s in sizes.items():
+        if s != n:
+            raise ModbalanceError(
+                f"inconsistent lengths in split {split!r}: key {k!r} has {s} samples but key "
+                f"{ref_key!r} has {n} (all keys of a split must have the same first dimension; "
+                f"sizes: {sizes})."
+            )
+    return n
+
+
+def _ids(value: Any, n: int, split: str) -> list[str]:
+    if value is None:
+        return [f"{split}_{i}" for i in range(n)]
+    arr = np.asarray(value)
+    if arr.shape[:1] != (n,):
+        raise ModbalanceError(
+            f"inconsistent lengths in split {split!r}: key 'id' has shape {tuple(arr.shape)}, "
+            f"expected {n} entries."
+        )
+
+    def dec(v: Any) -> str:
+        return v.decode("utf-8", "replace") if isinstance(v, bytes) else str(v)
+
+    if arr.ndim == 1:
+        return [dec(v) for v in arr]
+    rows = arr.reshape(n, -1)
+    first = [dec(v) for v in rows[:, 0]]
+    if len(set(first)) == n:
+        return first
+    return ["_".join(dec(v) for v in row) for row in rows]
+
+
+def _warn_repaired(repaired: list[str], split: str, path: Any, stacklevel: int) -> None:
+    if repaired:
+        warnings.warn(
+            f"split {split!r} of {os.fspath(path)!r}: set non-finite feature values to 0 "
+            f"(as MMSA does): {'; '.join(repaired)}.",
+            RuntimeWarning,
+            stacklevel=stacklevel,
+        )
+
+
+def _dataset_from_mmsa_split(
+    d: Mapping[str, Any], split: str, text_key: str, path: Any, stacklevel: int = 4
+) -> MultimodalDataset:
+    if text_key not in ("auto", "text", "text_bert"):
+        raise ModbalanceError(
+            f"`text_key` must be one of 'auto', 'text', 'text_bert'; got {text_key!r}."
+        )
+    if text_key == "auto":
+        if "text" not in d and "text_bert" not in d:
+            raise ModbalanceError(
+                f"split {split!r} has neither key 'text' (BERT features) nor 'text_bert' (token "
+                f"ids) (keys present: {sorted(map(str, d))})."
+            )
+        text_key = "text" if "text" in d else "text_bert"
+    raw: dict[str, np.ndarray] = {}
+    raw[text_key] = _array(_require(d, text_key, split), text_key, split, (3,))
+    raw["audio"] = _array(_require(d, "audio", split), "audio", split, (3,))
+    raw["vision"] = _array(_require(d, "vision", split), "vision", split, (3,))
+    raw["regression_labels"] = _array(
+        _require(d, "regression_labels", split), "regression_labels", split, (1, 2)
+    )
+    for key in ("audio_lengths", "vision_lengths"):
+        if key in d and d[key] is not None:
+            raw[key] = _array(d[key], key, split, (1,))
+    sims = {m: k for m, k in _SIMS_UNIMODAL.items() if k in d}
+    for k in sims.values():
+        raw[k] = _array(d[k], k, split, (1, 2))
+    n = _check_n(raw, split)
+    if text_key == "text_bert" and raw["text_bert"].shape[1] != 3:
+        raise ModbalanceError(
+            f"key 'text_bert' of split {split!r} must have shape (N, 3, T) (input ids, attention "
+            f"mask, segment ids), got shape {tuple(raw['text_bert'].shape)}."
+        )
+    labels = raw["regression_labels"].reshape(n, -1)
+    if labels.shape[1] != 1:
+        raise ModbalanceError(
+            f"key 'regression_labels' of split {split!r} must have one value per sample, got "
+            f"shape {tuple(raw['regression_labels'].shape)}."
+        )
+    labels_t = torch.from_numpy(np.array(labels[:, 0], dtype=np.float32))
+    if not bool(torch.isfinite(labels_t).all()):
+        raise ModbalanceError(
+            f"key 'regression_labels' of split {split!r} holds "
+            f"{int((~torch.isfinite(labels_t)).sum())} non-finite value(s); labels cannot be "
+            "repaired."
+        )
+    repaired: list[str] = []
+    features: dict[str, Tensor] = {}
+    lengths: dict[str, Tensor] = {}
+    if text_key == "text":
+        features["text"] = _float_features(raw["text"], "text", repaired)
+    else:
+        tb = raw["text_bert"]
+        if np.issubdtype(tb.dtype, np.floating):
+            if not np.all(np.isfinite(tb)) or not np.all(tb == np.round(tb)):
+                raise ModbalanceError(
+                    f"key 'text_bert' of split {split!r} must hold integer token ids."
+                )
+        ids = torch.from_numpy(np.array(tb, dtype=np.int64))  # (N, 3, T)
+        features["text"] = ids.transpose(1, 2).contiguous()  # (N, T, 3)
+        lengths["text"] = ids[:, 1].ne(0).sum(1)
+    features["audio"] = _float_features(raw["audio"], "audio", repaired)
+    features["vision"] = _float_features(raw["vision"], "vision", repaired)
+    for m in ("audio", "vision"):
+        key = f"{m}_lengths"
+        if key in raw:
+            ln = raw[key]
+            if not np.all(np.isfinite(ln)) or not np.all(ln == np.round(ln)):
+                raise ModbalanceError(f"key {key!r} of split {split!r} must hold integers.")
+            ln_t = torch.from_numpy(np.array(ln, dtype=np.int64))
+            t = features[m].shape[1]
+            if bool((ln_t < 0).any()) or bool((ln_t > t).any()):
+                raise ModbalanceError(
+                    f"key {key!r} of split {split!r} must lie in [0, {t}] (the number of frames "
+                    f"of {m!r}), got range [{int(ln_t.min())}, {int(ln_t.max())}]."
+                )
+            lengths[m] = ln_t
+    unimodal = {}
+    for m, k in sims.items():
+        y = raw[k].reshape(n, -1)[:, 0].astype(np.float32)
+        unimodal[m] = torch.from_numpy(np.array(y))
+    ids_list = _ids(d.get("id"), n, split)
+    ds = MultimodalDataset(
+        features, labels_t, ids=ids_list, lengths=lengths, split=split,
+        unimodal_labels=unimodal or None,
+    )  # fmt: skip
+    _warn_repaired(repaired, split, path, stacklevel)
+    return ds
+
+
+def load_mmsa(
+    path: str | os.PathLike, *, split: str = "train", text_key: str = "auto"
+) -> MultimodalDataset:
+    """Load one split of an MMSA feature pickle (MOSI / MOSEI / CH-SIMS, aligned or unaligned).
+
+    Reads ``text`` (BERT features, (N, T, 768)) or ``text_bert`` (token ids, (N, 3, T)),
+    ``audio`` and ``vision`` (N, T, D), ``regression_labels`` (N,), ``id`` and, in unaligned
+    files, ``audio_lengths`` / ``vision_lengths``. Other keys (``raw_text``, ``annotations``,
+    ``classification_labels``, MMSA-FET's top-level ``config``...) are ignored; CH-SIMS unimodal
+    labels ``regression_labels_T/_A/_V`` become ``item["unimodal_labels"]``.
+
+    * **Non-finite features**: every NaN/±inf feature value is set to 0 (MMSA does this for
+      ``-inf`` audio, and for NaN when normalising); one :class:`RuntimeWarning` per call names
+      the split, the keys and the counts. Non-finite labels are an error.
+    * **Valid frames**: ``audio_lengths``/``vision_lengths`` when present (their side is
+      inferred from which end is zero padding, "valid first" by default); for ``text_bert`` the
+      attention-mask row; otherwise the span between the first and last non-zero frame.
+    * **Token ids** (``text_key="text_bert"``, or ``"auto"`` when the split has no ``text``):
+      the ``"text"`` modality is then an ``int64`` tensor (L, 3) per item whose columns are
+      ``[input_ids, attention_mask, segment_ids]`` (``dims["text"] == 3``); a padded batch
+      ``x`` (B, T, 3) gives MMSA's BERT input as ``x.transpose(1, 2)`` (B, 3, T). Padding
+      with 0 is BERT's ``[PAD]`` with attention 0.
+
+    Nothing is returned unless the whole split is valid (no partial loads).
+
+    .. warning::
+        Pickles run code when they are loaded. Only load files you trust.
+
+    Args:
+        path: Path of the ``.pkl`` file (e.g. ``MOSI/Processed/unaligned_50.pkl``).
+        split: ``"train"``, ``"valid"`` or ``"test"``.
+        text_key: ``"auto"`` (``text`` if present, else ``text_bert``), ``"text"`` or
+            ``"text_bert"``.
+
+    Returns:
+        A :class:`MultimodalDataset` with modalities ``("text", "audio", "vision")``.
+
+    Raises:
+        FileNotFoundError: If ``path`` does not exist (the message has the path).
+        ModbalanceError: If the file is not a pickle, lacks the split or a required key, has
+            keys with inconsistent sample counts or wrong ranks (the message names the key and
+            the split), or holds non-finite labels.
+
+    Example:
+        >>> import os, tempfile
+        >>> from modbalance.data import load_mmsa, make_competition_data
+        >>> synth = make_competition_data(n_train=8, n_valid=4, n_test=4, seq_len=6)
+        >>> path = os.path.join(tempfile.mkdtemp(), "aligned_50.pkl")
+        >>> synth.save(path)
+        >>> ds = load_mmsa(path, split="valid")
+        >>> len(ds), ds.modalities, ds.dims
+        (4, ('text', 'audio', 'vision'), {'text': 768, 'audio': 5, 'vision': 20})
+    """
+    data = _read_pickle(path)
+    d = _get_split(data, path, split)
+    return _dataset_from_mmsa_split(d, split, text_key, path)
+
+
+def load_mult(path: str | os.PathLike, *, split: str = "train") -> MultimodalDataset:
+    """Load one split of a MulT-style pickle (``mosi_data(_noalign).pkl``, ``iemocap_data.pkl``...).
+
+    Per split: ``text`` (N, T, 300) GloVe, ``audio``, ``vision`` (N, T, D), ``labels`` and an
+    optional ``id``.
+
+    * ``labels`` (N, 1, 1) (or (N,) / (N, 1)): sentiment regression, ``item["label"]`` is a
+      0-dim float32 tensor.
+    * ``labels`` (N, 4, 2), IEMOCAP one-hot per emotion ("Neutral", "Happy", "Sad",
+      "Angry"): ``item["label"]`` is a (4,) int64 vector, 1 where the emotion is present
+      (``labels.argmax(-1)``), and ``dataset.task == "iemocap"``; score with
+      :func:`modbalance.metrics.iemocap_metrics`.
+    * ``id``: strings, or MulT's (N, 3) bytes rows; the first column is used when it is unique
+      within the split, else the columns are joined with ``"_"``. Without ``id`` (IEMOCAP) the
+      ids are ``"<split>_<i>"``.
+    * Non-finite feature values are set to 0 with one warning (MulT repairs ``-inf`` audio).
+      MulT files are pre-padded; the valid frames are found from the non-zero frames.
+
+    .. warning::
+        Pickles run code when they are loaded. Only load files you trust.
+
+    Args:
+        path: Path of the ``.pkl`` file.
+        split: ``"train"``, ``"valid"`` or ``"test"``.
+
+    Returns:
+        A :class:`MultimodalDataset` with modalities ``("text", "audio", "vision")``.
+
+    Raises:
+        FileNotFoundError: If ``path`` does not exist.
+        ModbalanceError: Not a pickle, missing split/key, inconsistent sample counts, wrong
+            ranks, labels of an unknown shape or non-finite labels.
+    """
+    data = _read_pickle(path)
+    d = _get_split(data, path, split)
+    raw = {m: _array(_require(d, m, split), m, split, (3,)) for m in _MODALITIES}
+    raw["labels"] = _array(_require(d, "labels", split), "labels", split, (1, 2, 3))
+    n = _check_n(raw, split)
+    lab = raw["labels"]
+    if not np.all(np.isfinite(lab.astype(np.float64))):
+        raise ModbalanceError(
+            f"key 'labels' of split {split!r} holds non-finite values; labels cannot be repaired."
+        )
+    if lab.ndim == 3 and lab.shape[1:] == (4, 2):
+        if not np.all((lab == 0) | (lab == 1)) or not np.all(lab.sum(-1) == 1):
+            raise ModbalanceError(
+                f"key 'labels' of split {split!r} has IEMOCAP shape (N, 4, 2) but is not one-hot "
+                "along the last dimension."
+            )
+        labels_t = torch.from_numpy(np.array(lab.argmax(-1), dtype=np.int64))
+    elif lab.reshape(n, -1).shape[1] == 1:
+        labels_t = torch.from_numpy(np.array(lab.reshape(n), dtype=np.float32))
+    else:
+        raise ModbalanceError(
+            f"key 'labels' of split {split!r} must have shape (N, 1, 1) (sentiment) or (N, 4, 2) "
+            f"(IEMOCAP), got shape {tuple(lab.shape)}."
+        )
+    repaired: list[str] = []
+    features = {m: _float_features(raw[m], m, repaired) for m in _MODALITIES}
+    ids_list = _ids(d.get("id"), n, split)
+    ds = MultimodalDataset(features, labels_t, ids=ids_list, split=split)
+    _warn_repaired(repaired, split, path, 3)
+    return ds
