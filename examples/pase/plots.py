@@ -1,0 +1,66 @@
+"""PNG plots of a PaSE run: Shapley shares, coefficients, validation scores, an OT plan."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+
+def _plt():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def plot_history(history: Sequence[dict[str, Any]], modalities: Sequence[str], out_dir: Path) -> list[Path]:
+    """Write shapley_shares.png, coefficients.png and val_scores.png; return their paths."""
+    plt = _plt()
+    epochs = [r["epoch"] for r in history]
+    written = []
+    panels = [
+        ("shapley_shares.png", "Shapley share of the fused head (validation)", lambda r, m: r["val"]["shares"][m]),
+        ("val_scores.png", "Validation MAE per modality read-out (lower is better)", lambda r, m: r["val"][m]["MAE"]),
+    ]
+    if history and "coefficients" in history[-1]:
+        panels.append(
+            ("coefficients.png", "Modulation coefficient per modality", lambda r, m: r.get("coefficients", {}).get(m, float("nan")))
+        )
+    for fname, title, get in panels:
+        fig, ax = plt.subplots(figsize=(6, 3.5))
+        for m in modalities:
+            ax.plot(epochs, [get(r, m) for r in history], marker="o", ms=3, label=m)
+        if fname == "val_scores.png":
+            ax.plot(epochs, [r["val"]["fused"]["MAE"] for r in history], "k--", label="fused")
+        switch = next((r["epoch"] for r in history if r["phase"] == 2), None)
+        if switch is not None:
+            ax.axvline(switch - 0.5, color="grey", ls=":", lw=1)
+        ax.set_xlabel("epoch")
+        ax.set_title(title, fontsize=10)
+        ax.legend(fontsize=8)
+        fig.tight_layout()
+        fig.savefig(out_dir / fname, dpi=110)
+        plt.close(fig)
+        written.append(out_dir / fname)
+    return written
+
+
+def plot_plan(plan: torch.Tensor, names: tuple[str, str], out_dir: Path) -> Path:
+    """Heat map of a transport plan between two modalities' prototypes."""
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(4, 3.5))
+    im = ax.imshow(plan.detach().cpu().float().numpy(), cmap="viridis")
+    ax.set_xlabel(f"{names[1]} prototype (class)")
+    ax.set_ylabel(f"{names[0]} prototype (class)")
+    ax.set_title(f"OT plan {names[0]} -> {names[1]}", fontsize=10)
+    fig.colorbar(im, ax=ax)
+    fig.tight_layout()
+    path = out_dir / "ot_plan.png"
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path

@@ -1,0 +1,191 @@
+"""End-to-end tests of the PaSE reference model in examples/ (tiny sizes, CPU)."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "examples"))
+
+import pase_mosi  # noqa: E402
+from pase.model import PaSEConfig, PaSEModel, SequenceEncoder  # noqa: E402
+from pase.train import GuardedDataset, TrainConfig, Trainer, build_datasets  # noqa: E402
+
+from modbalance.data import collate_multimodal, make_competition_data  # noqa: E402
+
+SMALL = {
+    "n_train": 64,
+    "n_valid": 24,
+    "n_test": 24,
+    "dims": {"text": 12, "audio": 5, "vision": 6},
+    "seq_len": 8,
+}
+
+
+@pytest.fixture(scope="module")
+def splits(tmp_path_factory):
+    cache = tmp_path_factory.mktemp("cache")
+    return build_datasets(None, seed=0, synthetic=SMALL, cache_dir=cache)
+
+
+def _model_config(train, **kw) -> PaSEConfig:
+    return PaSEConfig(modalities=train.modalities, input_dims=dict(train.dims), dim=16, **kw)
+
+
+def _train_config(**kw) -> TrainConfig:
+    base = {"epochs": 3, "batch_size": 16, "switch_epoch": 1, "progress": False}
+    return TrainConfig(**(base | kw))
+
+
+def _fresh_test(splits):
+    train, valid, test, _ = splits
+    return train, valid, GuardedDataset(test._dataset)
+
+
+def test_cli_runs_on_an_mmsa_file_and_writes_outputs(tmp_path):
+    data = tmp_path / "aligned_tiny.pkl"
+    make_competition_data(**SMALL, seed=3).save(data)
+    out = tmp_path / "run"
+    final = pase_mosi.main(
+        ["--data", str(data), "--epochs", "3", "--switch-epoch", "1", "--batch-size", "16",
+         "--dim", "16", "--out", str(out), "--quiet"]
+    )
+    assert final["selected_epoch"] in (2, 3)  # selected among phase-2 epochs, on validation
+    for name in ("last.pt", "best.pt", "history.json", "history.csv", "final_metrics.json",
+                 "summary.json", "shapley_shares.png", "val_scores.png", "coefficients.png",
+                 "ot_plan.png"):
+        assert (out / name).is_file(), name
+    history = json.loads((out / "history.json").read_text())
+    assert [r["phase"] for r in history] == [1, 2, 2]
+    assert set(history[-1]["coefficients"]) == {"text", "audio", "vision"}
+    for split in ("valid", "test"):
+        for row in ("fused", "text", "audio", "vision"):
+            assert 0.0 <= final[split][row]["Non0_acc_2"] <= 1.0
+        assert sum(final[split]["shares"].values()) == pytest.approx(1.0, abs=1e-5)
+
+
+def test_tiny_run_on_synthetic_data_goes_through_both_phases(splits, tmp_path):
+    train, valid, test = _fresh_test(splits)
+    trainer = Trainer(_model_config(train), _train_config(), train, valid, test, out_dir=tmp_path)
+    final = trainer.run()
+    assert [r["phase"] for r in trainer.history] == [1, 2, 2]
+    assert "train_unimodal" in trainer.history[0] and "train_task" in trainer.history[1]
+    assert "train_alignment" in trainer.history[1] and "train_calibration" in trainer.history[1]
+    assert torch.isfinite(torch.tensor(final["test"]["fused"]["MAE"]))
+    # the modulator moved away from its initial coefficients of 1
+    coeffs = trainer.modulator.coefficient
+    assert bool((coeffs < 1).any()) and bool((coeffs <= 1 + 1e-6).all())
+
+
+def _grad_norms(model: PaSEModel, loss: torch.Tensor) -> dict[str, float]:
+    params = {m: [p for p in model.encoders[m].parameters()] for m in model.modalities}
+    flat = [p for ps in params.values() for p in ps]
+    grads = torch.autograd.grad(loss, flat, retain_graph=True, allow_unused=True)
+    out, i = {}, 0
+    for m, ps in params.items():
+        g = grads[i : i + len(ps)]
+        out[m] = sum(float(x.abs().sum()) for x in g if x is not None)
+        i += len(ps)
+    return out
+
+
+def test_every_phase2_loss_term_sends_gradient_to_every_encoder(splits):
+    train = splits[0]
+    model = PaSEModel(_model_config(train))
+    batch = collate_multimodal([train[i] for i in range(32)])
+    model.train()
+    model(batch, phase=1)  # warm the prototypes
+    out = model(batch, phase=2)
+    assert set(out["losses"]) == {"calibration", "readout", "task", "alignment"}
+    for term in ("calibration", "task", "alignment"):
+        norms = _grad_norms(model, out["losses"][term])
+        assert all(v > 0 for v in norms.values()), (term, norms)
+    # the read-out heads train on detached features: no gradient to the encoders in phase 2
+    assert all(v == 0 for v in _grad_norms(model, out["losses"]["readout"]).values())
+    assert all(v > 0 for v in _grad_norms(model, model(batch, phase=1)["losses"]["unimodal"]).values())
+
+
+def test_test_split_is_only_touched_by_the_final_evaluation(splits, monkeypatch):
+    train, valid, test = _fresh_test(splits)
+    with pytest.raises(RuntimeError, match="accessed before the final evaluation"):
+        len(test)
+    calls = []
+    original = Trainer.evaluate
+
+    def spy(self, dataset):
+        calls.append(("test" if dataset is test else "valid", self.epoch))
+        return original(self, dataset)
+
+    monkeypatch.setattr(Trainer, "evaluate", spy)
+    trainer = Trainer(_model_config(train), _train_config(epochs=2), train, valid, test)
+    trainer.run()
+    assert [c for c in calls if c[0] == "test"] == [("test", 2)]
+    assert calls[-1] == ("test", 2) and all(c[0] == "valid" for c in calls[:-1])
+
+
+def test_resume_continues_bit_exactly(splits, tmp_path):
+    train, valid, test = _fresh_test(splits)
+    full = Trainer(_model_config(train), _train_config(epochs=3), train, valid, test, tmp_path / "a")
+    full.run()
+    train, valid, test = _fresh_test(splits)
+    part = Trainer(_model_config(train), _train_config(epochs=2), train, valid, test, tmp_path / "b")
+    part.run()
+    train, valid, test = _fresh_test(splits)
+    resumed = Trainer(_model_config(train), _train_config(epochs=3), train, valid, test, tmp_path / "b")
+    assert resumed.resume() and resumed.epoch == 2
+    resumed.run()
+    keys = [k for k in full.history[-1] if k.startswith("train_")]
+    assert keys
+    for k in keys:
+        assert resumed.history[-1][k] == full.history[-1][k], k
+    for (name, a), b in zip(full.model.state_dict().items(), resumed.model.state_dict().values()):
+        assert torch.equal(a, b), name
+
+
+@pytest.mark.parametrize(
+    ("flags", "absent_losses"),
+    [
+        ({"calibration": False}, {"calibration"}),
+        ({"alignment": False}, {"alignment"}),
+        ({"gate": False}, set()),
+        ({"baseline": True}, {"calibration", "alignment"}),
+    ],
+)
+def test_ablation_switches_remove_their_component(splits, flags, absent_losses):
+    train = splits[0]
+    model = PaSEModel(_model_config(train, **flags))
+    batch = collate_multimodal([train[i] for i in range(16)])
+    losses = set(model(batch, phase=2)["losses"])
+    assert not (losses & absent_losses)
+    assert {"task", "readout"} <= losses
+    if flags.get("alignment") is False or flags.get("baseline"):
+        assert model.aligner is None
+    if flags.get("gate") is False or flags.get("baseline"):
+        assert model.fusion is None
+        assert not any("fusion" in n for n, _ in model.named_parameters())
+    if flags.get("baseline"):
+        assert len(model.calibrators) == 0
+    # every variant shares the same backbone class and head
+    assert all(isinstance(e, SequenceEncoder) for e in model.encoders.values())
+
+
+def test_no_sgm_and_ogm_switches(splits):
+    train, valid, test = _fresh_test(splits)
+    t = Trainer(_model_config(train), _train_config(modulator="none"), train, valid, test)
+    assert t.modulator is None
+    t = Trainer(_model_config(train, baseline=True), _train_config(modulator="ogm-ge"), train, valid, test)
+    assert type(t.modulator).__name__ == "OGMGEModulator" and t.schedule.phase == 2
+    with pytest.raises(ValueError, match="`modulator` must be"):
+        Trainer(_model_config(train), _train_config(modulator="agm"), train, valid, test)
+
+
+def test_baseline_and_pase_share_backbone_parameters(splits):
+    train = splits[0]
+    pase, base = PaSEModel(_model_config(train)), PaSEModel(_model_config(train, baseline=True))
+    enc = lambda m: {n: p.shape for n, p in m.named_parameters() if n.startswith(("encoders", "head."))}  # noqa: E731
+    assert enc(pase) == enc(base)
