@@ -37,7 +37,7 @@ from modbalance._checks import (
     check_tensor,
     value_checks_enabled,
 )
-from modbalance.distributed import all_reduce_mean
+from modbalance.distributed import all_reduce_mean, all_reduce_sum, rank, world_size
 
 __all__ = [
     "ModulatorHandle",
@@ -305,6 +305,7 @@ class _GroupModulator(nn.Module):
         self._last_signature: tuple[Any, ...] | None = None
         self._noise = False
         self._generator: torch.Generator | None = None
+        self._rank_generator: torch.Generator | None = None
 
     # ---- observation ---------------------------------------------------------------------
 
@@ -389,6 +390,8 @@ class _GroupModulator(nn.Module):
         """Scale (and optionally add noise to) the groups' gradients. False if none had a grad."""
         coef = self.coefficient
         any_grad = False
+        if self._noise:
+            self._sync_noise_generator()
         for m, params in enumerate(self._group_params):
             grads = [p.grad for p in params if p.grad is not None]
             if not grads:
@@ -408,8 +411,26 @@ class _GroupModulator(nn.Module):
                     g.add_(self._draw_noise(g) * std)
         return any_grad
 
+    def _sync_noise_generator(self) -> None:
+        """Under torch.distributed without a user generator, seed one identically on every rank.
+
+        Every rank draws the same noise only from identically seeded generators; the global RNGs
+        usually differ between ranks. The seed comes from rank 0, once (one collective and one
+        host sync on the first noisy step); every rank reaches this point on every step.
+        """
+        if self._generator is not None or self._rank_generator is not None or world_size() == 1:
+            return
+        device = self._group_params[0][0].device  # a device the backend supports
+        seed = torch.zeros((), dtype=torch.long, device=device)
+        if rank() == 0:
+            seed.random_(0, 2**62)
+        all_reduce_sum(seed)
+        gen = torch.Generator(device=device)
+        gen.manual_seed(int(seed))
+        self._rank_generator = gen
+
     def _draw_noise(self, like: Tensor) -> Tensor:
-        gen = self._generator
+        gen = self._generator if self._generator is not None else self._rank_generator
         if gen is None:
             return torch.randn_like(like)
         noise = torch.randn(like.shape, generator=gen, device=gen.device, dtype=like.dtype)
@@ -680,7 +701,10 @@ class OGMGEModulator(_GroupModulator):
     deviation of the unmodulated gradient, drawn from ``generator``. (The original adds it to
     convolution weights only; put only those parameters in the groups to reproduce that.) With
     ``apply="update"`` the noise is added to the gradient and the whole update is scaled by
-    :math:`k_m`; under plain SGD without noise both modes equal the original.
+    :math:`k_m`; under plain SGD without noise both modes equal the original. Under
+    ``torch.distributed`` every rank must add the same noise: without ``generator`` the modulator
+    seeds its own generator from a seed broadcast by rank 0 on the first noisy step; a
+    ``generator`` you pass must be seeded identically on every rank.
 
     The interface (groups, ``apply``, ``momentum``, :meth:`attach`, :meth:`step`,
     :meth:`observe`, ``state_dict``) is the one of :class:`ShapleyGradModulator`; ``momentum``
