@@ -189,3 +189,29 @@ def test_baseline_and_pase_share_backbone_parameters(splits):
     pase, base = PaSEModel(_model_config(train)), PaSEModel(_model_config(train, baseline=True))
     enc = lambda m: {n: p.shape for n, p in m.named_parameters() if n.startswith(("encoders", "head."))}  # noqa: E731
     assert enc(pase) == enc(base)
+
+
+@pytest.mark.distributed
+def test_two_rank_torchrun_run_completes(tmp_path):
+    import os
+    import socket
+    import subprocess
+
+    data = tmp_path / "tiny.pkl"
+    make_competition_data(**SMALL, seed=5).save(data)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    out = tmp_path / "ddp"
+    cmd = [
+        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
+        f"--master_port={port}", "--master_addr=127.0.0.1", str(ROOT / "examples" / "pase_mosi.py"),
+        "--data", str(data), "--epochs", "2", "--switch-epoch", "1", "--batch-size", "16",
+        "--dim", "16", "--out", str(out), "--quiet",
+    ]
+    env = os.environ | {"OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.count("selected epoch (validation)") == 1  # rank 0 reports alone
+    history = json.loads((out / "history.json").read_text())
+    assert [r["phase"] for r in history] == [1, 2]

@@ -8,6 +8,7 @@ unlocks it for the single final evaluation of the selected checkpoint.
 from __future__ import annotations
 
 import csv
+import inspect
 import json
 import math
 import os
@@ -186,10 +187,14 @@ class Trainer:
         self.model = PaSEModel(model_config).to(self.device)
         self.train_model: nn.Module = self.model
         if mbdist.is_distributed():
+            # Calibrator buffers are synchronised by their own all-reduce, so DDP must not
+            # overwrite them from rank 0 (the keyword was renamed in PyTorch 2.13).
+            ddp_params = inspect.signature(nn.parallel.DistributedDataParallel).parameters
+            no_sync = "forward_sync_buffers" if "forward_sync_buffers" in ddp_params else "broadcast_buffers"
             self.train_model = nn.parallel.DistributedDataParallel(
                 self.model,
                 find_unused_parameters=True,
-                broadcast_buffers=False,
+                **{no_sync: False},
                 device_ids=[self.device.index] if self.device.type == "cuda" else None,
             )
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=c.lr, weight_decay=c.weight_decay)
