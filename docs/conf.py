@@ -1,4 +1,4 @@
-"""Sphinx configuration for modbalance. Build with ``sphinx-build -W -b html docs docs/_build/html``."""
+"""Sphinx configuration for modbalance (build: sphinx-build -W -b html docs docs/_build/html)."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ import modbalance  # noqa: E402
 
 project = "modbalance"
 author = "The modbalance developers"
-copyright = "2026, The modbalance developers"  # noqa: A001
+copyright = "2026, The modbalance developers"
 release = modbalance.__version__
 version = release
 
@@ -77,7 +77,15 @@ def _write_api_page() -> None:
     lines += [f"   {n}" for n in names]
     submodules = [m for m in getattr(modbalance, "_documented_modules", ())]
     if submodules:
-        lines += ["", "Modules", "-------", "", ".. autosummary::", "   :toctree: api_generated", ""]
+        lines += [
+            "",
+            "Modules",
+            "-------",
+            "",
+            ".. autosummary::",
+            "   :toctree: api_generated",
+            "",
+        ]
         lines += [f"   {m}" for m in submodules]
     text = "\n".join(lines) + "\n"
     target = HERE / "api.rst"

@@ -24,20 +24,26 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from pase.model import PaSEConfig  # noqa: E402
-from pase.train import TrainConfig, Trainer, build_datasets  # noqa: E402
-
-from modbalance import distributed as mbdist  # noqa: E402
+from pase.model import PaSEConfig
+from pase.train import TrainConfig, Trainer, build_datasets
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--data", default=None, help="MMSA or MulT pickle; default: synthetic competition data")
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument(
+        "--data", default=None, help="MMSA or MulT pickle; default: synthetic competition data"
+    )
     p.add_argument("--device", default="cpu")
     p.add_argument("--amp", choices=("bf16",), default=None, help="autocast dtype on GPU")
     p.add_argument("--epochs", type=int, default=24)
-    p.add_argument("--switch-epoch", type=int, default=6, help="last epoch of phase 1 (at the latest)")
-    p.add_argument("--patience", type=int, default=None, help="switch earlier on a validation plateau")
+    p.add_argument(
+        "--switch-epoch", type=int, default=6, help="last epoch of phase 1 (at the latest)"
+    )
+    p.add_argument(
+        "--patience", type=int, default=None, help="switch earlier on a validation plateau"
+    )
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--dim", type=int, default=64)
@@ -53,7 +59,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--modulator", choices=("sgm", "ogm-ge", "none"), default=None)
     p.add_argument("--sgm-every", type=int, default=1)
     p.add_argument("--n-train", type=int, default=None, help="synthetic data: training samples")
-    p.add_argument("--text-strength", type=float, default=None, help="synthetic data: text dominance")
+    p.add_argument(
+        "--text-strength", type=float, default=None, help="synthetic data: text dominance"
+    )
     p.add_argument("--max-steps-per-epoch", type=int, default=None)
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     return p.parse_args(argv)
@@ -89,7 +97,11 @@ def main(argv: list[str] | None = None) -> dict:
     if args.text_strength is not None:
         synthetic["text_strength"] = args.text_strength
     train, valid, test, info = build_datasets(args.data, seed=0, synthetic=synthetic)
-    task = "classification" if getattr(train, "task", "regression") == "classification" else "regression"
+    task = (
+        "classification"
+        if getattr(train, "task", "regression") == "classification"
+        else "regression"
+    )
     model_config = PaSEConfig(
         modalities=tuple(train.modalities),
         input_dims=dict(train.dims),
@@ -125,8 +137,10 @@ def main(argv: list[str] | None = None) -> dict:
     if args.resume and trainer.resume() and trainer.is_main:
         print(f"resumed from {out / 'last.pt'} at epoch {trainer.epoch}")
     if trainer.is_main:
-        print(f"data: {info['source']} | train {len(train)} valid {len(valid)} | modulator {modulator}"
-              + (" | baseline" if args.baseline else ""))
+        print(
+            f"data: {info['source']} | train {len(train)} valid {len(valid)} "
+            f"| modulator {modulator}" + (" | baseline" if args.baseline else "")
+        )
     final = trainer.run()
     if trainer.is_main:
         print_table(final, model_config.modalities)
@@ -137,10 +151,16 @@ def main(argv: list[str] | None = None) -> dict:
         if model.aligner is not None and len(model.modalities) >= 2:
             a, b = model.modalities[0], model.modalities[1]
             with torch.no_grad():
-                res = model.aligner(model.calibrators[a].prototypes, model.calibrators[b].prototypes)
+                res = model.aligner(
+                    model.calibrators[a].prototypes, model.calibrators[b].prototypes
+                )
             plot_plan(res.plan, (a, b), out)
-        summary = {"wall_time_s": time.perf_counter() - t0, "info": info, "final": final,
-                   "args": vars(args)}
+        summary = {
+            "wall_time_s": time.perf_counter() - t0,
+            "info": info,
+            "final": final,
+            "args": vars(args),
+        }
         (out / "summary.json").write_text(json.dumps(summary, indent=1))
         print(f"\nwall time {summary['wall_time_s']:.1f}s; outputs in {out}/")
     if distributed:

@@ -61,7 +61,9 @@ class DualPhaseSchedule:
                 "`switch_epoch` and `patience` are both None: phase 2 would never start. "
                 "Give a fixed switch epoch, a plateau patience, or both."
             )
-        self.switch_epoch = None if switch_epoch is None else check_int(switch_epoch, "switch_epoch", low=0)
+        self.switch_epoch = (
+            None if switch_epoch is None else check_int(switch_epoch, "switch_epoch", low=0)
+        )
         self.patience = None if patience is None else check_int(patience, "patience", low=1)
         self.min_delta = check_real(min_delta, "min_delta", low=0)
         self.mode = check_choice(mode, "mode", ("max", "min"))

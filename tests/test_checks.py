@@ -24,9 +24,13 @@ def test_error_is_value_error():
 
 
 def test_check_tensor_names_argument_and_shape():
-    with pytest.raises(ModbalanceError, match=r"`features` must have 2 dimensions, got shape \(4, 3, 2\)"):
+    with pytest.raises(
+        ModbalanceError, match=r"`features` must have 2 dimensions, got shape \(4, 3, 2\)"
+    ):
         check_tensor(torch.zeros(4, 3, 2), "features", ndim=2)
-    with pytest.raises(ModbalanceError, match=r"`cost` must have 2 or 3 dimensions, got shape \(5\)"):
+    with pytest.raises(
+        ModbalanceError, match=r"`cost` must have 2 or 3 dimensions, got shape \(5\)"
+    ):
         check_tensor(torch.zeros(5), "cost", ndim=(2, 3))
 
 
@@ -45,12 +49,16 @@ def test_check_tensor_type_and_dtype():
 
 
 def test_check_shape_names_expected_and_received():
-    with pytest.raises(ModbalanceError, match=r"`features` must have shape \(N, 8\), got shape \(5, 7\)"):
+    with pytest.raises(
+        ModbalanceError, match=r"`features` must have shape \(N, 8\), got shape \(5, 7\)"
+    ):
         check_shape(torch.zeros(5, 7), "features", ("N", 8))
     with pytest.raises(ModbalanceError, match=r"must have shape \(\?, 3\), got shape \(3\)"):
         check_shape(torch.zeros(3), "x", (None, 3))
     assert check_shape(torch.zeros(2, 3), "x", (None, 3)).shape == (2, 3)
-    with pytest.raises(ModbalanceError, match=r"`x` must have at least 2 dimensions, got shape \(3\)"):
+    with pytest.raises(
+        ModbalanceError, match=r"`x` must have at least 2 dimensions, got shape \(3\)"
+    ):
         check_ndim(torch.zeros(3), "x", 2)
 
 
@@ -61,7 +69,9 @@ def test_check_same_size_message():
 
 def test_check_finite_counts_bad_values():
     x = torch.tensor([1.0, float("nan"), float("inf"), -float("inf")])
-    with pytest.raises(ModbalanceError, match=r"`cost` must contain only finite values, got 1 NaN and 2 infinite"):
+    with pytest.raises(
+        ModbalanceError, match=r"`cost` must contain only finite values, got 1 NaN and 2 infinite"
+    ):
         check_finite(x, "cost")
     with pytest.raises(ModbalanceError, match="`f` must contain only finite"):
         check_tensor(x, "f", finite=True)

@@ -52,13 +52,35 @@ def test_cli_runs_on_an_mmsa_file_and_writes_outputs(tmp_path):
     make_competition_data(**SMALL, seed=3).save(data)
     out = tmp_path / "run"
     final = pase_mosi.main(
-        ["--data", str(data), "--epochs", "3", "--switch-epoch", "1", "--batch-size", "16",
-         "--dim", "16", "--out", str(out), "--quiet"]
+        [
+            "--data",
+            str(data),
+            "--epochs",
+            "3",
+            "--switch-epoch",
+            "1",
+            "--batch-size",
+            "16",
+            "--dim",
+            "16",
+            "--out",
+            str(out),
+            "--quiet",
+        ]
     )
     assert final["selected_epoch"] in (2, 3)  # selected among phase-2 epochs, on validation
-    for name in ("last.pt", "best.pt", "history.json", "history.csv", "final_metrics.json",
-                 "summary.json", "shapley_shares.png", "val_scores.png", "coefficients.png",
-                 "ot_plan.png"):
+    for name in (
+        "last.pt",
+        "best.pt",
+        "history.json",
+        "history.csv",
+        "final_metrics.json",
+        "summary.json",
+        "shapley_shares.png",
+        "val_scores.png",
+        "coefficients.png",
+        "ot_plan.png",
+    ):
         assert (out / name).is_file(), name
     history = json.loads((out / "history.json").read_text())
     assert [r["phase"] for r in history] == [1, 2, 2]
@@ -107,7 +129,9 @@ def test_every_phase2_loss_term_sends_gradient_to_every_encoder(splits):
         assert all(v > 0 for v in norms.values()), (term, norms)
     # the read-out heads train on detached features: no gradient to the encoders in phase 2
     assert all(v == 0 for v in _grad_norms(model, out["losses"]["readout"]).values())
-    assert all(v > 0 for v in _grad_norms(model, model(batch, phase=1)["losses"]["unimodal"]).values())
+    assert all(
+        v > 0 for v in _grad_norms(model, model(batch, phase=1)["losses"]["unimodal"]).values()
+    )
 
 
 def test_test_split_is_only_touched_by_the_final_evaluation(splits, monkeypatch):
@@ -130,13 +154,19 @@ def test_test_split_is_only_touched_by_the_final_evaluation(splits, monkeypatch)
 
 def test_resume_continues_bit_exactly(splits, tmp_path):
     train, valid, test = _fresh_test(splits)
-    full = Trainer(_model_config(train), _train_config(epochs=3), train, valid, test, tmp_path / "a")
+    full = Trainer(
+        _model_config(train), _train_config(epochs=3), train, valid, test, tmp_path / "a"
+    )
     full.run()
     train, valid, test = _fresh_test(splits)
-    part = Trainer(_model_config(train), _train_config(epochs=2), train, valid, test, tmp_path / "b")
+    part = Trainer(
+        _model_config(train), _train_config(epochs=2), train, valid, test, tmp_path / "b"
+    )
     part.run()
     train, valid, test = _fresh_test(splits)
-    resumed = Trainer(_model_config(train), _train_config(epochs=3), train, valid, test, tmp_path / "b")
+    resumed = Trainer(
+        _model_config(train), _train_config(epochs=3), train, valid, test, tmp_path / "b"
+    )
     assert resumed.resume() and resumed.epoch == 2
     resumed.run()
     keys = [k for k in full.history[-1] if k.startswith("train_")]
@@ -178,7 +208,9 @@ def test_no_sgm_and_ogm_switches(splits):
     train, valid, test = _fresh_test(splits)
     t = Trainer(_model_config(train), _train_config(modulator="none"), train, valid, test)
     assert t.modulator is None
-    t = Trainer(_model_config(train, baseline=True), _train_config(modulator="ogm-ge"), train, valid, test)
+    t = Trainer(
+        _model_config(train, baseline=True), _train_config(modulator="ogm-ge"), train, valid, test
+    )
     assert type(t.modulator).__name__ == "OGMGEModulator" and t.schedule.phase == 2
     with pytest.raises(ValueError, match="`modulator` must be"):
         Trainer(_model_config(train), _train_config(modulator="agm"), train, valid, test)
@@ -187,7 +219,10 @@ def test_no_sgm_and_ogm_switches(splits):
 def test_baseline_and_pase_share_backbone_parameters(splits):
     train = splits[0]
     pase, base = PaSEModel(_model_config(train)), PaSEModel(_model_config(train, baseline=True))
-    enc = lambda m: {n: p.shape for n, p in m.named_parameters() if n.startswith(("encoders", "head."))}  # noqa: E731
+
+    def enc(m):
+        return {n: p.shape for n, p in m.named_parameters() if n.startswith(("encoders", "head."))}
+
     assert enc(pase) == enc(base)
 
 
@@ -204,10 +239,26 @@ def test_two_rank_torchrun_run_completes(tmp_path):
         port = s.getsockname()[1]
     out = tmp_path / "ddp"
     cmd = [
-        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
-        f"--master_port={port}", "--master_addr=127.0.0.1", str(ROOT / "examples" / "pase_mosi.py"),
-        "--data", str(data), "--epochs", "2", "--switch-epoch", "1", "--batch-size", "16",
-        "--dim", "16", "--out", str(out), "--quiet",
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node=2",
+        f"--master_port={port}",
+        "--master_addr=127.0.0.1",
+        str(ROOT / "examples" / "pase_mosi.py"),
+        "--data",
+        str(data),
+        "--epochs",
+        "2",
+        "--switch-epoch",
+        "1",
+        "--batch-size",
+        "16",
+        "--dim",
+        "16",
+        "--out",
+        str(out),
+        "--quiet",
     ]
     env = os.environ | {"OMP_NUM_THREADS": "1"}
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)

@@ -88,9 +88,14 @@ class PaSEModel(nn.Module):
         self.config = c = config
         self.modalities = c.modalities
         self.encoders = nn.ModuleDict(
-            {m: SequenceEncoder(c.input_dims[m], c.dim, c.layers, c.heads, c.dropout) for m in c.modalities}
+            {
+                m: SequenceEncoder(c.input_dims[m], c.dim, c.layers, c.heads, c.dropout)
+                for m in c.modalities
+            }
         )
-        self.unimodal_heads = nn.ModuleDict({m: nn.Linear(c.dim, c.num_outputs) for m in c.modalities})
+        self.unimodal_heads = nn.ModuleDict(
+            {m: nn.Linear(c.dim, c.num_outputs) for m in c.modalities}
+        )
         uses_prototypes = c.calibration or c.alignment or c.gate
         self.calibrators = nn.ModuleDict(
             {
@@ -115,11 +120,16 @@ class PaSEModel(nn.Module):
         )
         self.fusion = PrototypeGatedFusion(c.modalities, c.dim, mode="sum") if c.gate else None
         self.head = nn.Sequential(
-            nn.Linear(c.dim, c.dim), nn.GELU(), nn.Dropout(c.dropout), nn.Linear(c.dim, c.num_outputs)
+            nn.Linear(c.dim, c.dim),
+            nn.GELU(),
+            nn.Dropout(c.dropout),
+            nn.Linear(c.dim, c.num_outputs),
         )
 
     # ----------------------------------------------------------------------------- pieces
-    def encode(self, features: Mapping[str, Tensor], masks: Mapping[str, Tensor]) -> tuple[dict, dict]:
+    def encode(
+        self, features: Mapping[str, Tensor], masks: Mapping[str, Tensor]
+    ) -> tuple[dict, dict]:
         """Encode every modality once: returns ``({m: (N, D)}, {m: (N,) bool present})``."""
         feats = {m: self.encoders[m](features[m], masks[m]) for m in self.modalities}
         present = {m: masks[m].any(dim=1) for m in self.modalities}
@@ -140,7 +150,9 @@ class PaSEModel(nn.Module):
             conf = {m: self.calibrators[m].confidence(feats[m]) for m in self.modalities}
             fused = self.fusion(feats, conf, present).fused
         else:  # plain late fusion: mean over the present modalities
-            w = torch.stack([present[m] for m in self.modalities], 1).to(feats[self.modalities[0]].dtype)
+            w = torch.stack([present[m] for m in self.modalities], 1).to(
+                feats[self.modalities[0]].dtype
+            )
             h = torch.stack([feats[m] for m in self.modalities], 1)
             h = torch.where(w.unsqueeze(-1) > 0, h, torch.zeros_like(h))
             fused = h.sum(1) / w.sum(1, keepdim=True).clamp_min(1.0)
@@ -177,13 +189,19 @@ class PaSEModel(nn.Module):
             for m in self.modalities:
                 cal_outputs[m] = self.calibrators[m](feats[m], labels_c, present[m])
         if c.calibration:
-            losses["calibration"] = c.lambda_cal * sum(o.loss for o in cal_outputs.values()) / len(self.modalities)
+            losses["calibration"] = (
+                c.lambda_cal * sum(o.loss for o in cal_outputs.values()) / len(self.modalities)
+            )
         if phase == 1:
             uni = self.unimodal(feats)
-            losses["unimodal"] = sum(self.task_loss(uni[m], label) for m in self.modalities) / len(self.modalities)
+            losses["unimodal"] = sum(self.task_loss(uni[m], label) for m in self.modalities) / len(
+                self.modalities
+            )
         else:
             uni = self.unimodal({m: f.detach() for m, f in feats.items()})
-            losses["readout"] = sum(self.task_loss(uni[m], label) for m in self.modalities) / len(self.modalities)
+            losses["readout"] = sum(self.task_loss(uni[m], label) for m in self.modalities) / len(
+                self.modalities
+            )
             fused = self.fuse(feats, present)
             out["fused"] = fused
             losses["task"] = self.task_loss(fused, label)

@@ -18,18 +18,32 @@ def _plt():
     return plt
 
 
-def plot_history(history: Sequence[dict[str, Any]], modalities: Sequence[str], out_dir: Path) -> list[Path]:
+def plot_history(
+    history: Sequence[dict[str, Any]], modalities: Sequence[str], out_dir: Path
+) -> list[Path]:
     """Write shapley_shares.png, coefficients.png and val_scores.png; return their paths."""
     plt = _plt()
     epochs = [r["epoch"] for r in history]
     written = []
     panels = [
-        ("shapley_shares.png", "Shapley share of the fused head (validation)", lambda r, m: r["val"]["shares"][m]),
-        ("val_scores.png", "Validation MAE per modality read-out (lower is better)", lambda r, m: r["val"][m]["MAE"]),
+        (
+            "shapley_shares.png",
+            "Shapley share of the fused head (validation)",
+            lambda r, m: r["val"]["shares"][m],
+        ),
+        (
+            "val_scores.png",
+            "Validation MAE per modality read-out (lower is better)",
+            lambda r, m: r["val"][m]["MAE"],
+        ),
     ]
     if history and "coefficients" in history[-1]:
         panels.append(
-            ("coefficients.png", "Modulation coefficient per modality", lambda r, m: r.get("coefficients", {}).get(m, float("nan")))
+            (
+                "coefficients.png",
+                "Modulation coefficient per modality",
+                lambda r, m: r.get("coefficients", {}).get(m, float("nan")),
+            )
         )
     for fname, title, get in panels:
         fig, ax = plt.subplots(figsize=(6, 3.5))

@@ -25,7 +25,13 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 
 from modbalance import distributed as mbdist
-from modbalance.data import MultimodalDataset, collate_multimodal, load_mmsa, load_mult, make_competition_data
+from modbalance.data import (
+    MultimodalDataset,
+    collate_multimodal,
+    load_mmsa,
+    load_mult,
+    make_competition_data,
+)
 from modbalance.metrics import msa_regression_metrics, shapley_shares
 from modbalance.modulation import OGMGEModulator, ShapleyGradModulator
 from modbalance.schedule import DualPhaseSchedule
@@ -142,8 +148,22 @@ def _to_device(batch: Mapping[str, Any], device: torch.device) -> dict[str, Any]
     return out
 
 
+def _flatten(obj: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    flat: dict[str, Any] = {}
+    for key, value in obj.items():
+        if isinstance(value, Mapping):
+            flat.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
 def _rng_state() -> dict[str, Any]:
-    state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "random": random.getstate()}
+    state = {
+        "torch": torch.get_rng_state(),
+        "numpy": np.random.get_state(),
+        "random": random.getstate(),
+    }
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
@@ -163,7 +183,7 @@ class Trainer:
     Args:
         model_config: Architecture and ablation switches.
         config: Optimisation options.
-        train_set, valid_set, test_set: The splits; ``test_set`` should be a :class:`GuardedDataset`.
+        train_set, valid_set, test_set: The splits (``test_set`` ideally a :class:`GuardedDataset`).
         out_dir: Where checkpoints, logs and plots go (``None``: nothing is written).
     """
 
@@ -190,14 +210,20 @@ class Trainer:
             # Calibrator buffers are synchronised by their own all-reduce, so DDP must not
             # overwrite them from rank 0 (the keyword was renamed in PyTorch 2.13).
             ddp_params = inspect.signature(nn.parallel.DistributedDataParallel).parameters
-            no_sync = "forward_sync_buffers" if "forward_sync_buffers" in ddp_params else "broadcast_buffers"
+            no_sync = (
+                "forward_sync_buffers"
+                if "forward_sync_buffers" in ddp_params
+                else "broadcast_buffers"
+            )
             self.train_model = nn.parallel.DistributedDataParallel(
                 self.model,
                 find_unused_parameters=True,
                 **{no_sync: False},
                 device_ids=[self.device.index] if self.device.type == "cuda" else None,
             )
-        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=c.lr, weight_decay=c.weight_decay)
+        self.optimizer = torch.optim.AdamW(
+            self.model.parameters(), lr=c.lr, weight_decay=c.weight_decay
+        )
         self.schedule = DualPhaseSchedule(
             switch_epoch=0 if model_config.baseline else c.switch_epoch,
             patience=None if model_config.baseline else c.patience,
@@ -215,11 +241,17 @@ class Trainer:
         self.ogm_generator = torch.Generator().manual_seed(c.seed + 17)
         groups = self.model.modality_groups()
         if c.modulator == "sgm":
-            self.modulator = ShapleyGradModulator(groups, momentum=c.modulator_momentum, apply="update")
+            self.modulator = ShapleyGradModulator(
+                groups, momentum=c.modulator_momentum, apply="update"
+            )
         elif c.modulator == "ogm-ge":
             self.modulator = OGMGEModulator(
-                groups, alpha=c.ogm_alpha, momentum=c.modulator_momentum, apply="update",
-                noise=True, generator=self.ogm_generator,
+                groups,
+                alpha=c.ogm_alpha,
+                momentum=c.modulator_momentum,
+                apply="update",
+                noise=True,
+                generator=self.ogm_generator,
             )
         elif c.modulator == "none":
             self.modulator = None
@@ -289,9 +321,16 @@ class Trainer:
         if self.config.progress and self.is_main:
             from tqdm.auto import tqdm
 
-            iterator = tqdm(loader, desc=f"epoch {self.epoch + 1}/{self.config.epochs} (phase {phase})", leave=False)
+            iterator = tqdm(
+                loader,
+                desc=f"epoch {self.epoch + 1}/{self.config.epochs} (phase {phase})",
+                leave=False,
+            )
         for step, batch in enumerate(iterator):
-            if self.config.max_steps_per_epoch is not None and step >= self.config.max_steps_per_epoch:
+            if (
+                self.config.max_steps_per_epoch is not None
+                and step >= self.config.max_steps_per_epoch
+            ):
                 break
             batch = _to_device(batch, self.device)
             with self._autocast():
@@ -306,7 +345,10 @@ class Trainer:
             for k, v in out["losses"].items():
                 sums[k] = sums.get(k, 0.0) + float(v.detach())
             n_steps += 1
-        return {f"train_{k}": v / max(n_steps, 1) for k, v in sums.items()} | {"phase": phase, "steps": n_steps}
+        return {f"train_{k}": v / max(n_steps, 1) for k, v in sums.items()} | {
+            "phase": phase,
+            "steps": n_steps,
+        }
 
     @torch.no_grad()
     def evaluate(self, dataset: Dataset) -> dict[str, Any]:
@@ -350,7 +392,8 @@ class Trainer:
             record["val"] = val
             if self.modulator is not None:
                 record["coefficients"] = {
-                    m: float(v) for m, v in zip(self.model.modalities, self.modulator.coefficient.cpu())
+                    m: float(v)
+                    for m, v in zip(self.model.modalities, self.modulator.coefficient.cpu())
                 }
             phase = record["phase"]
             uni_mae = sum(val[m]["MAE"] for m in self.model.modalities) / len(self.model.modalities)
@@ -363,11 +406,12 @@ class Trainer:
             self.epoch += 1
             self._save_checkpoint()
             if self.is_main and self.config.progress:
+                fused = val["fused"]
+                shares = " ".join(f"{m} {val['shares'][m]:.2f}" for m in self.model.modalities)
                 print(
-                    f"epoch {record['epoch']:3d} phase {phase} | val fused MAE {val['fused']['MAE']:.3f} "
-                    f"Non0 {val['fused']['Non0_acc_2'] if 'Non0_acc_2' in val['fused'] else float('nan'):.3f} | "
-                    + " ".join(f"{m} {val['shares'][m]:.2f}" for m in self.model.modalities)
-                    + f" | {record['time_s']:.1f}s",
+                    f"epoch {record['epoch']:3d} phase {phase} | val fused MAE {fused['MAE']:.3f} "
+                    f"Non0 {fused.get('Non0_acc_2', float('nan')):.3f} | shares {shares} "
+                    f"| {record['time_s']:.1f}s",
                     flush=True,
                 )
         self._set_attached(False)
@@ -448,23 +492,12 @@ class Trainer:
 
     # ----------------------------------------------------------------------------- logs
     def flat_history(self) -> list[dict[str, Any]]:
-        rows = []
-        for rec in self.history:
-            row: dict[str, Any] = {}
-
-            def walk(prefix: str, obj: Any) -> None:
-                if isinstance(obj, Mapping):
-                    for k, v in obj.items():
-                        walk(f"{prefix}{k}." if not isinstance(v, Mapping) else f"{prefix}{k}.", v)
-                else:
-                    row[prefix[:-1]] = obj
-
-            walk("", rec)
-            rows.append(row)
-        return rows
+        """One flat dict per epoch, nested keys joined with dots (``val.fused.MAE``)."""
+        return [_flatten(rec) for rec in self.history]
 
     def write_logs(self) -> None:
-        assert self.out_dir is not None
+        if self.out_dir is None:
+            return
         (self.out_dir / "history.json").write_text(json.dumps(self.history, indent=1))
         rows = self.flat_history()
         if rows:
