@@ -31,6 +31,13 @@ from modbalance.modulation import (
     pase_coefficients,
     pase_shares,
 )
+from modbalance.ot import (
+    AlignmentResult,
+    PairwiseAlignment,
+    SinkhornAligner,
+    SinkhornResult,
+    sinkhorn,
+)
 from modbalance.prototypes import (
     CalibrationOutput,
     ClassMeans,
@@ -52,6 +59,7 @@ from modbalance.shapley import (
 __version__ = "0.1.0"
 
 __all__ = [
+    "AlignmentResult",
     "CalibrationOutput",
     "ClassMeans",
     "CompetitionData",
@@ -63,10 +71,13 @@ __all__ = [
     "ModulatorHandle",
     "MultimodalDataset",
     "OGMGEModulator",
+    "PairwiseAlignment",
     "PrototypeCalibrator",
     "PrototypeGatedFusion",
     "ShapleyGradModulator",
     "ShapleyResult",
+    "SinkhornAligner",
+    "SinkhornResult",
     "__version__",
     "class_means",
     "coalition_masks",
@@ -87,6 +98,7 @@ __all__ = [
     "shapley_shares",
     "shapley_values",
     "sims_regression_metrics",
+    "sinkhorn",
     "value_checks",
     "value_checks_enabled",
 ]
