@@ -462,7 +462,7 @@ def imbalance_index(shares: Any) -> float | Tensor:
 
     Example:
         >>> from modbalance.metrics import imbalance_index
-        >>> imbalance_index([1 / 3, 1 / 3, 1 / 3]), imbalance_index([1.0, 0.0, 0.0])
+        >>> round(imbalance_index([1 / 3, 1 / 3, 1 / 3]), 6), imbalance_index([1.0, 0.0, 0.0])
         (0.0, 1.0)
         >>> round(imbalance_index([0.8, 0.1, 0.1]), 4)
         0.4183
