@@ -18,7 +18,7 @@ from __future__ import annotations
 import contextlib
 import math
 import threading
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -29,6 +29,7 @@ __all__ = [
     "check_choice",
     "check_finite",
     "check_int",
+    "check_modality_keys",
     "check_ndim",
     "check_real",
     "check_same_size",
@@ -330,3 +331,44 @@ def check_choice(value: Any, name: str, choices: Iterable[Any]) -> Any:
         allowed = ", ".join(repr(c) for c in choices)
         raise ModbalanceError(f"`{name}` must be one of {allowed}; got {value!r}.")
     return value
+
+
+def check_modality_keys(
+    mapping: Any, name: str, modalities: Sequence[str], *, hint: str = ""
+) -> None:
+    """Check that ``mapping`` is a mapping with exactly the keys ``modalities``.
+
+    Args:
+        mapping: The value to check.
+        name: Argument name used in error messages.
+        modalities: The expected keys (the component's modalities, in its order).
+        hint: Optional sentence appended to the missing-key message.
+
+    Raises:
+        TypeError: If ``mapping`` is not a mapping.
+        ModbalanceError: If a key is unknown or a modality is missing; both are named.
+
+    Example:
+        >>> from modbalance._checks import check_modality_keys
+        >>> check_modality_keys({"text": 1, "audio": 2}, "features", ("text", "audio"))
+        >>> check_modality_keys({"text": 1}, "features", ("text", "audio"))
+        Traceback (most recent call last):
+            ...
+        modbalance._checks.ModbalanceError: `features` is missing modality 'audio' ...
+    """
+    if not isinstance(mapping, Mapping):
+        raise TypeError(
+            f"`{name}` must be a mapping from modality name to value, got {type(mapping).__name__}."
+        )
+    unknown = [k for k in mapping if k not in modalities]
+    if unknown:
+        raise ModbalanceError(
+            f"`{name}` has unknown modality {unknown[0]!r} (all unknown: {unknown}); "
+            f"expected the modalities {list(modalities)}."
+        )
+    missing = [m for m in modalities if m not in mapping]
+    if missing:
+        raise ModbalanceError(
+            f"`{name}` is missing modality {missing[0]!r} (all missing: {missing}); "
+            f"expected one entry for each of {list(modalities)}.{(' ' + hint) if hint else ''}"
+        )

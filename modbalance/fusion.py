@@ -22,6 +22,7 @@ from modbalance._checks import (
     check_choice,
     check_finite,
     check_int,
+    check_modality_keys,
     check_real,
     check_tensor,
     value_checks_enabled,
@@ -172,23 +173,9 @@ class PrototypeGatedFusion(nn.Module):
         )
 
     def _gather(self, mapping: Any, name: str) -> list[Any]:
-        if not isinstance(mapping, Mapping):
-            raise TypeError(
-                f"`{name}` must be a mapping from modality name to tensor, got "
-                f"{type(mapping).__name__}."
-            )
-        unknown = [k for k in mapping if k not in self.modalities]
-        if unknown:
-            raise ModbalanceError(
-                f"`{name}` has unknown modality {unknown[0]!r}; this fusion was built for "
-                f"{list(self.modalities)}."
-            )
-        missing = [m for m in self.modalities if m not in mapping]
-        if missing:
-            raise ModbalanceError(
-                f"`{name}` is missing modality {missing[0]!r}; expected every one of "
-                f"{list(self.modalities)} (mark absent samples with `present` instead)."
-            )
+        check_modality_keys(
+            mapping, name, self.modalities, hint="Mark absent samples with `present` instead."
+        )
         return [mapping[m] for m in self.modalities]
 
     def gate_scores(self, confidence: Tensor) -> Tensor:

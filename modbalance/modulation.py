@@ -33,6 +33,7 @@ from modbalance._checks import (
     ModbalanceError,
     check_choice,
     check_finite,
+    check_modality_keys,
     check_real,
     check_tensor,
     value_checks_enabled,
@@ -312,18 +313,7 @@ class _GroupModulator(nn.Module):
     def _as_vector(self, values: Mapping[str, Tensor | float] | Tensor, name: str) -> Tensor:
         coef = self.coefficient
         if isinstance(values, Mapping):
-            unknown = [k for k in values if k not in self.modalities]
-            if unknown:
-                raise ModbalanceError(
-                    f"`{name}` has unknown modalities {unknown}; the groups are "
-                    f"{list(self.modalities)}."
-                )
-            missing = [k for k in self.modalities if k not in values]
-            if missing:
-                raise ModbalanceError(
-                    f"`{name}` is missing modalities {missing}; give one value for each of "
-                    f"{list(self.modalities)}."
-                )
+            check_modality_keys(values, name, self.modalities)
             items = []
             for key in self.modalities:
                 v = values[key]

@@ -137,3 +137,15 @@ def test_public_api_sorted_and_importable():
     assert list(names) == sorted(names)
     for name in names:
         assert hasattr(modbalance, name), name
+
+
+def test_check_modality_keys_names_argument_and_key():
+    from modbalance._checks import check_modality_keys
+
+    check_modality_keys({"text": 0, "audio": 1}, "features", ("text", "audio"))
+    with pytest.raises(TypeError, match=r"`features` must be a mapping .* got list"):
+        check_modality_keys([1, 2], "features", ("text", "audio"))
+    with pytest.raises(ModbalanceError, match=r"`scores` has unknown modality 'depth'"):
+        check_modality_keys({"text": 0, "audio": 1, "depth": 2}, "scores", ("text", "audio"))
+    with pytest.raises(ModbalanceError, match=r"`scores` is missing modality 'audio'.*Use present"):
+        check_modality_keys({"text": 0}, "scores", ("text", "audio"), hint="Use present.")
