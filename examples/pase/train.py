@@ -238,7 +238,7 @@ class Trainer:
             task=task,
             modules=[self.model],
         )
-        self.ogm_generator = torch.Generator().manual_seed(c.seed + 17)
+        self.ogm_generator = torch.Generator(device=self.device).manual_seed(c.seed + 17)
         groups = self.model.modality_groups()
         if c.modulator == "sgm":
             self.modulator = ShapleyGradModulator(
@@ -257,6 +257,8 @@ class Trainer:
             self.modulator = None
         else:
             raise ValueError(f"`modulator` must be 'sgm', 'ogm-ge' or 'none'; got {c.modulator!r}")
+        if self.modulator is not None:
+            self.modulator.to(self.device)  # coefficients live beside the parameters they scale
         self._handle = None
         self.train_set, self.valid_set, self.test_set = train_set, valid_set, test_set
         self.epoch = 0
