@@ -23,10 +23,11 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "examples"))
 
+from pase.model import PaSEConfig, PaSEModel  # noqa: E402
+
 import modbalance  # noqa: E402
 from modbalance.modulation import ShapleyGradModulator  # noqa: E402
 from modbalance.shapley import ModalityGame  # noqa: E402
-from pase.model import PaSEConfig, PaSEModel  # noqa: E402
 
 
 def make_batch(device: torch.device, batch: int = 64, length: int = 50) -> dict:
@@ -65,7 +66,9 @@ def main(argv: list[str] | None = None) -> int:
         model(batch, phase=1)
         out = model(batch, phase=2)
     out["loss"].backward()
-    modulator.observe(game({m: f.detach().float() for m, f in out["feats"].items()}, batch["label"]).shapley)
+    modulator.observe(
+        game({m: f.detach().float() for m, f in out["feats"].items()}, batch["label"]).shapley
+    )
     opt.step()
     opt.zero_grad(set_to_none=True)
 
