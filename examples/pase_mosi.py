@@ -68,7 +68,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def print_table(final: dict, modalities: tuple[str, ...]) -> None:
-    keys = ["Non0_acc_2", "Non0_F1_score", "Has0_acc_2", "Mult_acc_7", "MAE", "Corr"]
+    keys = ["Non0_acc_2", "Non0_F1_score", "Has0_acc_2", "Mult_acc_7", "MAE", "Corr", "WA", "UA"]
     rows = ["fused", *modalities]
     print(f"\nselected epoch (validation): {final['selected_epoch']}")
     for split in ("valid", "test"):
@@ -97,19 +97,15 @@ def main(argv: list[str] | None = None) -> dict:
     if args.text_strength is not None:
         synthetic["text_strength"] = args.text_strength
     train, valid, test, info = build_datasets(args.data, seed=0, synthetic=synthetic)
-    task = (
-        "classification"
-        if getattr(train, "task", "regression") == "classification"
-        else "regression"
-    )
+    iemocap = getattr(train, "task", "regression") == "iemocap"
     model_config = PaSEConfig(
         modalities=tuple(train.modalities),
         input_dims=dict(train.dims),
         dim=args.dim,
         layers=args.layers,
-        task=task,
-        num_outputs=getattr(train, "num_outputs", 1) if task == "classification" else 1,
-        num_classes=getattr(train, "num_outputs", 7) if task == "classification" else 7,
+        task="classification" if iemocap else "regression",
+        num_outputs=4 if iemocap else 1,  # IEMOCAP: 4-class single-label view
+        num_classes=4 if iemocap else 7,
         calibration=not args.no_calibration,
         alignment=not args.no_alignment,
         gate=not args.no_gate,

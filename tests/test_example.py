@@ -266,3 +266,47 @@ def test_two_rank_torchrun_run_completes(tmp_path):
     assert proc.stdout.count("selected epoch (validation)") == 1  # rank 0 reports alone
     history = json.loads((out / "history.json").read_text())
     assert [r["phase"] for r in history] == [1, 2]
+
+
+def test_cli_trains_on_a_mult_iemocap_pickle(tmp_path):
+    import pickle
+
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+
+    def split(n):
+        emotion = rng.integers(0, 4, n)
+        present = np.eye(4, dtype=np.float32)[emotion]
+        feats = {
+            m: rng.normal(size=(n, 6, d)).astype(np.float32)
+            for m, d in (("text", 7), ("audio", 3), ("vision", 2))
+        }
+        feats["text"][:, :1] = 0  # MulT files are pre-padded
+        return feats | {"labels": np.stack([1 - present, present], -1)}  # (N, 4, 2)
+
+    path = tmp_path / "iemocap_tiny.pkl"
+    with open(path, "wb") as fh:
+        pickle.dump({"train": split(48), "valid": split(16), "test": split(16)}, fh)
+    out = tmp_path / "iemocap"
+    final = pase_mosi.main(
+        [
+            "--data",
+            str(path),
+            "--epochs",
+            "2",
+            "--switch-epoch",
+            "1",
+            "--batch-size",
+            "16",
+            "--dim",
+            "16",
+            "--out",
+            str(out),
+            "--quiet",
+        ]
+    )
+    for split_name in ("valid", "test"):
+        assert 0.0 <= final[split_name]["fused"]["WA"] <= 1.0
+        assert 0.0 <= final[split_name]["fused"]["UA"] <= 1.0
+    assert (out / "ot_plan.png").is_file()

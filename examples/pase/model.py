@@ -158,15 +158,25 @@ class PaSEModel(nn.Module):
             fused = h.sum(1) / w.sum(1, keepdim=True).clamp_min(1.0)
         return self._out(self.head(fused))
 
+    def target(self, label: Tensor) -> Tensor:
+        """Training target: the sentiment (regression) or a class index (classification).
+
+        IEMOCAP labels from MulT pickles arrive as ``(N, 4)`` 0/1 emotion vectors; the
+        classification head uses the 4-class single-label view (index of the emotion present).
+        """
+        if self.config.task == "regression":
+            return label.float()
+        return label.argmax(-1) if label.ndim == 2 else label.long()
+
     def class_labels(self, label: Tensor) -> Tensor:
         if self.config.task == "regression":
             return sentiment_classes(label.float(), self.config.num_classes)
-        return label.long()
+        return self.target(label)
 
     def task_loss(self, pred: Tensor, label: Tensor) -> Tensor:
         if self.config.task == "regression":
             return nn.functional.l1_loss(pred.float(), label.float())
-        return nn.functional.cross_entropy(pred.float(), label.long())
+        return nn.functional.cross_entropy(pred.float(), self.target(label))
 
     # ----------------------------------------------------------------------------- forward
     def forward(self, batch: Mapping[str, Any], phase: int) -> dict[str, Any]:

@@ -8,6 +8,8 @@ from typing import Any
 
 import torch
 
+from .train import error_of
+
 
 def _plt():
     import matplotlib
@@ -33,8 +35,8 @@ def plot_history(
         ),
         (
             "val_scores.png",
-            "Validation MAE per modality read-out (lower is better)",
-            lambda r, m: r["val"][m]["MAE"],
+            "Validation error per modality read-out (MAE or 1 - accuracy)",
+            lambda r, m: error_of(r["val"][m]),
         ),
     ]
     if history and "coefficients" in history[-1]:
@@ -50,7 +52,7 @@ def plot_history(
         for m in modalities:
             ax.plot(epochs, [get(r, m) for r in history], marker="o", ms=3, label=m)
         if fname == "val_scores.png":
-            ax.plot(epochs, [r["val"]["fused"]["MAE"] for r in history], "k--", label="fused")
+            ax.plot(epochs, [error_of(r["val"]["fused"]) for r in history], "k--", label="fused")
         switch = next((r["epoch"] for r in history if r["phase"] == 2), None)
         if switch is not None:
             ax.axvline(switch - 0.5, color="grey", ls=":", lw=1)

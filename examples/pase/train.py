@@ -148,6 +148,11 @@ def _to_device(batch: Mapping[str, Any], device: torch.device) -> dict[str, Any]
     return out
 
 
+def error_of(metrics: Mapping[str, float]) -> float:
+    """Lower-is-better score used for selection and the phase switch: MAE or 1 - accuracy."""
+    return metrics["MAE"] if "MAE" in metrics else 1.0 - metrics["WA"]
+
+
 def _flatten(obj: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
     flat: dict[str, Any] = {}
     for key, value in obj.items():
@@ -341,7 +346,7 @@ class Trainer:
             out["loss"].backward()
             if phase == 2 and self.modulator is not None and step % self.config.sgm_every == 0:
                 feats = {m: f.detach().float() for m, f in out["feats"].items()}
-                result = self.game(feats, batch["label"])
+                result = self.game(feats, self.model.target(batch["label"]))
                 self.modulator.observe(self._modulation_scores(result))
             self.optimizer.step()
             for k, v in out["losses"].items():
@@ -372,6 +377,7 @@ class Trainer:
         result: dict[str, Any] = {}
         for name, p in preds.items():
             result[name] = self._metrics(torch.cat(p), y)
+        y = self.model.target(y)
         game = self.game({m: torch.cat(f) for m, f in feats.items()}, y.to(self.device))
         result["shapley"] = {m: float(v) for m, v in zip(self.model.modalities, game.shapley.cpu())}
         shares = shapley_shares(game.shapley.cpu())
@@ -381,8 +387,10 @@ class Trainer:
     def _metrics(self, pred: Tensor, y: Tensor) -> dict[str, float]:
         if self.model_config.task == "regression":
             return {k: float(v) for k, v in msa_regression_metrics(pred, y).items()}
-        acc = (pred.argmax(-1) == y.long()).float().mean()
-        return {"acc": float(acc), "MAE": float(1 - acc)}
+        y = self.model.target(y)
+        hit = (pred.argmax(-1) == y).float()
+        recalls = [hit[y == k].mean() for k in range(pred.shape[-1]) if bool((y == k).any())]
+        return {"WA": float(hit.mean()), "UA": float(torch.stack(recalls).mean())}
 
     def run(self) -> dict[str, Any]:
         """Train until ``epochs`` (resuming where a checkpoint left off), then :meth:`finish`."""
@@ -398,10 +406,12 @@ class Trainer:
                     for m, v in zip(self.model.modalities, self.modulator.coefficient.cpu())
                 }
             phase = record["phase"]
-            uni_mae = sum(val[m]["MAE"] for m in self.model.modalities) / len(self.model.modalities)
+            uni_mae = sum(error_of(val[m]) for m in self.model.modalities) / len(
+                self.model.modalities
+            )
             self.schedule.epoch_end(uni_mae if phase == 1 else None)
-            if phase == 2 and val["fused"]["MAE"] < self.best_value:
-                self.best_value = val["fused"]["MAE"]
+            if phase == 2 and error_of(val["fused"]) < self.best_value:
+                self.best_value = error_of(val["fused"])
                 self.best_epoch = self.epoch + 1
                 self._save("best.pt", {"model": self.model.state_dict(), "epoch": self.best_epoch})
             self.history.append(record)
@@ -411,7 +421,8 @@ class Trainer:
                 fused = val["fused"]
                 shares = " ".join(f"{m} {val['shares'][m]:.2f}" for m in self.model.modalities)
                 print(
-                    f"epoch {record['epoch']:3d} phase {phase} | val fused MAE {fused['MAE']:.3f} "
+                    f"epoch {record['epoch']:3d} phase {phase} "
+                    f"| val fused error {error_of(fused):.3f} "
                     f"Non0 {fused.get('Non0_acc_2', float('nan')):.3f} | shares {shares} "
                     f"| {record['time_s']:.1f}s",
                     flush=True,
