@@ -42,6 +42,14 @@ def _train_config(**kw) -> TrainConfig:
     return TrainConfig(**(base | kw))
 
 
+def _cli_args(data: Path, out: Path, *, epochs: int) -> list[str]:
+    """Tiny-run CLI arguments: phase 1 for one epoch, then phase 2."""
+    return [
+        *("--data", str(data), "--epochs", str(epochs), "--switch-epoch", "1"),
+        *("--batch-size", "16", "--dim", "16", "--out", str(out), "--quiet"),
+    ]
+
+
 def _fresh_test(splits):
     train, valid, test, _ = splits
     return train, valid, GuardedDataset(test._dataset)
@@ -51,23 +59,7 @@ def test_cli_runs_on_an_mmsa_file_and_writes_outputs(tmp_path):
     data = tmp_path / "aligned_tiny.pkl"
     make_competition_data(**SMALL, seed=3).save(data)
     out = tmp_path / "run"
-    final = pase_mosi.main(
-        [
-            "--data",
-            str(data),
-            "--epochs",
-            "3",
-            "--switch-epoch",
-            "1",
-            "--batch-size",
-            "16",
-            "--dim",
-            "16",
-            "--out",
-            str(out),
-            "--quiet",
-        ]
-    )
+    final = pase_mosi.main(_cli_args(data, out, epochs=3))
     assert final["selected_epoch"] in (2, 3)  # selected among phase-2 epochs, on validation
     for name in (
         "last.pt",
@@ -246,19 +238,7 @@ def test_two_rank_torchrun_run_completes(tmp_path):
         f"--master_port={port}",
         "--master_addr=127.0.0.1",
         str(ROOT / "examples" / "pase_mosi.py"),
-        "--data",
-        str(data),
-        "--epochs",
-        "2",
-        "--switch-epoch",
-        "1",
-        "--batch-size",
-        "16",
-        "--dim",
-        "16",
-        "--out",
-        str(out),
-        "--quiet",
+        *_cli_args(data, out, epochs=2),
     ]
     env = os.environ | {"OMP_NUM_THREADS": "1"}
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
@@ -289,23 +269,7 @@ def test_cli_trains_on_a_mult_iemocap_pickle(tmp_path):
     with open(path, "wb") as fh:
         pickle.dump({"train": split(48), "valid": split(16), "test": split(16)}, fh)
     out = tmp_path / "iemocap"
-    final = pase_mosi.main(
-        [
-            "--data",
-            str(path),
-            "--epochs",
-            "2",
-            "--switch-epoch",
-            "1",
-            "--batch-size",
-            "16",
-            "--dim",
-            "16",
-            "--out",
-            str(out),
-            "--quiet",
-        ]
-    )
+    final = pase_mosi.main(_cli_args(path, out, epochs=2))
     for split_name in ("valid", "test"):
         assert 0.0 <= final[split_name]["fused"]["WA"] <= 1.0
         assert 0.0 <= final[split_name]["fused"]["UA"] <= 1.0
