@@ -124,18 +124,15 @@ def _marginal_tolerance(dtype: torch.dtype, n: int) -> float:
     return 1e-5 + 8.0 * n * torch.finfo(dtype).eps
 
 
-def _check_marginal(m: Tensor | None, name: str, size: int, cost: Tensor, other: str) -> None:
-    if m is None:
-        return
-    check_tensor(m, name, dtype="floating")
+def _check_weights(m: Tensor, name: str, size: int, device: torch.device, shape_hint: str) -> None:
+    """Shape, device, finiteness and non-negativity of a weight vector ``(..., size)``."""
     if m.ndim < 1 or m.shape[-1] != size:
         raise ModbalanceError(
-            f"`{name}` must have shape (..., {size}) to match the {other} of `cost` "
-            f"(shape {_shape(cost)}), got shape {_shape(m)}."
+            f"`{name}` must have shape (..., {size}) ({shape_hint}), got shape {_shape(m)}."
         )
-    if m.device != cost.device:
+    if m.device != device:
         raise ModbalanceError(
-            f"`{name}` is on {m.device} but `cost` is on {cost.device}; move it to the same device."
+            f"`{name}` is on {m.device} but must be on {device}; move it to the same device."
         )
     if value_checks_enabled():
         m = m.detach()
@@ -144,8 +141,16 @@ def _check_marginal(m: Tensor | None, name: str, size: int, cost: Tensor, other:
             raise ModbalanceError(
                 f"`{name}` must be non-negative, got a minimum of {float(m.min())}."
             )
-        sums = m.sum(-1)
-        dev = float((sums - 1).abs().max())
+
+
+def _check_marginal(m: Tensor | None, name: str, size: int, cost: Tensor, other: str) -> None:
+    if m is None:
+        return
+    check_tensor(m, name, dtype="floating")
+    _check_weights(m, name, size, cost.device, f"to match the {other} of `cost` {_shape(cost)}")
+    if value_checks_enabled():
+        m = m.detach()
+        dev = float((m.sum(-1) - 1).abs().max())
         if dev > _marginal_tolerance(m.dtype, size):
             raise ModbalanceError(
                 f"`{name}` must sum to 1 along its last dimension (a probability vector), got sums "
@@ -572,23 +577,10 @@ class SinkhornAligner(nn.Module):
         if m is None:
             return None
         check_tensor(m, name, dtype="numeric")
-        if m.ndim < 1 or m.shape[-1] != size:
-            raise ModbalanceError(
-                f"`{name}` must have shape (..., {size}) (one weight per prototype), got shape "
-                f"{_shape(m)}."
-            )
-        if m.device != like.device:
-            raise ModbalanceError(
-                f"`{name}` is on {m.device} but the prototypes are on {like.device}."
-            )
+        _check_weights(m, name, size, like.device, "one weight per prototype")
         m = m.to(like.dtype)
         if value_checks_enabled():
             md = m.detach()
-            check_finite(md, name)
-            if bool((md < 0).any()):
-                raise ModbalanceError(
-                    f"`{name}` must be non-negative weights, got a minimum of {float(md.min())}."
-                )
             if bool((md.sum(-1) <= 0).any()):
                 raise ModbalanceError(
                     f"`{name}` must have positive total weight in every problem, got an all-zero "

@@ -657,7 +657,7 @@ def test_aligner_errors():
         aligner(x, torch.randn(4, 7))
     with pytest.raises(ModbalanceError, match=r"`x` must have shape \(\.\.\., K, D\)"):
         aligner(torch.randn(8), y)
-    with pytest.raises(ModbalanceError, match="`a` must be non-negative weights"):
+    with pytest.raises(ModbalanceError, match="`a` must be non-negative"):
         aligner(x, y, torch.tensor([1.0, -1.0, 1.0, 1.0]))
     with pytest.raises(ModbalanceError, match="`b` must have positive total weight"):
         aligner(x, y, None, torch.zeros(4))
