@@ -1,29 +1,43 @@
 r"""Per-modality modulation of gradients or updates: :class:`ShapleyGradModulator`, OGM-GE.
 
-A modulator holds explicit parameter *groups*, one per modality, turns per-modality contributions
-into coefficients :math:`k_m \in [0, 1]` (:meth:`~ShapleyGradModulator.observe`) and slows each
+A modulator holds explicit parameter *groups*, one per modality, turns per-modality signals into
+coefficients :math:`k_m \in [0, 1]` (:meth:`~ShapleyGradModulator.observe`) and slows each
 group's learning by its coefficient on every optimizer step. Two ways to apply :math:`k_m`:
 
 * ``apply="update"`` (default) rescales the parameter **update** of the optimizer,
   :math:`\theta \leftarrow \theta_\text{old} + k_m (\theta_\text{new} - \theta_\text{old})`.
-  This works with every optimizer, Adam/AdamW included, and needs :meth:`attach`.
-* ``apply="grad"`` multiplies the **gradients**, :math:`g \leftarrow k_m g`, between
-  ``backward()`` and ``optimizer.step()``. Under SGD this equals scaling that branch's loss; under
-  Adam, AdamW, RMSprop or Adagrad it has almost **no effect**, because these optimizers divide
-  the gradient by a running estimate of its own magnitude, so a constant factor cancels (the
-  official PaSE code measured exactly zero change). A warning says so when you attach such an
-  optimizer.
+  This works with every optimizer, Adam/AdamW included.
+* ``apply="grad"`` multiplies the **gradients**, :math:`g \leftarrow k_m g`, before
+  ``optimizer.step()``. Under SGD this equals scaling that branch's loss; under Adam, AdamW,
+  RMSprop or Adagrad it has almost **no effect**, because these optimizers divide the gradient
+  by a running estimate of its own magnitude, so a constant factor cancels (the official PaSE
+  code measured exactly zero change). A warning says so when such an optimizer is used.
+
+Both modes work through one plain call that replaces ``optimizer.step()``::
+
+    loss.backward()
+    modulator.observe(game_result)      # any time before the step: GameResult or {name: value}
+    modulator.step(optimizer)           # = optimizer.step() with the modulation applied
+
+``attach(optimizer)`` registers optimizer hooks instead (then keep calling ``optimizer.step()``),
+and as a :class:`~modbalance.balancing.BalancingMethod` a modulator derives its own signal from
+the training step's :class:`~modbalance.balancing.StepOutput` in
+:meth:`~ShapleyGradModulator.around_step`. Signals are matched to groups by modality **name**:
+``observe`` takes a :class:`~modbalance.shapley.GameResult`, a
+:class:`~modbalance.shapley.ShapleyResult` with player names, or a ``{name: value}`` mapping,
+never a bare tensor whose order could silently disagree with the groups.
 
 Under ``torch.distributed`` (DDP) the modulation runs after ``backward()`` has averaged the
-gradients over ranks, and :meth:`~ShapleyGradModulator.observe` averages the contributions over
-ranks, so every rank scales identical gradients or updates by identical coefficients.
+gradients over ranks, and ``observe`` averages the signals over ranks, so every rank scales
+identical gradients or updates by identical coefficients.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 import warnings
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any, Literal
 
 import torch
@@ -33,11 +47,14 @@ from modbalance._checks import (
     ModbalanceError,
     check_choice,
     check_finite,
+    check_int,
     check_modality_keys,
     check_real,
     check_tensor,
     value_checks_enabled,
 )
+from modbalance._groups import by_device_dtype, parse_groups
+from modbalance.balancing import BalancingMethod, StepOutput
 from modbalance.distributed import all_reduce_mean, all_reduce_sum, rank, world_size
 
 __all__ = [
@@ -93,8 +110,11 @@ def pase_shares(contributions: Tensor) -> Tensor:
         >>> pase_shares(torch.tensor([3.0, 1.0, -2.0]))
         tensor([0.7500, 0.2500, 0.0000])
     """
-    check_tensor(contributions, "contributions", dtype="floating")
+    _check_signal(contributions, "contributions")
     pos = contributions.clamp_min(0)
+    # scale by the largest entry first so that huge finite values cannot overflow the sum
+    scale = pos.amax(-1, keepdim=True)
+    pos = torch.where(scale > 0, pos / scale.clamp_min(torch.finfo(pos.dtype).tiny), pos)
     total = pos.sum(-1, keepdim=True)
     tiny = torch.finfo(pos.dtype).tiny
     uniform = torch.full_like(pos, 1.0 / max(pos.shape[-1], 1))
@@ -152,10 +172,15 @@ def ogmge_coefficients(scores: Tensor, alpha: float = 0.1, *, continuous: bool =
     :math:`\rho_m = 1`. With ``continuous=False`` the released code's form is used instead:
     :math:`k_m = 1 - \tanh(\alpha \rho_m)` if :math:`\rho_m > 1`, else 1 (it jumps from 1 to
     :math:`1 - \tanh(\alpha)` at :math:`\rho_m = 1`), which reproduces the original exactly for
-    two modalities.
+    two modalities, ties included: the released code computes :math:`\rho_2 = s_2/s_1` and
+    :math:`\rho_1 = 1/\rho_2` and damps the second modality if :math:`\rho_2 > 1`, otherwise
+    (equal scores too) the first. For :math:`M > 2` the modalities with :math:`\rho_m > 1`
+    are damped, and when all scores are equal the first one is, as in the two-modality rule.
+    The sum of the other scores is formed directly, not as ``sum - s_m``, so nearly equal
+    scores do not cancel.
 
     Args:
-        scores: ``(..., M)`` positive scores, :math:`M \ge 2`.
+        scores: ``(..., M)`` positive, finite scores, :math:`M \ge 2`.
         alpha: Modulation strength :math:`\alpha \ge 0` (0.1 in the paper's CREMA-D setting).
         continuous: Use :math:`\rho_m - 1` (default) or the original :math:`\rho_m`.
 
@@ -168,89 +193,62 @@ def ogmge_coefficients(scores: Tensor, alpha: float = 0.1, *, continuous: bool =
         >>> ogmge_coefficients(torch.tensor([30.0, 10.0]), alpha=0.5).round(decimals=4)
         tensor([0.2384, 1.0000])
     """
-    check_tensor(scores, "scores", dtype="floating")
+    _check_signal(scores, "scores", positive=True)
     alpha = check_real(alpha, "alpha", low=0.0)
-    m = scores.shape[-1] if scores.ndim else 0
+    m = scores.shape[-1]
     if m < 2:
         raise ModbalanceError(
             f"`scores` must hold at least 2 modalities in its last dimension, got shape "
             f"{tuple(scores.shape)}."
         )
-    others = (scores.sum(-1, keepdim=True) - scores) / (m - 1)
-    ratio = scores / others
+    ratio = _ratio_to_others(scores)
     if continuous:
         return 1.0 - torch.tanh(alpha * torch.relu(ratio - 1.0))
-    return torch.where(ratio > 1, 1.0 - torch.tanh(alpha * ratio), torch.ones_like(ratio))
+    if m == 2:
+        # The released code: ratio_v = s_v / s_a, ratio_a = 1 / ratio_v; if ratio_v > 1 damp
+        # the second modality, else (ties included) damp the first.
+        r2 = scores[..., 1] / scores[..., 0]
+        r1 = 1.0 / r2
+        second = r2 > 1
+        one = torch.ones_like(r2)
+        k1 = torch.where(second, one, 1.0 - torch.tanh(alpha * r1))
+        k2 = torch.where(second, 1.0 - torch.tanh(alpha * r2), one)
+        return torch.stack([k1, k2], -1)
+    ahead = ratio > 1
+    # all tied (no modality ahead): damp the first one, as the released two-modality code does
+    first = torch.zeros_like(ahead)
+    first[..., 0] = True
+    ahead = torch.where(ahead.any(-1, keepdim=True), ahead, first)
+    return torch.where(ahead, 1.0 - torch.tanh(alpha * ratio), torch.ones_like(ratio))
+
+
+def _ratio_to_others(scores: Tensor) -> Tensor:
+    """``s_m`` over the mean of the other entries, the others summed directly (no cancellation)."""
+    m = scores.shape[-1]
+    eye = torch.eye(m, dtype=torch.bool, device=scores.device)
+    others = torch.where(eye, torch.zeros_like(scores).unsqueeze(-2), scores.unsqueeze(-2))
+    return scores * (m - 1) / others.sum(-1)
+
+
+def _check_signal(x: Tensor, name: str, *, positive: bool = False) -> None:
+    """A floating ``(..., M)`` tensor of finite (and, if asked, positive) values."""
+    check_tensor(x, name, dtype="floating")
+    if x.ndim == 0:
+        raise ModbalanceError(
+            f"`{name}` must have shape (..., M), one value per modality in the last dimension; "
+            "got a 0-d tensor."
+        )
+    check_finite(x, name)
+    if positive and value_checks_enabled() and bool((x <= 0).any()):
+        raise ModbalanceError(
+            f"`{name}` must be positive (higher is better, e.g. summed true-class probabilities "
+            f"or exp(-MAE)); got {x.tolist() if x.numel() <= 16 else 'non-positive entries'}."
+        )
 
 
 # --------------------------------------------------------------------------------------------
 # shared machinery
 # --------------------------------------------------------------------------------------------
-
-
-def _parse_groups(
-    groups: Mapping[str, nn.Module | Iterable[nn.Parameter]],
-) -> tuple[tuple[str, ...], list[list[nn.Parameter]]]:
-    if not isinstance(groups, Mapping):
-        raise TypeError(
-            "`groups` must be a mapping {modality: nn.Module or iterable of parameters}, got "
-            f"{type(groups).__name__}."
-        )
-    if len(groups) < 2:
-        raise ModbalanceError(
-            f"`groups` must hold at least 2 modalities to balance, got {len(groups)} "
-            f"({list(groups)})."
-        )
-    names: list[str] = []
-    params: list[list[nn.Parameter]] = []
-    owner: dict[int, str] = {}
-    for name, group in groups.items():
-        if not isinstance(name, str):
-            raise TypeError(f"`groups` keys must be modality names (str), got {name!r}.")
-        if isinstance(group, nn.Module):
-            plist = list(group.parameters())
-        elif isinstance(group, Tensor):
-            plist = [group]
-        elif isinstance(group, Iterable):
-            plist = list(group)
-        else:
-            raise TypeError(
-                f"`groups[{name!r}]` must be an nn.Module or an iterable of parameters, got "
-                f"{type(group).__name__}."
-            )
-        unique: list[nn.Parameter] = []
-        seen: set[int] = set()
-        for p in plist:
-            if not isinstance(p, Tensor):
-                raise TypeError(
-                    f"`groups[{name!r}]` must contain tensors (parameters), got {type(p).__name__}."
-                )
-            if id(p) in seen:
-                continue
-            if id(p) in owner:
-                raise ModbalanceError(
-                    f"`groups` overlap: a parameter of shape {tuple(p.shape)} is in both "
-                    f"{owner[id(p)]!r} and {name!r}; every parameter may belong to one modality "
-                    "only (leave shared layers such as the fusion head out of the groups)."
-                )
-            seen.add(id(p))
-            owner[id(p)] = name
-            unique.append(p)
-        if not unique:
-            raise ModbalanceError(
-                f"`groups[{name!r}]` is empty; pass a module with parameters or a non-empty list "
-                "(a generator that was already consumed is empty too)."
-            )
-        names.append(name)
-        params.append(unique)
-    return tuple(names), params
-
-
-def _by_device_dtype(tensors: list[Tensor]) -> dict[tuple[torch.device, torch.dtype], list[int]]:
-    out: dict[tuple[torch.device, torch.dtype], list[int]] = {}
-    for i, t in enumerate(tensors):
-        out.setdefault((t.device, t.dtype), []).append(i)
-    return out
 
 
 class ModulatorHandle:
@@ -280,7 +278,7 @@ class ModulatorHandle:
         self.remove()
 
 
-class _GroupModulator(nn.Module):
+class _GroupModulator(BalancingMethod):
     """Groups, EMA coefficients in buffers, and the grad/update application machinery."""
 
     def __init__(
@@ -290,16 +288,18 @@ class _GroupModulator(nn.Module):
         momentum: float,
         apply: str,
         min_coefficient: float,
+        every: int = 1,
     ) -> None:
         super().__init__()
-        names, params = _parse_groups(groups)
+        names, params = parse_groups(groups)
         self.modalities: tuple[str, ...] = names
         self._group_params: list[list[nn.Parameter]] = params  # plain list: not registered
         self.momentum = check_real(momentum, "momentum", low=0.0, high=1.0, high_inclusive=False)
         self.apply_mode: str = check_choice(apply, "apply", ("update", "grad"))
         self.min_coefficient = check_real(min_coefficient, "min_coefficient", low=0.0, high=1.0)
+        self.every = check_int(every, "every", low=1)
         m = len(names)
-        self.register_buffer("coefficient", torch.ones(m))
+        self.register_buffer("coefficients", torch.ones(m))
         self.register_buffer("initialized", torch.zeros((), dtype=torch.bool))
         self._handle: ModulatorHandle | None = None
         self._snapshots: list[tuple[list[Tensor], list[Tensor]]] | None = None
@@ -310,59 +310,67 @@ class _GroupModulator(nn.Module):
 
     # ---- observation ---------------------------------------------------------------------
 
-    def _as_vector(self, values: Mapping[str, Tensor | float] | Tensor, name: str) -> Tensor:
-        coef = self.coefficient
-        if isinstance(values, Mapping):
-            check_modality_keys(values, name, self.modalities)
-            items = []
-            for key in self.modalities:
-                v = values[key]
-                if isinstance(v, bool) or not isinstance(v, (Tensor, int, float)):
-                    raise TypeError(
-                        f"`{name}[{key!r}]` must be a float or a 1-element tensor, got "
-                        f"{type(v).__name__}."
-                    )
-                t = v.detach() if isinstance(v, Tensor) else torch.tensor(float(v))
-                if t.numel() != 1:
-                    raise ModbalanceError(
-                        f"`{name}[{key!r}]` must hold one value, got shape {tuple(t.shape)}."
-                    )
-                items.append(t.reshape(()).to(device=coef.device, dtype=coef.dtype))
-            x = torch.stack(items)
-        elif isinstance(values, Tensor):
-            if values.shape != (len(self.modalities),):
-                raise ModbalanceError(
-                    f"`{name}` must have shape ({len(self.modalities)},), one value per modality "
-                    f"in the order {list(self.modalities)}; got shape {tuple(values.shape)}."
-                )
-            check_tensor(values, name, dtype="numeric")
-            x = values.detach().to(device=coef.device, dtype=coef.dtype).clone()
-        else:
+    def _as_vector(self, values: Any, name: str) -> Tensor:
+        """Per-group vector from a name-keyed signal; every rank gets the rank mean."""
+        coef = self.coefficients
+        if isinstance(values, Tensor):
             raise TypeError(
-                f"`{name}` must be a mapping {{modality: value}} or a ({len(self.modalities)},) "
-                f"tensor, got {type(values).__name__}."
+                f"`{name}` must carry modality names: pass a GameResult, a ShapleyResult with "
+                f"`players`, or a mapping {{modality: value}} for {list(self.modalities)}; a bare "
+                "tensor is refused because its order could silently differ from the groups' "
+                f"(wrap it as dict(zip(names, tensor)))."
             )
+        names = getattr(values, "modalities", None) or getattr(values, "players", None)
+        vector = getattr(values, "shapley", None)
+        if vector is None:
+            vector = getattr(values, "values", None)
+        if names is not None and isinstance(vector, Tensor):  # GameResult / ShapleyResult
+            values = dict(zip(names, vector.unbind(-1)))
+        elif hasattr(values, "_fields") and not isinstance(values, Mapping):
+            raise TypeError(
+                f"`{name}` is a {type(values).__name__} without player names; compute it with "
+                "`shapley_values(..., players=names)` or pass a mapping {modality: value}."
+            )
+        if not isinstance(values, Mapping):
+            raise TypeError(
+                f"`{name}` must be a GameResult, a ShapleyResult with `players`, or a mapping "
+                f"{{modality: value}} for {list(self.modalities)}; got {type(values).__name__}."
+            )
+        check_modality_keys(values, name, self.modalities)
+        items = []
+        for key in self.modalities:
+            v = values[key]
+            if isinstance(v, bool) or not isinstance(v, (Tensor, int, float)):
+                raise TypeError(
+                    f"`{name}[{key!r}]` must be a float or a 1-element tensor, got "
+                    f"{type(v).__name__}."
+                )
+            t = v.detach() if isinstance(v, Tensor) else torch.tensor(float(v))
+            if t.numel() != 1:
+                raise ModbalanceError(
+                    f"`{name}[{key!r}]` must hold one value, got shape {tuple(t.shape)}."
+                )
+            items.append(t.reshape(()).to(device=coef.device, dtype=coef.dtype))
+        x = torch.stack(items)
         check_finite(x, name)
         return all_reduce_mean(x)
 
     @torch.no_grad()
     def _update_ema(self, raw: Tensor) -> Tensor:
-        raw = raw.to(self.coefficient).clamp_min(self.min_coefficient)
-        smoothed = self.momentum * self.coefficient + (1.0 - self.momentum) * raw
-        self.coefficient.copy_(torch.where(self.initialized, smoothed, raw))
+        raw = raw.to(self.coefficients).clamp_min(self.min_coefficient)
+        smoothed = self.momentum * self.coefficients + (1.0 - self.momentum) * raw
+        self.coefficients.copy_(torch.where(self.initialized, smoothed, raw))
         self.initialized.fill_(True)
-        return self.coefficient.clone()
+        return self.coefficients.clone()
 
-    @property
-    def coefficients(self) -> dict[str, Tensor]:
-        """Current (smoothed) coefficient of each modality, as 0-dim tensors."""
-        coef = self.coefficient.detach().clone()
-        return {name: coef[i] for i, name in enumerate(self.modalities)}
+    def coefficient_dict(self) -> dict[str, float]:
+        """The current coefficients keyed by modality (one host sync; for logging)."""
+        return dict(zip(self.modalities, self.coefficients.tolist()))
 
     def reset(self) -> None:
         """Forget every observation: coefficients back to 1, the next ``observe`` initialises."""
         with torch.no_grad():
-            self.coefficient.fill_(1.0)
+            self.coefficients.fill_(1.0)
             self.initialized.fill_(False)
 
     # ---- application -----------------------------------------------------------------------
@@ -378,7 +386,7 @@ class _GroupModulator(nn.Module):
     @torch.no_grad()
     def _modify_grads(self, scale: bool) -> bool:
         """Scale (and optionally add noise to) the groups' gradients. False if none had a grad."""
-        coef = self.coefficient
+        coef = self.coefficients
         any_grad = False
         if self._noise:
             self._sync_noise_generator()
@@ -393,7 +401,7 @@ class _GroupModulator(nn.Module):
                 else None
             )
             if scale:
-                for (device, dtype), idx in _by_device_dtype(grads).items():
+                for (device, dtype), idx in by_device_dtype(grads).items():
                     k = coef[m].to(device=device, dtype=dtype)
                     torch._foreach_mul_([grads[i] for i in idx], k)
             if stds is not None:
@@ -426,42 +434,97 @@ class _GroupModulator(nn.Module):
         noise = torch.randn(like.shape, generator=gen, device=gen.device, dtype=like.dtype)
         return noise.to(like.device)
 
-    @torch.no_grad()
-    def step(self) -> Tensor:
-        """Multiply each group's gradients by its coefficient (``apply="grad"``).
+    def step(
+        self, optimizer: torch.optim.Optimizer, closure: Callable[[], Any] | None = None
+    ) -> Any:
+        r"""Run ``optimizer.step()`` with the modulation applied; use it instead of that call.
 
-        Call it between ``loss.backward()`` (after DDP's gradient all-reduce and after
-        ``scaler.unscale_(optimizer)`` with AMP) and ``optimizer.step()``, or let :meth:`attach`
-        call it for you. Uses ``torch._foreach_mul_`` per device and dtype with the coefficients
-        as tensors, so there is no host synchronisation. Parameters without a gradient and
-        parameters outside the groups are untouched.
+        Call it after ``loss.backward()`` (after DDP's gradient all-reduce and after
+        ``scaler.unscale_(optimizer)`` with AMP); :meth:`observe` may come before it, at any time
+        after the previous step. With ``apply="grad"`` the groups' gradients are multiplied by
+        their coefficients first (``torch._foreach_mul_`` per device and dtype, coefficients as
+        tensors, no host synchronisation); with ``apply="update"`` the group parameters that have
+        a gradient are snapshotted and their update is rescaled afterwards,
+        :math:`\theta \leftarrow \theta_\text{old} + k_m(\theta_\text{new} -
+        \theta_\text{old})` (one copy of those parameters during the step). Parameters without a
+        gradient and parameters outside the groups are untouched.
 
-        A second ``step()`` before the optimizer has stepped (and before any new ``backward()``)
-        would scale the same gradients twice and raises; it is detected with PyTorch's tensor
-        version counters of the group parameters and their gradients (an optimizer step changes
-        the parameters in place, a backward pass or ``zero_grad`` changes the gradients).
+        Args:
+            optimizer: The optimizer that updates (at least) the group parameters.
+            closure: Passed on to ``optimizer.step``.
 
         Returns:
-            ``(M,)`` the coefficients that were applied.
+            Whatever ``optimizer.step`` returns.
 
         Raises:
-            ModbalanceError: With ``apply="update"`` (use :meth:`attach`), or on a second call.
+            ModbalanceError: If the modulator is attached to an optimizer (its hooks already
+                modulate every ``optimizer.step()``; call that instead).
         """
-        if self.apply_mode == "update":
-            raise ModbalanceError(
-                "apply='update' rescales the parameter update after optimizer.step(), so it works "
-                "through `attach(optimizer)`; call `modulator.attach(optimizer)` once instead of "
-                "`step()`, or construct the modulator with apply='grad' (SGD only)."
+        with self._applied(optimizer):
+            return optimizer.step() if closure is None else optimizer.step(closure)
+
+    @contextlib.contextmanager
+    def _applied(self, optimizer: torch.optim.Optimizer) -> Iterator[None]:
+        if not isinstance(optimizer, torch.optim.Optimizer):
+            raise TypeError(
+                f"`optimizer` must be a torch.optim.Optimizer, got {type(optimizer).__name__}."
             )
-        self._apply_grad_mode()
-        return self.coefficient.clone()
+        if self._handle is not None:
+            raise ModbalanceError(
+                "this modulator is attached to an optimizer, whose hooks already apply the "
+                "modulation on every optimizer.step(); call optimizer.step() or remove the handle."
+            )
+        self._warn_adaptive(optimizer)
+        self._pre_step_hook(optimizer, (), {})
+        try:
+            yield
+        except BaseException:
+            self._snapshots = None
+            self._last_signature = None
+            raise
+        self._post_step_hook(optimizer, (), {})
+
+    def _warn_adaptive(self, optimizer: torch.optim.Optimizer) -> None:
+        if self.apply_mode != "grad" or not isinstance(optimizer, _ADAPTIVE_OPTIMIZERS):
+            return
+        if getattr(self, "_warned_adaptive", False):
+            return
+        self._warned_adaptive = True
+        warnings.warn(
+            f"apply='grad' with {type(optimizer).__name__}: adaptive optimizers divide each "
+            "gradient by a running estimate of its own magnitude, so multiplying a group's "
+            "gradients by a constant k leaves its updates (almost) unchanged and the "
+            "modulation has ~no effect. Use apply='update', which rescales the parameter "
+            "update itself.",
+            UserWarning,
+            stacklevel=5,
+        )
+
+    def signal(self, out: StepOutput) -> Any:
+        """The signal this modulator observes from one training step (see :meth:`observe`)."""
+        raise NotImplementedError
+
+    @contextlib.contextmanager
+    def around_step(self, out: StepOutput, optimizer: torch.optim.Optimizer) -> Iterator[None]:
+        """:class:`~modbalance.balancing.BalancingMethod` hook: observe, then modulate the step.
+
+        Every ``every`` steps (``out.step % every == 0``) the coefficients are updated from
+        :meth:`signal` of ``out``; the ``optimizer.step()`` inside the block is then modulated as
+        in :meth:`step` (or by the hooks, when the modulator is attached).
+        """
+        if out.phase == 2 and out.step % self.every == 0:
+            self.observe(self.signal(out))
+        if self._handle is not None:
+            yield
+            return
+        with self._applied(optimizer):
+            yield
 
     def _apply_grad_mode(self) -> None:
         if self._last_signature is not None and self._signature() == self._last_signature:
             raise ModbalanceError(
-                "the modulation was already applied to these gradients: step() was called twice "
-                "before optimizer.step() (with attach(optimizer), the optimizer hook applies it, "
-                "so do not call step() yourself)."
+                "the modulation was already applied to these gradients: the optimizer step was "
+                "modulated twice without a new backward() (attach() and step() together?)."
             )
         if self._modify_grads(scale=True):
             self._last_signature = self._signature()
@@ -487,11 +550,11 @@ class _GroupModulator(nn.Module):
         snaps, self._snapshots = self._snapshots, None
         if snaps is None:
             return
-        coef = self.coefficient
+        coef = self.coefficients
         for m, (live, old) in enumerate(snaps):
             if not live:
                 continue
-            for (device, dtype), idx in _by_device_dtype(live).items():
+            for (device, dtype), idx in by_device_dtype(live).items():
                 ps = [live[i] for i in idx]
                 olds = [old[i] for i in idx]
                 k = coef[m].to(device=device, dtype=dtype)
@@ -528,16 +591,7 @@ class _GroupModulator(nn.Module):
             raise ModbalanceError(
                 "this modulator is already attached to an optimizer; call `handle.remove()` first."
             )
-        if self.apply_mode == "grad" and isinstance(optimizer, _ADAPTIVE_OPTIMIZERS):
-            warnings.warn(
-                f"apply='grad' with {type(optimizer).__name__}: adaptive optimizers divide each "
-                "gradient by a running estimate of its own magnitude, so multiplying a group's "
-                "gradients by a constant k leaves its updates (almost) unchanged and the "
-                "modulation has ~no effect. Use apply='update', which rescales the parameter "
-                "update itself.",
-                UserWarning,
-                stacklevel=2,
-            )
+        self._warn_adaptive(optimizer)
         pre = optimizer.register_step_pre_hook(self._pre_step_hook)
         try:
             post = optimizer.register_step_post_hook(self._post_step_hook)
@@ -595,6 +649,8 @@ class ShapleyGradModulator(_GroupModulator):
         momentum: EMA momentum :math:`\mu \in [0, 1)`; 0 uses the latest observation only.
         apply: ``"update"`` (default) or ``"grad"``.
         min_coefficient: Lower bound for every raw coefficient, in :math:`[0, 1]`.
+        every: As a balancing method (:meth:`around_step`), observe the step's game every
+            ``every`` steps (the coefficients persist in between).
 
     Reference:
         K. He et al., "PaSE: Prototype-aligned Calibration and Shapley-based Equilibrium for
@@ -607,12 +663,11 @@ class ShapleyGradModulator(_GroupModulator):
         >>> text, audio = nn.Linear(4, 2), nn.Linear(3, 2)
         >>> opt = torch.optim.Adam([*text.parameters(), *audio.parameters()], lr=1e-2)
         >>> mod = ShapleyGradModulator({"text": text, "audio": audio})
+        >>> loss = text(torch.randn(8, 4)).sum() + audio(torch.randn(8, 3)).sum()
+        >>> loss.backward()
         >>> mod.observe({"text": 0.6, "audio": 0.2}).round(decimals=4)
         tensor([0.5134, 1.0000])
-        >>> with mod.attach(opt):
-        ...     loss = text(torch.randn(8, 4)).sum() + audio(torch.randn(8, 3)).sum()
-        ...     loss.backward()
-        ...     opt.step()  # text's update is scaled by 0.5134, audio's by 1
+        >>> mod.step(opt)  # text's update is scaled by 0.5134, audio's by 1
     """
 
     def __init__(
@@ -623,26 +678,45 @@ class ShapleyGradModulator(_GroupModulator):
         momentum: float = 0.9,
         apply: Literal["update", "grad"] = "update",
         min_coefficient: float = 0.0,
+        every: int = 1,
     ) -> None:
-        super().__init__(groups, momentum=momentum, apply=apply, min_coefficient=min_coefficient)
+        super().__init__(
+            groups, momentum=momentum, apply=apply, min_coefficient=min_coefficient, every=every
+        )
         if not callable(rule):
             check_choice(rule, "rule", ("pase",))
         self.rule = rule
         self.register_buffer("shares", torch.full((len(self.modalities),), math.nan))
 
+    needs_game = True
+
+    def signal(self, out: StepOutput) -> Any:
+        """The step's :class:`~modbalance.shapley.GameResult` (``out.game``)."""
+        if out.game is None:
+            raise ModbalanceError(
+                "ShapleyGradModulator needs the batch's Shapley game: the training step must "
+                "evaluate it when a method has `needs_game = True` (StepOutput.game is None)."
+            )
+        return out.game
+
     @torch.no_grad()
-    def observe(self, contributions: Mapping[str, Tensor | float] | Tensor) -> Tensor:
-        """Update the coefficients from new per-modality contributions.
+    def observe(self, contributions: Any) -> Tensor:
+        """Update the coefficients from new per-modality contributions, matched by name.
+
+        Call it after ``backward()`` and before the (modulated) optimizer step whose update the
+        new coefficients should scale; between two steps, the last observation counts.
 
         Args:
-            contributions: ``{modality: value}`` for every group, or an ``(M,)`` tensor in group
-                order (e.g. ``GameResult.shapley``). Averaged over ranks under
+            contributions: A :class:`~modbalance.shapley.GameResult` (its ``shapley`` values
+                with its ``modalities``), a :class:`~modbalance.shapley.ShapleyResult` with
+                ``players``, or ``{modality: value}`` for every group. Averaged over ranks under
                 ``torch.distributed``.
 
         Returns:
-            ``(M,)`` smoothed coefficients, in group order.
+            ``(M,)`` smoothed coefficients, in group order (:attr:`modalities`).
 
         Raises:
+            TypeError: A bare tensor (no names) or another type.
             ModbalanceError: Unknown or missing modality, wrong shape, non-finite values (a value
                 check), or a custom rule returning a wrong shape or negative values.
         """
@@ -709,6 +783,12 @@ class OGMGEModulator(_GroupModulator):
         continuous: ``True`` for :math:`\rho - 1` (continuous), ``False`` for the original.
         noise: Add the generalisation-enhancement noise.
         generator: Random generator for the noise (its device is used for drawing).
+        source: What :meth:`signal` reads from a training step: ``"unimodal"`` (default, as
+            the original: each modality's own prediction — the summed softmax probability of
+            the true class, or :math:`\exp(-\text{MAE}_m)` for regression) or ``"game"``
+            (the fused head with only modality :math:`m` present, relative to none:
+            :math:`\exp(v(\{m\}) - v(\emptyset))`).
+        every: Observe the step's signal every ``every`` steps in :meth:`around_step`.
 
     Reference:
         X. Peng, Y. Wei, A. Deng, D. Wang, D. Hu, "Balanced Multimodal Learning via On-the-fly
@@ -720,8 +800,12 @@ class OGMGEModulator(_GroupModulator):
         >>> from modbalance.modulation import OGMGEModulator
         >>> audio, video = nn.Linear(4, 2), nn.Linear(4, 2)
         >>> mod = OGMGEModulator({"audio": audio, "video": video}, alpha=0.5)
+        >>> loss = (audio(torch.randn(8, 4)) + video(torch.randn(8, 4))).sum()
+        >>> loss.backward()
         >>> mod.observe({"audio": 30.0, "video": 10.0}).round(decimals=4)
         tensor([0.2384, 1.0000])
+        >>> opt = torch.optim.SGD([*audio.parameters(), *video.parameters()], lr=0.1)
+        >>> mod.step(opt)  # audio's update is scaled by 0.2384, video's by 1
     """
 
     def __init__(
@@ -735,8 +819,14 @@ class OGMGEModulator(_GroupModulator):
         continuous: bool = True,
         noise: bool = False,
         generator: torch.Generator | None = None,
+        source: Literal["unimodal", "game"] = "unimodal",
+        every: int = 1,
     ) -> None:
-        super().__init__(groups, momentum=momentum, apply=apply, min_coefficient=min_coefficient)
+        super().__init__(
+            groups, momentum=momentum, apply=apply, min_coefficient=min_coefficient, every=every
+        )
+        self.source = check_choice(source, "source", ("unimodal", "game"))
+        self.needs_game = self.source == "game"
         self.alpha = check_real(alpha, "alpha", low=0.0)
         self.continuous = bool(continuous)
         if generator is not None and not isinstance(generator, torch.Generator):
@@ -747,28 +837,61 @@ class OGMGEModulator(_GroupModulator):
         self._generator = generator
         self.register_buffer("ratio", torch.full((len(self.modalities),), math.nan))
 
+    def signal(self, out: StepOutput) -> dict[str, Tensor]:
+        """Positive per-modality scores of one step (see ``source``), keyed by modality."""
+        if self.source == "game":
+            if out.game is None:
+                raise ModbalanceError(
+                    "OGMGEModulator(source='game') needs StepOutput.game; the training step "
+                    "evaluates it when `needs_game` is True."
+                )
+            return self.game_scores(out.game)
+        with torch.no_grad():
+            scores = {}
+            for m in self.modalities:
+                pred = out.unimodal[m].detach()
+                if out.task == "classification":
+                    prob = pred.float().softmax(-1)
+                    scores[m] = prob.gather(1, out.target.long().view(-1, 1)).sum()
+                else:
+                    pred = pred.reshape(out.target.shape).float()
+                    scores[m] = torch.exp(-(pred - out.target.float()).abs().mean())
+            return scores
+
+    @staticmethod
+    def game_scores(game: Any) -> dict[str, Tensor]:
+        r"""Scores :math:`\exp(v(\{m\}) - v(\emptyset))` from a game's coalition table."""
+        table = game.table
+        return {m: torch.exp(table[1 << i] - table[0]) for i, m in enumerate(game.modalities)}
+
     @torch.no_grad()
-    def observe(self, scores: Mapping[str, Tensor | float] | Tensor) -> Tensor:
-        """Update the coefficients from per-modality scores.
+    def observe(self, scores: Any) -> Tensor:
+        r"""Update the coefficients from per-modality scores, matched by name.
+
+        Call it after ``backward()`` and before the modulated optimizer step.
 
         Args:
-            scores: ``{modality: score}`` or an ``(M,)`` tensor in group order; positive,
-                higher is better. Averaged over ranks under ``torch.distributed``.
+            scores: ``{modality: score}`` (positive, higher is better), or a
+                :class:`~modbalance.shapley.GameResult`, whose single-modality coalition values
+                give the scores :math:`\exp(v(\{m\}) - v(\emptyset))`. Averaged over ranks
+                under ``torch.distributed``.
 
         Returns:
             ``(M,)`` smoothed coefficients, in group order.
 
         Raises:
+            TypeError: A bare tensor (no names) or another type.
             ModbalanceError: Unknown or missing modality, non-finite or non-positive scores.
         """
+        if hasattr(scores, "table") and hasattr(scores, "modalities"):
+            scores = self.game_scores(scores)
         x = self._as_vector(scores, "scores")
         if value_checks_enabled() and bool((x <= 0).any()):
             raise ModbalanceError(
                 f"`scores` must be positive (e.g. summed true-class probabilities or "
                 f"exp(-loss)), got {x.tolist()}."
             )
-        m = x.shape[0]
-        self.ratio.copy_(x / ((x.sum() - x) / (m - 1)))
+        self.ratio.copy_(_ratio_to_others(x))
         return self._update_ema(ogmge_coefficients(x, self.alpha, continuous=self.continuous))
 
     def extra_repr(self) -> str:

@@ -156,8 +156,8 @@ def _run_modulators(batches, shard: slice | None) -> dict[str, list[torch.Tensor
         res = game(local, y[sl])  # the game all-reduces value sums and counts: global table
         out["table"].append(res.table)
         out["shapley"].append(res.shapley)
-        out["k_shap"].append(shap.observe(res.shapley))
-        out["k_ogm"].append(ogm.observe(_ogm_scores(local, y[sl])))
+        out["k_shap"].append(shap.observe(res))
+        out["k_ogm"].append(ogm.observe(dict(zip(GAME_MODS, _ogm_scores(local, y[sl])))))
     return out
 
 
@@ -226,7 +226,7 @@ def _train(model: nn.Module, inner: _TinyPase, x, y) -> dict[str, object]:
             loss.backward()  # DDP: gradient all-reduce (mean over ranks) happens here
             res = game(feats, y)  # all-reduces per-coalition value sums and counts
             tables.append(res.table)
-            coefs.append(mod.observe(res.shapley))  # all-reduce-mean of identical values
+            coefs.append(mod.observe(res))  # all-reduce-mean of identical values
             opt.step()  # hooks: snapshot -> AdamW update -> rescale update by k_m
     state = {k: v.detach().clone() for k, v in inner.state_dict().items()}
     return {"state": state, "coefs": torch.stack(coefs), "tables": torch.stack(tables)}
@@ -263,7 +263,7 @@ def _noisy_ogm_steps(rank: int) -> dict[str, torch.Tensor]:
             x = torch.randn(4, 3, dtype=DT)  # rank-local data
             opt.zero_grad()
             ddp(x).square().mean().backward()
-            ogm.observe(torch.tensor([3.0, 1.0 + rank]))
+            ogm.observe({"a": 3.0, "v": 1.0 + rank})
             opt.step()  # pre-hook: k_m * g + noise, on the all-reduced gradients
     return {k: v.detach().clone() for k, v in model.state_dict().items()}
 

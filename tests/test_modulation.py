@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from modbalance._checks import ModbalanceError, value_checks
+from modbalance.balancing import StepOutput
 from modbalance.modulation import (
     ModulatorHandle,
     OGMGEModulator,
@@ -19,6 +20,7 @@ from modbalance.modulation import (
     pase_coefficients,
     pase_shares,
 )
+from modbalance.shapley import GameResult, ModalityGame, ShapleyResult, shapley_values
 
 # ------------------------------------------------------------------------------------------
 # a two-branch model with a shared head (the head is outside every group)
@@ -101,19 +103,19 @@ def test_pase_rule_orders_modalities():
 def test_observe_ema_first_observation_initialises(device):
     model = TwoBranch()
     mod = ShapleyGradModulator({"text": model.text, "audio": model.audio}, momentum=0.75).to(device)
-    assert torch.equal(mod.coefficient.cpu(), torch.ones(2)) and not mod.initialized
+    assert torch.equal(mod.coefficients.cpu(), torch.ones(2)) and not mod.initialized
     k1 = mod.observe({"audio": 0.2, "text": 0.6})  # key order does not matter
     expected1 = pase_coefficients(torch.tensor([0.6, 0.2]))
     torch.testing.assert_close(k1.cpu(), expected1)
     torch.testing.assert_close(mod.shares.cpu(), torch.tensor([0.75, 0.25]))
-    k2 = mod.observe(torch.tensor([0.1, 0.3], device=device))
+    k2 = mod.observe({"text": torch.tensor(0.1, device=device), "audio": 0.3})
     expected2 = 0.75 * expected1 + 0.25 * pase_coefficients(torch.tensor([0.1, 0.3]))
     torch.testing.assert_close(k2.cpu(), expected2)
-    assert set(mod.coefficients) == {"text", "audio"}
-    assert mod.coefficients["audio"].ndim == 0
-    torch.testing.assert_close(mod.coefficients["audio"].cpu(), expected2[1])
+    coefs = mod.coefficient_dict()
+    assert set(coefs) == {"text", "audio"} and isinstance(coefs["audio"], float)
+    assert coefs["audio"] == pytest.approx(float(expected2[1]))
     mod.reset()
-    assert not mod.initialized and torch.equal(mod.coefficient.cpu(), torch.ones(2))
+    assert not mod.initialized and torch.equal(mod.coefficients.cpu(), torch.ones(2))
 
 
 def test_min_coefficient_clamps():
@@ -154,9 +156,10 @@ def test_grad_mode_sgd_equals_hand_scaled_branches(device, attach):
         xt, xa, y = batch(device, step)
         opt.zero_grad()
         ((model(xt, xa) - y) ** 2).mean().backward()
-        if not attach:
-            mod.step()
-        opt.step()
+        if attach:
+            opt.step()
+        else:
+            mod.step(opt)
         ref_opt.zero_grad()
         ((ref(xt, xa, scale=K) - y) ** 2).mean().backward()
         ref_opt.step()
@@ -172,8 +175,9 @@ def test_grad_mode_scales_exactly_and_leaves_others_untouched(device):
     ((model(xt, xa) - y) ** 2).mean().backward()
     before = {n: p.grad.clone() for n, p in model.named_parameters()}
     model.text[0].bias.grad = None  # parameters without a gradient are skipped
-    out = mod.step()
-    torch.testing.assert_close(out.cpu(), torch.tensor(K))
+    opt = torch.optim.SGD(model.parameters(), lr=0.0)  # a step that leaves parameters as they are
+    mod.step(opt)
+    torch.testing.assert_close(mod.coefficients.cpu(), torch.tensor(K))
     for n, p in model.named_parameters():
         if n == "text.0.bias":
             assert p.grad is None
@@ -295,40 +299,51 @@ def test_no_hooks_remain_after_remove_or_exception():
     assert any(not torch.equal(a, b) for a, b in zip(before, model.parameters()))
 
 
-def test_second_step_before_optimizer_step_raises():
+def test_step_while_attached_raises_and_hooks_not_doubled():
     model, mod = make("cpu", "grad")
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     xt, xa, y = batch("cpu", 0)
-    ((model(xt, xa) - y) ** 2).mean().backward()
-    mod.step()
-    with pytest.raises(ModbalanceError, match="step\\(\\) was called twice"):
-        mod.step()
-    opt.step()
-    mod.step()  # fine after the optimizer stepped (accumulating gradients)
-    opt.step()
+    with mod.attach(opt):
+        ((model(xt, xa) - y) ** 2).mean().backward()
+        with pytest.raises(ModbalanceError, match="attached"):
+            mod.step(opt)
+        opt.step()  # the hooks modulate it
+    assert _hook_counts(opt) == (0, 0)
     opt.zero_grad()
     ((model(xt, xa) - y) ** 2).mean().backward()
-    mod.step()  # fine after zero_grad + backward (e.g. a step skipped by GradScaler)
-    # with attach, calling step() by hand as well is the same double application
-    with mod.attach(opt):
-        opt.zero_grad()
-        ((model(xt, xa) - y) ** 2).mean().backward()
-        mod.step()
-        with pytest.raises(ModbalanceError, match="twice"):
-            opt.step()
-        opt.zero_grad()
-        ((model(xt, xa) - y) ** 2).mean().backward()
-        opt.step()
-        opt.zero_grad()
-        ((model(xt, xa) - y) ** 2).mean().backward()
-        opt.step()  # the post-hook re-arms the check
-    assert _hook_counts(opt) == (0, 0)
+    mod.step(opt)  # detached again: the plain call works
 
 
-def test_step_in_update_mode_requires_attach():
+@pytest.mark.parametrize("apply", ["update", "grad"])
+def test_plain_step_equals_attach(device, apply):
+    """``modulator.step(optimizer)`` and ``attach`` + ``optimizer.step()`` give the same run."""
+    model, mod = make(device, apply)
+    twin, twin_mod = copy.deepcopy(model), None
+    twin_mod = ShapleyGradModulator(
+        {"text": twin.text, "audio": twin.audio}, momentum=0.0, apply=apply
+    ).to(device)
+    twin_mod.load_state_dict(mod.state_dict())
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    twin_opt = torch.optim.AdamW(twin.parameters(), lr=1e-2)
+    handle = twin_mod.attach(twin_opt)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for step in range(3):
+            xt, xa, y = batch(device, step)
+            for m, o in ((model, opt), (twin, twin_opt)):
+                o.zero_grad()
+                ((m(xt, xa) - y) ** 2).mean().backward()
+            mod.step(opt)
+            twin_opt.step()
+    handle.remove()
+    for p, q in zip(model.parameters(), twin.parameters()):
+        torch.testing.assert_close(p, q, atol=0, rtol=0)
+
+
+def test_step_type_error():
     _, mod = make("cpu", "update")
-    with pytest.raises(ModbalanceError, match="attach"):
-        mod.step()
+    with pytest.raises(TypeError, match=r"torch\.optim\.Optimizer"):
+        mod.step("sgd")
 
 
 def test_state_dict_round_trip(device):
@@ -337,10 +352,10 @@ def test_state_dict_round_trip(device):
     mod.observe({"text": 0.9, "audio": 0.1})
     mod.observe({"text": 0.5, "audio": 0.4})
     state = mod.state_dict()
-    assert set(state) == {"coefficient", "initialized", "shares"}  # no group parameters
+    assert set(state) == {"coefficients", "initialized", "shares"}  # no group parameters
     fresh = ShapleyGradModulator({"text": model.text, "audio": model.audio}, momentum=0.5)
     fresh.load_state_dict(state)
-    assert torch.equal(fresh.coefficient, mod.coefficient.cpu())
+    assert torch.equal(fresh.coefficients, mod.coefficients.cpu())
     assert torch.equal(fresh.shares, mod.shares.cpu()) and bool(fresh.initialized)
     # continuing from the loaded state gives the same coefficients
     torch.testing.assert_close(
@@ -395,9 +410,11 @@ def test_observe_errors():
     with pytest.raises(ModbalanceError, match="finite"):
         mod.observe({"text": float("nan"), "audio": 1.0})
     with pytest.raises(ModbalanceError, match="finite"):
-        mod.observe(torch.tensor([1.0, float("inf")]))
-    with pytest.raises(ModbalanceError, match="shape \\(2,\\)"):
-        mod.observe(torch.ones(3))
+        mod.observe({"text": 1.0, "audio": float("inf")})
+    with pytest.raises(TypeError, match="bare tensor is refused"):
+        mod.observe(torch.ones(2))
+    with pytest.raises(TypeError, match="without player names"):
+        mod.observe(ShapleyResult(torch.ones(2), torch.zeros(2), 4))
     with pytest.raises(ModbalanceError, match="one value"):
         mod.observe({"text": torch.ones(2), "audio": 1.0})
     with pytest.raises(TypeError, match="mapping"):
@@ -431,10 +448,7 @@ def original_ogm(score_a, score_v, alpha):
 @pytest.mark.parametrize("alpha", [0.1, 0.8])
 def test_ogmge_matches_original_two_modality_formula(sa, sv, alpha):
     k = ogmge_coefficients(torch.tensor([sa, sv], dtype=torch.float64), alpha, continuous=False)
-    if sa == sv:  # the original damps audio when the ratio is exactly 1 (the else branch)
-        expected = (1.0, 1.0)  # ours: rho = 1 is not "ahead"
-    else:
-        expected = original_ogm(sa, sv, alpha)
+    expected = original_ogm(sa, sv, alpha)  # ties too: the else branch damps audio
     torch.testing.assert_close(k, torch.tensor(expected, dtype=torch.float64))
     # continuous form: rho - 1
     kc = ogmge_coefficients(torch.tensor([sa, sv], dtype=torch.float64), alpha)
@@ -449,7 +463,7 @@ def test_ogmge_three_modalities_hand_computation():
     torch.testing.assert_close(ogmge_coefficients(s, 0.5), expected)
     model = nn.ModuleDict({n: nn.Linear(2, 2) for n in "atv"})
     mod = OGMGEModulator({n: model[n] for n in "atv"}, alpha=0.5)
-    torch.testing.assert_close(mod.observe(s).double(), expected)
+    torch.testing.assert_close(mod.observe(dict(zip("atv", s))).double(), expected)
     torch.testing.assert_close(mod.ratio.double(), rho)
 
 
@@ -482,7 +496,7 @@ def test_ogmge_grad_mode_with_noise(device):
         k = mod.observe({"a": 3.0, "v": 1.0})
         for n, p in enc.named_parameters():
             p.grad = torch.linspace(-1, 1, p.numel(), device=device).view_as(p) * (1 + len(n))
-        mod.step()
+        mod.step(torch.optim.SGD(enc.parameters(), lr=0.0))  # the gradients are what we check
         return k, {n: p.grad.clone() for n, p in enc.named_parameters()}
 
     k, g1 = run(0)
@@ -515,7 +529,7 @@ def test_ogmge_update_mode_scales_update(device):
     ):
         scale = float(k[0]) if name.startswith("text") else 1.0
         torch.testing.assert_close(d, scale * r, atol=1e-7, rtol=1e-5)
-    assert set(mod.state_dict()) == {"coefficient", "initialized", "ratio"}
+    assert set(mod.state_dict()) == {"coefficients", "initialized", "ratio"}
 
 
 # ------------------------------------------------------------------------------------------
@@ -543,3 +557,153 @@ def test_no_host_sync_on_cuda(device, apply):
                 opt.step()
             finally:
                 torch.cuda.set_sync_debug_mode("default")
+
+
+# ------------------------------------------------------------------------------------------
+# inputs by name, never by position (issue: swapped player order)
+# ------------------------------------------------------------------------------------------
+
+
+def _swapped_game():
+    """A game whose player order ("b", "a") differs from the groups' order ("a", "b")."""
+
+    def head(features, present):  # b is dominant: it carries 4x the signal of a
+        return 4.0 * features["b"][:, 0] * present["b"] + features["a"][:, 0] * present["a"]
+
+    game = ModalityGame(head, ["b", "a"], masking="present", value="neg_mae")
+    x = torch.linspace(-1, 1, 32).view(-1, 1)
+    return game({"b": x, "a": x}, 5.0 * x[:, 0])
+
+
+def test_swapped_player_order_slows_the_dominant_modality():
+    res = _swapped_game()
+    assert res.modalities == ("b", "a") and res.shapley[0] > res.shapley[1]
+    mod = ShapleyGradModulator({"a": nn.Linear(1, 1), "b": nn.Linear(1, 1)}, momentum=0.0)
+    k = mod.observe(res)
+    coef = mod.coefficient_dict()
+    assert coef["a"] == pytest.approx(1.0) and coef["b"] < 1.0  # the dominant one is slowed
+    expected = pase_coefficients(torch.stack([res.shapley[1], res.shapley[0]]))
+    torch.testing.assert_close(k, expected)
+    # the same through a ShapleyResult with player names, and through a mapping
+    table = res.table
+    sv = shapley_values(
+        lambda masks: table[(masks.long() * torch.tensor([1, 2])).sum(1)], 2, players=("b", "a")
+    )
+    torch.testing.assert_close(mod.observe(sv), expected)
+    torch.testing.assert_close(mod.observe(dict(zip(res.modalities, res.shapley))), expected)
+    with pytest.raises(TypeError, match="bare tensor"):
+        mod.observe(res.shapley)
+
+
+def test_ogm_observe_game_result_by_name():
+    res = _swapped_game()
+    ogm = OGMGEModulator({"a": nn.Linear(1, 1), "b": nn.Linear(1, 1)}, alpha=0.5)
+    ogm.observe(res)
+    coef = ogm.coefficient_dict()
+    assert coef["a"] == pytest.approx(1.0) and coef["b"] < 1.0
+    scores = OGMGEModulator.game_scores(res)
+    assert set(scores) == {"a", "b"}
+    torch.testing.assert_close(scores["b"], torch.exp(res.table[1] - res.table[0]))
+
+
+def _step_output(task, target, unimodal, game=None, step=0):
+    feats = {m: torch.zeros(target.shape[0], 2) for m in unimodal}
+    present = {m: torch.ones(target.shape[0], dtype=torch.bool) for m in unimodal}
+    return StepOutput(feats, unimodal, None, present, target, task, game=game, step=step)
+
+
+def test_ogm_signal_from_unimodal_predictions():
+    mod = OGMGEModulator({"audio": nn.Linear(1, 1), "video": nn.Linear(1, 1)}, alpha=0.5)
+    y = torch.tensor([0, 1, 1])
+    logits = {
+        "audio": torch.tensor([[3.0, 0.0], [0.0, 3.0], [0.0, 3.0]]),
+        "video": torch.zeros(3, 2),
+    }
+    s = mod.signal(_step_output("classification", y, logits))
+    p = torch.softmax(torch.tensor([3.0, 0.0]), 0)[0]
+    torch.testing.assert_close(s["audio"], 3 * p)  # summed true-class probability
+    torch.testing.assert_close(s["video"], torch.tensor(1.5))
+    yr = torch.tensor([1.0, -1.0])
+    preds = {"audio": torch.tensor([1.0, -1.0]), "video": torch.tensor([0.0, 0.0])}
+    s = mod.signal(_step_output("regression", yr, preds))
+    torch.testing.assert_close(s["audio"], torch.tensor(1.0))
+    torch.testing.assert_close(s["video"], torch.exp(torch.tensor(-1.0)))
+    with pytest.raises(ModbalanceError, match=r"needs StepOutput\.game"):
+        OGMGEModulator({"a": nn.Linear(1, 1), "b": nn.Linear(1, 1)}, source="game").signal(
+            _step_output("regression", yr, {"a": yr, "b": yr})
+        )
+
+
+def test_around_step_observes_every_k_steps_and_modulates():
+    model = TwoBranch()
+    res = _swapped_game()
+    game = GameResult(res.table, res.shapley, res.interactions, ("audio", "text"))
+    mod = ShapleyGradModulator({"text": model.text, "audio": model.audio}, momentum=0.0, every=2)
+    assert mod.needs_game
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    xt, xa, y = batch("cpu", 0)
+    ((model(xt, xa) - y) ** 2).mean().backward()
+    before = params_of(model)
+    with mod.around_step(_step_output("regression", y, {"text": y, "audio": y}, game, 1), opt):
+        opt.step()
+    assert not mod.initialized  # step 1 is not a multiple of every=2: no observation
+    with mod.around_step(_step_output("regression", y, {"text": y, "audio": y}, game, 2), opt):
+        opt.step()
+    assert mod.initialized and mod.coefficient_dict()["audio"] < 1.0
+    assert any(not torch.equal(a, b) for a, b in zip(before, model.parameters()))
+    with pytest.raises(ModbalanceError, match="needs the batch's Shapley game"):
+        mod.signal(_step_output("regression", y, {"text": y, "audio": y}))
+
+
+# ------------------------------------------------------------------------------------------
+# OGM-GE parity with the released two-modality rule, ties and near-ties
+# ------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("alpha", [0.1, 0.5])
+def test_ogm_discrete_matches_released_code_on_ties_and_near_ties(alpha):
+    g = torch.Generator().manual_seed(0)
+    base = torch.rand(200, generator=g, dtype=torch.float64) * 10 + 0.1
+    pairs = [(float(b), float(b)) for b in base[:20]]  # exact ties: the first is damped
+    up = torch.nextafter(base, torch.full_like(base, math.inf))
+    up2 = torch.nextafter(up, torch.full_like(base, math.inf))
+    for x, y1, y2 in zip(base.tolist(), up.tolist(), up2.tolist()):  # 1 and 2 ULPs apart
+        pairs += [(x, y1), (y1, x), (x, y2), (y2, x)]
+    scores = torch.tensor(pairs, dtype=torch.float64)
+    k = ogmge_coefficients(scores, alpha, continuous=False)
+    expected = torch.tensor([original_ogm(a, v, alpha) for a, v in pairs], dtype=torch.float64)
+    torch.testing.assert_close(k, expected, atol=0, rtol=0)
+    tie = ogmge_coefficients(torch.tensor([2.0, 2.0]), alpha, continuous=False)
+    assert tie[0] < 1.0 and tie[1] == 1.0
+
+
+def test_ogm_discrete_three_modalities_tie_damps_first():
+    k = ogmge_coefficients(torch.tensor([1.0, 1.0, 1.0]), 0.5, continuous=False)
+    torch.testing.assert_close(k, torch.tensor([1 - math.tanh(0.5), 1.0, 1.0]))
+
+
+@pytest.mark.parametrize(
+    "fn", [pase_shares, pase_coefficients, lambda x: ogmge_coefficients(x, 0.1)]
+)
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+def test_rules_reject_non_finite(fn, bad):
+    with pytest.raises(ModbalanceError, match="finite"):
+        fn(torch.tensor([1.0, bad]))
+
+
+@pytest.mark.parametrize("fn", [pase_shares, pase_coefficients, ogmge_coefficients])
+def test_rules_reject_0d(fn):
+    with pytest.raises(ModbalanceError, match="0-d"):
+        fn(torch.tensor(1.0))
+
+
+@pytest.mark.parametrize("bad", [[0.0, 1.0], [-1.0, 2.0]])
+def test_ogm_rejects_non_positive_scores(bad):
+    with pytest.raises(ModbalanceError, match="must be positive"):
+        ogmge_coefficients(torch.tensor(bad))
+
+
+def test_shares_do_not_overflow():
+    torch.testing.assert_close(
+        pase_shares(torch.tensor([3e38, 3e38], dtype=torch.float32)), torch.tensor([0.5, 0.5])
+    )

@@ -1,0 +1,1 @@
+"""Balancing methods of the field, each a :class:`~modbalance.balancing.BalancingMethod`."""
