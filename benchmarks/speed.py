@@ -1,14 +1,14 @@
 """What does PaSE cost per training step? Phase 2 vs the plain late-fusion step, same backbone.
 
-Both models are the PaSE reference model of ``examples/pase`` built and wired by its
-:class:`~pase.train.Trainer` (AdamW, modality game, modulator), on the example's default backbone
+Both models are the PaSE reference model of ``examples/pase``, assembled by its ``build`` and
+trained by its one ``train_step`` (AdamW, modality game, modulator), on the default backbone
 (one Transformer layer per modality, width 64) and MOSI shapes (batch 64, 50 frames, text 768 /
 audio 5 / vision 20, regression):
 
 * ``plain``: ``baseline=True`` (mean late fusion), no modulator: forward, backward, AdamW step;
 * ``pase``: phase 2 with prototype calibration, OT alignment of the class prototypes of every
   modality pair, the prototype-gated fusion, the exact Shapley game of the fused head on all 2^M
-  coalitions (every step) and the Shapley modulator (``apply="update"``, optimizer hooks).
+  coalitions (every step) and the Shapley modulator (``apply="update"``).
 
 The two steps are timed **interleaved** in one run (plain, pase, plain, pase, ...) on the same
 batch, after warm-up (PaSE: two phase-1 steps warm its prototypes); the median per step is
@@ -30,7 +30,7 @@ per model with the kernel's high-water mark reset after set-up (``/proc/self/cle
 only), so it counts activations, gradients, the AdamW state and allocator slack; skipped in
 ``--quick`` mode.
 
-Run: ``python benchmarks/speed.py [--quick] [--device cpu|cuda] [--amp bf16]``; writes
+Run: ``python -m benchmarks.speed [--quick] [--device cpu|cuda] [--amp bf16]``; writes
 ``benchmarks/results/speed.md`` and ``speed.png``.
 """
 
@@ -41,7 +41,6 @@ import contextlib
 import json
 import multiprocessing
 import statistics
-import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -49,12 +48,9 @@ from typing import Any
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT / "examples") not in sys.path:
-    sys.path.insert(0, str(ROOT / "examples"))
-
-from pase.model import PaSEConfig  # noqa: E402
-from pase.train import TrainConfig, Trainer  # noqa: E402
+from examples.pase import Parts, PaSEConfig, train_step
+from examples.pase import build as build_parts
+from modbalance.balancing import combine_losses
 
 RESULTS = Path(__file__).resolve().parent / "results"
 MOSI_DIMS = {"text": 768, "audio": 5, "vision": 20}
@@ -97,8 +93,8 @@ def build(
     num_classes: int = 7,
     dim: int = 64,
     layers: int = 1,
-) -> Trainer:
-    """A Trainer holding the model, AdamW and (for PaSE) the modality game and SGM modulator."""
+) -> Parts:
+    """The parts of the example: model, AdamW and (for PaSE) the modality game and SGM modulator."""
     model_config = PaSEConfig(
         modalities=tuple(dims),
         input_dims=dict(dims),
@@ -109,12 +105,9 @@ def build(
         num_classes=num_classes,
         baseline=not pase,
     )
-    train_config = TrainConfig(modulator="sgm" if pase else "none", device=device, progress=False)
-    trainer = Trainer(model_config, train_config, None, None, None, out_dir=None)
-    if trainer.modulator is not None:
-        trainer.modulator.to(trainer.device)  # keep the coefficients next to the parameters
-    trainer.model.train()
-    return trainer
+    parts = build_parts(model_config, methods=("sgm",) if pase else (), device=device)
+    parts.model.train()
+    return parts
 
 
 def _autocast(device: str, amp: str | None):
@@ -123,21 +116,12 @@ def _autocast(device: str, amp: str | None):
     return contextlib.nullcontext()
 
 
-def make_step(trainer: Trainer, batch: dict[str, Any], amp: str | None) -> Callable[[], None]:
-    """One training step exactly as :meth:`Trainer.train_epoch` does it (phase 2)."""
-    model, opt, device = trainer.model, trainer.optimizer, str(trainer.device)
+def make_step(parts: Parts, batch: dict[str, Any], amp: str | None) -> Callable[[], None]:
+    """The example's one ``train_step`` on a fixed batch (phase 2 by default)."""
+    parts.amp = amp
 
     def step(phase: int = 2) -> None:
-        with _autocast(device, amp):
-            out = model(batch, phase)
-        opt.zero_grad(set_to_none=True)
-        out["loss"].backward()
-        if phase == 2 and trainer.modulator is not None:
-            feats = {m: f.detach().float() for m, f in out["feats"].items()}
-            trainer.modulator.observe(
-                trainer._modulation_scores(trainer.game(feats, batch["label"]))
-            )
-        opt.step()
+        train_step(parts, batch, phase)
 
     return step
 
@@ -171,16 +155,15 @@ def _prepare(
     num_classes: int = 7,
     warmup: int = 3,
 ):
-    trainer = build(pase, dims, device, task=task, num_classes=num_classes)
+    parts = build(pase, dims, device, task=task, num_classes=num_classes)
     batch = make_batch(batch_size, seq, dims, task, num_classes, device)
-    step = make_step(trainer, batch, amp)
+    step = make_step(parts, batch, amp)
     if pase:
         for _ in range(2):
             step(phase=1)  # warm the prototypes, as phase 1 does
-        trainer._set_attached(True)  # the modulator's optimizer hooks, as in phase 2
     for _ in range(warmup):
         step()
-    return trainer, batch, step
+    return parts, batch, step
 
 
 def compare(
@@ -263,19 +246,18 @@ def breakdown(
     def game():
         return tr.game({m: f.float() for m, f in base_feats.items()}, label)
 
-    shapley = game().shapley
+    result = game()
+    (modulator,) = tr.methods
 
     def observe():
-        tr.modulator.observe(shapley)
+        modulator.observe(result)
 
-    # optimizer step with and without the modulator hooks (gradients left in place: AdamW
-    # updates do not depend on whether they are the "real" ones)
-    out = model(batch, 2)
+    # optimizer step with and without the modulator (gradients left in place: AdamW updates do
+    # not depend on whether they are the "real" ones)
     tr.optimizer.zero_grad(set_to_none=True)
-    out["loss"].backward()
-    pout = pmodel(batch, 2)
+    combine_losses(model(batch, 2)[1]).backward()
     plain_tr.optimizer.zero_grad(set_to_none=True)
-    pout["loss"].backward()
+    combine_losses(pmodel(batch, 2)[1]).backward()
 
     rows = []
     pieces = [
@@ -287,7 +269,7 @@ def breakdown(
         ("Shapley game, 2^M coalitions (PaSE)", game),
         ("modulator observe (PaSE)", observe),
         ("AdamW step (plain model)", plain_tr.optimizer.step),
-        ("AdamW step + modulator hooks (PaSE model)", tr.optimizer.step),
+        ("AdamW step + modulator (PaSE model)", lambda: modulator.step(tr.optimizer)),
     ]
     for name, fn in pieces:
         rows.append({"component": name, "ms": _median_ms(fn, repeats, device)})
@@ -309,9 +291,9 @@ def _rss_child(pase: bool, dims, batch_size, seq, queue) -> None:  # pragma: no 
     import gc
 
     torch.set_num_threads(1)
-    trainer = build(pase, dims, "cpu")
+    parts = build(pase, dims, "cpu")
     batch = make_batch(batch_size, seq, dims, "regression", 7, "cpu")
-    step = make_step(trainer, batch, None)
+    step = make_step(parts, batch, None)
     gc.collect()
     # reset the kernel's high-water mark (VmHWM) so that earlier transients (imports, set-up)
     # cannot hide the step's peak (Linux >= 4.0)
@@ -320,7 +302,6 @@ def _rss_child(pase: bool, dims, batch_size, seq, queue) -> None:  # pragma: no 
     before = _status_kib("VmRSS")
     if pase:
         step(phase=1)
-        trainer._set_attached(True)
     for _ in range(3):
         step()
     queue.put((_status_kib("VmHWM") - before) / 1024)

@@ -17,54 +17,120 @@ import argparse
 import json
 import os
 import sys
-import time
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+if __package__:  # imported as ``examples.pase_mosi`` (tests, benchmarks)
+    from .pase import CheckpointError, DataError, PaSEConfig, TrainConfig, Trainer, build_datasets
+    from .pase.plots import plot_history, plot_plan
+else:  # run as ``python examples/pase_mosi.py``: this folder is on sys.path
+    from pase import CheckpointError, DataError, PaSEConfig, TrainConfig, Trainer, build_datasets
+    from pase.plots import plot_history, plot_plan
 
-from pase.model import PaSEConfig
-from pase.train import TrainConfig, Trainer, build_datasets
+#: Balancing methods PaSE trains with by default (phase 2).
+PASE_METHODS = ("sgm",)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
-        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+        description=__doc__.split("\n\n")[0],
+        epilog=__doc__.split("\n\n", 1)[1],
+        formatter_class=_Formatter,
     )
-    p.add_argument(
-        "--data", default=None, help="MMSA or MulT pickle; default: synthetic competition data"
+    add = p.add_argument
+    add(
+        "--data",
+        default=None,
+        help="MMSA or MulT pickle (format detected from its content); "
+        "default: the synthetic competition data, generated in memory",
     )
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--amp", choices=("bf16",), default=None, help="autocast dtype on GPU")
-    p.add_argument("--epochs", type=int, default=24)
-    p.add_argument(
-        "--switch-epoch", type=int, default=6, help="last epoch of phase 1 (at the latest)"
+    add("--device", default="cpu", help="torch device, e.g. cpu, cuda, cuda:1")
+    add("--amp", choices=("bf16",), default=None, help="bf16 autocast (GPU)")
+    add("--epochs", type=int, default=24, help="training epochs, both phases together")
+    add("--switch-epoch", type=int, default=6, help="last epoch of phase 1 (at the latest)")
+    add(
+        "--patience",
+        type=int,
+        default=None,
+        help="switch to phase 2 earlier after this many phase-1 epochs without validation gain",
     )
-    p.add_argument(
-        "--patience", type=int, default=None, help="switch earlier on a validation plateau"
+    add("--batch-size", type=int, default=64, help="samples per step (per rank under torchrun)")
+    add("--lr", type=float, default=1e-3, help="AdamW learning rate")
+    add("--dim", type=int, default=64, help="feature width of every encoder")
+    add("--layers", type=int, default=1, help="Transformer layers per encoder")
+    add("--seed", type=int, default=0, help="training seed (the synthetic data always uses 0)")
+    add("--out", default="runs/pase", help="output directory (checkpoints, logs, plots)")
+    add(
+        "--resume",
+        action="store_true",
+        help="continue bit-exactly from OUT/last.pt (an error if there is none)",
     )
-    p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--lr", type=float, default=1e-3)
-    p.add_argument("--dim", type=int, default=64)
-    p.add_argument("--layers", type=int, default=1)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", default="runs/pase", help="output directory")
-    p.add_argument("--resume", action="store_true", help="continue from OUT/last.pt")
-    p.add_argument("--no-calibration", action="store_true")
-    p.add_argument("--no-alignment", action="store_true")
-    p.add_argument("--no-gate", action="store_true")
-    p.add_argument("--no-sgm", action="store_true")
-    p.add_argument("--baseline", action="store_true", help="plain late fusion (joint training)")
-    p.add_argument("--modulator", choices=("sgm", "ogm-ge", "none"), default=None)
-    p.add_argument("--sgm-every", type=int, default=1)
-    p.add_argument("--n-train", type=int, default=None, help="synthetic data: training samples")
-    p.add_argument(
-        "--text-strength", type=float, default=None, help="synthetic data: text dominance"
+    add("--no-calibration", action="store_true", help="ablation: no prototype calibration loss")
+    add("--no-alignment", action="store_true", help="ablation: no OT prototype alignment")
+    add("--no-gate", action="store_true", help="ablation: mean fusion instead of the gated fusion")
+    add("--no-sgm", action="store_true", help="ablation: no Shapley modulation")
+    add(
+        "--baseline",
+        action="store_true",
+        help="plain late fusion (joint training from epoch 1, no PaSE component)",
     )
-    p.add_argument("--max-steps-per-epoch", type=int, default=None)
-    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    add(
+        "--modulator",
+        choices=("sgm", "ogm-ge", "none"),
+        default=None,
+        help="gradient modulator (default: sgm for PaSE, none for --baseline)",
+    )
+    add("--sgm-every", type=int, default=1, help="observe the Shapley game every N steps")
+    add("--n-train", type=int, default=None, help="synthetic data: training samples")
+    add("--text-strength", type=float, default=None, help="synthetic data: text dominance")
+    add("--max-steps-per-epoch", type=int, default=None, help="cap steps per epoch (smoke tests)")
+    add("--quiet", action="store_true", help="no progress bars or per-epoch lines")
     return p.parse_args(argv)
+
+
+class _Formatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    pass
+
+
+def methods_from(args: argparse.Namespace) -> tuple[str, ...]:
+    modulator = args.modulator or ("none" if (args.baseline or args.no_sgm) else "sgm")
+    if args.no_sgm and modulator == "sgm":
+        modulator = "none"
+    base = () if args.baseline else tuple(m for m in PASE_METHODS if m != "sgm")
+    return base + (() if modulator == "none" else (modulator,))
+
+
+def configs(args: argparse.Namespace, train, device: str) -> tuple[PaSEConfig, TrainConfig]:
+    classification = getattr(train, "task", "regression") in ("iemocap", "classification")
+    classes = 4 if train.task == "iemocap" else int(train.labels.max()) + 1 if classification else 7
+    model_config = PaSEConfig(
+        modalities=tuple(train.modalities),
+        input_dims=dict(train.dims),
+        dim=args.dim,
+        layers=args.layers,
+        task="classification" if classification else "regression",
+        num_outputs=classes if classification else 1,
+        num_classes=classes,
+        calibration=not args.no_calibration,
+        alignment=not args.no_alignment,
+        gate=not args.no_gate,
+        baseline=args.baseline,
+    )
+    config = TrainConfig(
+        epochs=args.epochs,
+        batch_size=args.batch_size,
+        lr=args.lr,
+        seed=args.seed,
+        switch_epoch=args.switch_epoch,
+        patience=args.patience,
+        methods=methods_from(args),
+        device=device,
+        amp=args.amp,
+        max_steps_per_epoch=args.max_steps_per_epoch,
+        progress=not args.quiet,
+    )
+    return model_config, config
 
 
 def print_table(final: dict, modalities: tuple[str, ...]) -> None:
@@ -80,89 +146,66 @@ def print_table(final: dict, modalities: tuple[str, ...]) -> None:
         print("Shapley shares: " + ", ".join(f"{m} {v:.3f}" for m, v in res["shares"].items()))
 
 
-def main(argv: list[str] | None = None) -> dict:
-    args = parse_args(argv)
+def write_outputs(trainer: Trainer, final: dict, info: dict, args, out: Path) -> None:
+    model = trainer.model
+    print_table(final, model.modalities)
+    plot_history(trainer.history, model.modalities, out)
+    if model.aligner is not None and len(model.modalities) >= 2:
+        a, b = model.modalities[0], model.modalities[1]
+        with torch.no_grad():
+            res = model.aligner(model.calibrators[a].prototypes, model.calibrators[b].prototypes)
+        plot_plan(res.plan, (a, b), out)
+    summary = {"wall_time_s": trainer.elapsed_s, "info": info, "final": final, "args": vars(args)}
+    (out / "summary.json").write_text(json.dumps(summary, indent=1))
+    print(f"\ntraining time {trainer.elapsed_s:.1f}s; outputs in {out}/")
+
+
+def _init_distributed(device: str) -> tuple[bool, str]:
     distributed = "LOCAL_RANK" in os.environ and int(os.environ.get("WORLD_SIZE", "1")) > 1
-    device = args.device
     if distributed:
-        backend = "nccl" if device.startswith("cuda") else "gloo"
-        torch.distributed.init_process_group(backend)
+        torch.distributed.init_process_group("nccl" if device.startswith("cuda") else "gloo")
         if device.startswith("cuda"):
             device = f"cuda:{int(os.environ['LOCAL_RANK'])}"
             torch.cuda.set_device(device)
-    t0 = time.perf_counter()
-    synthetic = {}
-    if args.n_train is not None:
-        synthetic["n_train"] = args.n_train
-    if args.text_strength is not None:
-        synthetic["text_strength"] = args.text_strength
+    return distributed, device
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = parse_args(argv)
+    distributed, device = _init_distributed(args.device)
+    synthetic = {
+        k: v
+        for k, v in (("n_train", args.n_train), ("text_strength", args.text_strength))
+        if v is not None
+    }
     train, valid, test, info = build_datasets(args.data, seed=0, synthetic=synthetic)
-    iemocap = getattr(train, "task", "regression") == "iemocap"
-    model_config = PaSEConfig(
-        modalities=tuple(train.modalities),
-        input_dims=dict(train.dims),
-        dim=args.dim,
-        layers=args.layers,
-        task="classification" if iemocap else "regression",
-        num_outputs=4 if iemocap else 1,  # IEMOCAP: 4-class single-label view
-        num_classes=4 if iemocap else 7,
-        calibration=not args.no_calibration,
-        alignment=not args.no_alignment,
-        gate=not args.no_gate,
-        baseline=args.baseline,
-    )
-    modulator = args.modulator or ("none" if (args.baseline or args.no_sgm) else "sgm")
-    if args.no_sgm and modulator == "sgm":
-        modulator = "none"
-    config = TrainConfig(
-        epochs=args.epochs,
-        batch_size=args.batch_size,
-        lr=args.lr,
-        seed=args.seed,
-        switch_epoch=args.switch_epoch,
-        patience=args.patience,
-        modulator=modulator,
-        sgm_every=args.sgm_every,
-        device=device,
-        amp=args.amp,
-        max_steps_per_epoch=args.max_steps_per_epoch,
-        progress=not args.quiet,
-    )
+    model_config, config = configs(args, train, device)
     out = Path(args.out)
     trainer = Trainer(model_config, config, train, valid, test, out_dir=out)
-    if args.resume and trainer.resume() and trainer.is_main:
-        print(f"resumed from {out / 'last.pt'} at epoch {trainer.epoch}")
+    if args.resume:
+        if not trainer.resume():
+            raise CheckpointError(
+                f"--resume: {out / 'last.pt'} does not exist; drop --resume to start a new run."
+            )
+        if trainer.is_main:
+            print(f"resumed from {out / 'last.pt'} at epoch {trainer.epoch}")
     if trainer.is_main:
+        methods = ", ".join(config.methods) or "none"
         print(
-            f"data: {info['source']} | train {len(train)} valid {len(valid)} "
-            f"| modulator {modulator}" + (" | baseline" if args.baseline else "")
+            f"data: {info['source']} | train {len(train)} valid {len(valid)} | methods {methods}"
+            + (" | baseline" if args.baseline else "")
         )
     final = trainer.run()
     if trainer.is_main:
-        print_table(final, model_config.modalities)
-        from pase.plots import plot_history, plot_plan
-
-        plot_history(trainer.history, model_config.modalities, out)
-        model = trainer.model
-        if model.aligner is not None and len(model.modalities) >= 2:
-            a, b = model.modalities[0], model.modalities[1]
-            with torch.no_grad():
-                res = model.aligner(
-                    model.calibrators[a].prototypes, model.calibrators[b].prototypes
-                )
-            plot_plan(res.plan, (a, b), out)
-        summary = {
-            "wall_time_s": time.perf_counter() - t0,
-            "info": info,
-            "final": final,
-            "args": vars(args),
-        }
-        (out / "summary.json").write_text(json.dumps(summary, indent=1))
-        print(f"\nwall time {summary['wall_time_s']:.1f}s; outputs in {out}/")
+        write_outputs(trainer, final, info, args, out)
     if distributed:
         torch.distributed.destroy_process_group()
     return final
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except (DataError, CheckpointError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(2)

@@ -508,11 +508,15 @@ class _GroupModulator(BalancingMethod):
     def around_step(self, out: StepOutput, optimizer: torch.optim.Optimizer) -> Iterator[None]:
         """:class:`~modbalance.balancing.BalancingMethod` hook: observe, then modulate the step.
 
-        Every ``every`` steps (``out.step % every == 0``) the coefficients are updated from
-        :meth:`signal` of ``out``; the ``optimizer.step()`` inside the block is then modulated as
-        in :meth:`step` (or by the hooks, when the modulator is attached).
+        In phase 2 (``out.phase == 2``), every ``every`` steps (``out.step % every == 0``) the
+        coefficients are updated from :meth:`signal` of ``out``, and the ``optimizer.step()``
+        inside the block is modulated as in :meth:`step` (or by the hooks, when the modulator is
+        attached). Phase-1 (warm-up) steps are left alone.
         """
-        if out.phase == 2 and out.step % self.every == 0:
+        if out.phase != 2:  # the warm-up phase is not modulated
+            yield
+            return
+        if out.step % self.every == 0:
             self.observe(self.signal(out))
         if self._handle is not None:
             yield

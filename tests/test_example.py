@@ -8,15 +8,25 @@ from pathlib import Path
 
 import pytest
 import torch
+from torch import nn
+
+from examples import pase_mosi
+from examples.pase import (
+    CheckpointError,
+    DataError,
+    GuardedDataset,
+    PaSEConfig,
+    PaSEModel,
+    SequenceEncoder,
+    TrainConfig,
+    Trainer,
+    build,
+    build_datasets,
+    train_step,
+)
+from modbalance.data import MultimodalDataset, collate_multimodal, make_competition_data
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "examples"))
-
-import pase_mosi  # noqa: E402
-from pase.model import PaSEConfig, PaSEModel, SequenceEncoder  # noqa: E402
-from pase.train import GuardedDataset, TrainConfig, Trainer, build_datasets  # noqa: E402
-
-from modbalance.data import collate_multimodal, make_competition_data  # noqa: E402
 
 SMALL = {
     "n_train": 64,
@@ -29,8 +39,7 @@ SMALL = {
 
 @pytest.fixture(scope="module")
 def splits(tmp_path_factory):
-    cache = tmp_path_factory.mktemp("cache")
-    return build_datasets(None, seed=0, synthetic=SMALL, cache_dir=cache)
+    return build_datasets(None, seed=0, synthetic=SMALL)
 
 
 def _model_config(train, **kw) -> PaSEConfig:
@@ -92,7 +101,8 @@ def test_tiny_run_on_synthetic_data_goes_through_both_phases(splits, tmp_path):
     assert "train_alignment" in trainer.history[1] and "train_calibration" in trainer.history[1]
     assert torch.isfinite(torch.tensor(final["test"]["fused"]["MAE"]))
     # the modulator moved away from its initial coefficients of 1
-    coeffs = trainer.modulator.coefficient
+    (modulator,) = trainer.methods
+    coeffs = modulator.coefficients
     assert bool((coeffs < 1).any()) and bool((coeffs <= 1 + 1e-6).all())
 
 
@@ -114,16 +124,17 @@ def test_every_phase2_loss_term_sends_gradient_to_every_encoder(splits):
     batch = collate_multimodal([train[i] for i in range(32)])
     model.train()
     model(batch, phase=1)  # warm the prototypes
-    out = model(batch, phase=2)
-    assert set(out["losses"]) == {"calibration", "readout", "task", "alignment"}
+    out, losses = model(batch, phase=2)
+    assert set(losses) == {"calibration", "readout", "task", "alignment"}
     for term in ("calibration", "task", "alignment"):
-        norms = _grad_norms(model, out["losses"][term])
+        norms = _grad_norms(model, losses[term])
         assert all(v > 0 for v in norms.values()), (term, norms)
     # the read-out heads train on detached features: no gradient to the encoders in phase 2
-    assert all(v == 0 for v in _grad_norms(model, out["losses"]["readout"]).values())
-    assert all(
-        v > 0 for v in _grad_norms(model, model(batch, phase=1)["losses"]["unimodal"]).values()
-    )
+    assert all(v == 0 for v in _grad_norms(model, losses["readout"]).values())
+    assert all(v > 0 for v in _grad_norms(model, model(batch, phase=1)[1]["unimodal"]).values())
+    # the step's unimodal predictions reach the encoders (methods build losses from them)
+    for m in model.modalities:
+        assert _grad_norms(model, out.unimodal[m].abs().mean())[m] > 0
 
 
 def test_test_split_is_only_touched_by_the_final_evaluation(splits, monkeypatch):
@@ -182,7 +193,7 @@ def test_ablation_switches_remove_their_component(splits, flags, absent_losses):
     train = splits[0]
     model = PaSEModel(_model_config(train, **flags))
     batch = collate_multimodal([train[i] for i in range(16)])
-    losses = set(model(batch, phase=2)["losses"])
+    losses = set(model(batch, phase=2)[1])
     assert not (losses & absent_losses)
     assert {"task", "readout"} <= losses
     if flags.get("alignment") is False or flags.get("baseline"):
@@ -196,16 +207,21 @@ def test_ablation_switches_remove_their_component(splits, flags, absent_losses):
     assert all(isinstance(e, SequenceEncoder) for e in model.encoders.values())
 
 
-def test_no_sgm_and_ogm_switches(splits):
+def test_method_switches(splits):
     train, valid, test = _fresh_test(splits)
-    t = Trainer(_model_config(train), _train_config(modulator="none"), train, valid, test)
-    assert t.modulator is None
+    t = Trainer(_model_config(train), _train_config(methods=()), train, valid, test)
+    assert t.methods == []
     t = Trainer(
-        _model_config(train, baseline=True), _train_config(modulator="ogm-ge"), train, valid, test
+        _model_config(train, baseline=True), _train_config(methods=("ogm-ge",)), train, valid, test
     )
-    assert type(t.modulator).__name__ == "OGMGEModulator" and t.schedule.phase == 2
-    with pytest.raises(ValueError, match="`modulator` must be"):
-        Trainer(_model_config(train), _train_config(modulator="agm"), train, valid, test)
+    assert [type(m).__name__ for m in t.methods] == ["OGMGEModulator"]
+    assert t.parts.schedule.phase == 2
+    with pytest.raises(ValueError, match="unknown balancing method 'nope'"):
+        Trainer(_model_config(train), _train_config(methods=("nope",)), train, valid, test)
+    args = pase_mosi.parse_args(["--no-sgm"])
+    assert pase_mosi.methods_from(args) == tuple(m for m in pase_mosi.PASE_METHODS if m != "sgm")
+    assert pase_mosi.methods_from(pase_mosi.parse_args(["--baseline"])) == ()
+    assert "ogm-ge" in pase_mosi.methods_from(pase_mosi.parse_args(["--modulator", "ogm-ge"]))
 
 
 def test_baseline_and_pase_share_backbone_parameters(splits):
@@ -241,7 +257,7 @@ def test_two_rank_torchrun_run_completes(tmp_path):
         *_cli_args(data, out, epochs=2),
     ]
     env = os.environ | {"OMP_NUM_THREADS": "1"}
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env, cwd=ROOT)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.count("selected epoch (validation)") == 1  # rank 0 reports alone
     history = json.loads((out / "history.json").read_text())
@@ -274,3 +290,165 @@ def test_cli_trains_on_a_mult_iemocap_pickle(tmp_path):
         assert 0.0 <= final[split_name]["fused"]["WA"] <= 1.0
         assert 0.0 <= final[split_name]["fused"]["UA"] <= 1.0
     assert (out / "ot_plan.png").is_file()
+
+
+# ------------------------------------------------------------------------------------------
+# one train_step for every model: the default Transformer on MMSA data, your own MLP encoders
+# ------------------------------------------------------------------------------------------
+
+
+def test_train_step_with_default_transformer_encoders_on_mmsa_data(splits):
+    train = splits[0]
+    parts = build(_model_config(train), methods=("sgm",), switch_epoch=1)
+    batch = collate_multimodal([train[i] for i in range(16)])
+    before = {n: p.detach().clone() for n, p in parts.model.named_parameters()}
+    for phase in (1, 2):
+        losses = train_step(parts, batch, phase)
+        assert all(torch.isfinite(v) for v in losses.values())
+    assert set(losses) == {"calibration", "readout", "task", "alignment"}
+    assert parts.step == 2 and bool(parts.methods[0].initialized)
+    moved = [n for n, p in parts.model.named_parameters() if not torch.equal(p, before[n])]
+    assert any(n.startswith("encoders.audio") for n in moved)
+
+
+class _MLP(nn.Module):
+    def __init__(self, d_in, d_out):
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(d_in, 32), nn.ReLU(), nn.Linear(32, d_out))
+
+    def forward(self, x):
+        return self.net(x)
+
+
+def _vector_classification_set(n=80, classes=10, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    y = torch.randint(0, classes, (n,), generator=g)
+    a = torch.randn(n, 7, generator=g) + torch.nn.functional.one_hot(y, classes)[:, :7].float()
+    b = torch.randn(n, 5, generator=g)
+    return MultimodalDataset({"a": a, "b": b}, y)
+
+
+def test_train_step_with_user_mlp_encoders_on_vectors_and_ten_classes():
+    ds = _vector_classification_set()
+    assert ds.task == "classification"
+    config = PaSEConfig(
+        modalities=("a", "b"),
+        input_dims={"a": 7, "b": 5},
+        dim=16,
+        task="classification",
+        num_outputs=10,
+        num_classes=10,
+    )
+    encoders = {"a": _MLP(7, 16), "b": _MLP(5, 16)}
+    parts = build(config, methods=("sgm", "ogm-ge"), encoders=encoders, switch_epoch=1)
+    assert parts.model.encoders["a"] is encoders["a"]
+    batch = collate_multimodal([ds[i] for i in range(32)])
+    assert batch["features"]["a"].shape == (32, 7) and batch["label"].dtype == torch.int64
+    before = [p.detach().clone() for p in encoders["b"].parameters()]
+    for phase in (1, 2, 2):
+        losses = train_step(parts, batch, phase)
+    assert {"task", "readout"} <= set(losses) and torch.isfinite(losses["task"])
+    assert any(not torch.equal(p, q) for p, q in zip(encoders["b"].parameters(), before))
+    out, _ = parts.model(batch, phase=2)
+    assert out.fused.shape == (32, 10) and out.target.dtype == torch.int64
+
+
+def test_user_encoders_must_cover_every_modality():
+    config = PaSEConfig(modalities=("a", "b"), input_dims={"a": 7, "b": 5}, dim=16)
+    with pytest.raises(ValueError, match="must map exactly the modalities"):
+        PaSEModel(config, {"a": _MLP(7, 16)})
+    with pytest.raises(TypeError, match=r"must be an nn\.Module"):
+        PaSEModel(config, {"a": _MLP(7, 16), "b": lambda x: x})
+
+
+# ------------------------------------------------------------------------------------------
+# bad files and bad checkpoints: say which file, what is wrong, what to do
+# ------------------------------------------------------------------------------------------
+
+
+def test_missing_data_file_is_a_clear_error(tmp_path):
+    with pytest.raises(DataError, match="no such file"):
+        pase_mosi.main(["--data", str(tmp_path / "nope.pkl"), "--out", str(tmp_path / "o")])
+
+
+def test_broken_mmsa_file_reports_the_loaders_own_error(tmp_path):
+    import pickle
+
+    data = make_competition_data(**SMALL, seed=3).data
+    data["train"]["regression_labels"] = data["train"]["regression_labels"][:-5]
+    path = tmp_path / "broken.pkl"
+    with open(path, "wb") as fh:
+        pickle.dump(data, fh)
+    with pytest.raises(DataError, match=r"mmsa layout.*inconsistent lengths"):
+        build_datasets(path)
+
+
+def test_labels_outside_the_sentiment_range_are_refused(tmp_path):
+    import pickle
+
+    data = make_competition_data(**SMALL, seed=3).data
+    for split in data.values():
+        split["regression_labels"] = split["regression_labels"] * 100
+    path = tmp_path / "x100.pkl"
+    with open(path, "wb") as fh:
+        pickle.dump(data, fh)
+    with pytest.raises(DataError, match=r"outside MMSA's sentiment range \[-3, 3\]"):
+        build_datasets(path)
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory):
+    data = tmp_path_factory.mktemp("d") / "tiny.pkl"
+    make_competition_data(**SMALL, seed=3).save(data)
+    out = tmp_path_factory.mktemp("run")
+    pase_mosi.main(_cli_args(data, out, epochs=2))
+    return data, out
+
+
+@pytest.mark.parametrize(
+    ("content", "match"),
+    [
+        (b"", "cannot be read"),
+        (b"PK\x03\x04 truncated", "cannot be read"),
+        ("foreign", "not a checkpoint of this example"),
+    ],
+)
+def test_resume_from_a_bad_checkpoint_names_the_file(finished_run, tmp_path, content, match):
+    data, _ = finished_run
+    out = tmp_path / "bad"
+    out.mkdir()
+    if content == "foreign":
+        torch.save({"weights": torch.ones(2)}, out / "last.pt")
+    else:
+        (out / "last.pt").write_bytes(content)
+    with pytest.raises(CheckpointError, match=match) as info:
+        pase_mosi.main([*_cli_args(data, out, epochs=2), "--resume"])
+    assert "last.pt" in str(info.value)
+
+
+def test_resume_with_other_options_or_without_checkpoint(finished_run, tmp_path):
+    data, out = finished_run
+    args = _cli_args(data, out, epochs=2)
+    dim = args.index("--dim") + 1
+    with pytest.raises(CheckpointError, match="dim: 16 -> 32"):
+        pase_mosi.main([*args[:dim], "32", *args[dim + 1 :], "--resume"])
+    with pytest.raises(CheckpointError, match="does not exist; drop --resume"):
+        pase_mosi.main([*_cli_args(data, tmp_path / "empty", epochs=2), "--resume"])
+
+
+def test_resume_of_a_finished_run_keeps_its_training_time(finished_run):
+    data, out = finished_run
+    before = json.loads((out / "summary.json").read_text())["wall_time_s"]
+    pase_mosi.main([*_cli_args(data, out, epochs=2), "--resume"])
+    after = json.loads((out / "summary.json").read_text())["wall_time_s"]
+    assert after == pytest.approx(before)  # nothing more was trained
+
+
+def test_help_documents_every_flag_with_defaults(capsys):
+    with pytest.raises(SystemExit):
+        pase_mosi.parse_args(["--help"])
+    text = capsys.readouterr().out
+    for flag in ("--device", "--epochs", "--lr", "--no-calibration", "--no-sgm", "--resume"):
+        line = next(ln for ln in text.splitlines() if ln.strip().startswith(flag))
+        assert len(line.split(flag, 1)[1].strip()) > 0 or flag in text
+    assert "(default: 24)" in text and "(default: 0.001)" in text

@@ -1,11 +1,39 @@
-"""The PaSE reference model built from modbalance components, and its training loop.
+"""The PaSE reference model built from modbalance components: build(), the one train_step(), a loop.
 
-``python examples/pase_mosi.py`` is the command; this package holds the pieces so that tests and
-benchmarks reuse exactly the same backbone for PaSE, its ablations and the plain late-fusion
-baseline.
+``python examples/pase_mosi.py`` is the command. The pieces live here so that tests and
+benchmarks reuse exactly the same backbone and step for PaSE, its ablations, the plain
+late-fusion baseline and every other balancing method:
+
+* :mod:`.model` — :class:`PaSEModel` (bring your own encoders, or the default Transformer / MLP);
+* :mod:`.step` — :func:`build` returns the :class:`Parts`; :func:`train_step` is the one step;
+* :mod:`.loop` — :class:`Trainer`: epochs, evaluation, selection, checkpoints, logs;
+* :mod:`.data` — splits from a file or the synthetic default, loaders, the test-split guard.
 """
 
-from .model import PaSEConfig, PaSEModel, SequenceEncoder
-from .train import TrainConfig, Trainer, build_datasets
+from .data import DataError, GuardedDataset, build_datasets, detect_format, make_loader
+from .loop import CheckpointError, TrainConfig, Trainer, error_of, metrics_of
+from .model import MLPEncoder, PaSEConfig, PaSEModel, SequenceEncoder
+from .step import METHODS, Parts, build, make_methods, register_method, train_step
 
-__all__ = ["PaSEConfig", "PaSEModel", "SequenceEncoder", "TrainConfig", "Trainer", "build_datasets"]
+__all__ = [
+    "METHODS",
+    "CheckpointError",
+    "DataError",
+    "GuardedDataset",
+    "MLPEncoder",
+    "PaSEConfig",
+    "PaSEModel",
+    "Parts",
+    "SequenceEncoder",
+    "TrainConfig",
+    "Trainer",
+    "build",
+    "build_datasets",
+    "detect_format",
+    "error_of",
+    "make_loader",
+    "make_methods",
+    "metrics_of",
+    "register_method",
+    "train_step",
+]

@@ -1,7 +1,10 @@
-"""PaSE model: per-modality Transformer encoders, prototype calibration, OT alignment, gated fusion.
+"""PaSE model: per-modality encoders, prototype calibration, OT alignment, gated fusion.
 
 The same class is the plain late-fusion baseline (``baseline=True``) and every ablation, so that all
-runs share the backbone code and differ only in the components switched on.
+runs share the backbone code and differ only in the components switched on. Encoders are the
+default Transformer :class:`SequenceEncoder` over masked ``(N, T, F)`` sequences, or any
+``nn.Module`` per modality that maps that modality's input to ``(N, dim)``: a vector modality
+(``(N, F)`` input) is called as ``encoder(x)``, a sequence modality as ``encoder(x, mask)``.
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from modbalance.balancing import StepOutput, task_loss
 from modbalance.fusion import PrototypeGatedFusion
 from modbalance.ot import SinkhornAligner
 from modbalance.prototypes import PrototypeCalibrator, sentiment_classes
@@ -39,6 +43,7 @@ class PaSEConfig:
     alignment: bool = True
     gate: bool = True
     baseline: bool = False
+    input_kind: str = "sequence"  # default encoders: "sequence" (Transformer) or "vector" (MLP)
     momentum: float = 0.98
     temperature: float = 0.1
     epsilon: float = 0.05
@@ -80,18 +85,53 @@ class SequenceEncoder(nn.Module):
         return self.norm(pooled)
 
 
-class PaSEModel(nn.Module):
-    """The PaSE reference model (and, with ``baseline=True``, plain late fusion)."""
+class MLPEncoder(nn.Module):
+    """Two-layer MLP for vector modalities: (N, F) -> (N, D)."""
 
-    def __init__(self, config: PaSEConfig) -> None:
+    def __init__(self, in_dim: int, dim: int, hidden: int | None = None) -> None:
+        super().__init__()
+        hidden = hidden or 2 * dim
+        self.net = nn.Sequential(
+            nn.Linear(in_dim, hidden), nn.ReLU(), nn.Linear(hidden, dim), nn.ReLU()
+        )
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.net(x)
+
+
+def default_encoder(config: PaSEConfig, modality: str) -> nn.Module:
+    """The Transformer sequence encoder (``input_kind="sequence"``) or an MLP (``"vector"``)."""
+    c = config
+    if c.input_kind == "vector":
+        return MLPEncoder(c.input_dims[modality], c.dim)
+    return SequenceEncoder(c.input_dims[modality], c.dim, c.layers, c.heads, c.dropout)
+
+
+class PaSEModel(nn.Module):
+    """The PaSE reference model (and, with ``baseline=True``, plain late fusion).
+
+    Args:
+        config: Architecture and ablation switches.
+        encoders: Optional ``{modality: nn.Module}`` mapping each modality's input to
+            ``(N, config.dim)``; by default :func:`default_encoder` for every modality.
+    """
+
+    def __init__(self, config: PaSEConfig, encoders: Mapping[str, nn.Module] | None = None) -> None:
         super().__init__()
         self.config = c = config
         self.modalities = c.modalities
+        if encoders is not None:
+            if not isinstance(encoders, Mapping) or set(encoders) != set(c.modalities):
+                got = sorted(encoders) if isinstance(encoders, Mapping) else type(encoders)
+                raise ValueError(
+                    f"`encoders` must map exactly the modalities {list(c.modalities)} to "
+                    f"nn.Module encoders, got {got}."
+                )
+            for m, enc in encoders.items():
+                if not isinstance(enc, nn.Module):
+                    raise TypeError(f"`encoders[{m!r}]` must be an nn.Module, got {type(enc)}.")
         self.encoders = nn.ModuleDict(
-            {
-                m: SequenceEncoder(c.input_dims[m], c.dim, c.layers, c.heads, c.dropout)
-                for m in c.modalities
-            }
+            {m: encoders[m] if encoders else default_encoder(c, m) for m in c.modalities}
         )
         self.unimodal_heads = nn.ModuleDict(
             {m: nn.Linear(c.dim, c.num_outputs) for m in c.modalities}
@@ -130,9 +170,20 @@ class PaSEModel(nn.Module):
     def encode(
         self, features: Mapping[str, Tensor], masks: Mapping[str, Tensor]
     ) -> tuple[dict, dict]:
-        """Encode every modality once: returns ``({m: (N, D)}, {m: (N,) bool present})``."""
-        feats = {m: self.encoders[m](features[m], masks[m]) for m in self.modalities}
-        present = {m: masks[m].any(dim=1) for m in self.modalities}
+        """Encode every modality once: returns ``({m: (N, D)}, {m: (N,) bool present})``.
+
+        A vector modality (``(N, F)`` features, ``(N,)`` mask) is encoded as ``encoder(x)``, a
+        sequence modality (``(N, T, F)``, ``(N, T)`` mask) as ``encoder(x, mask)``.
+        """
+        feats, present = {}, {}
+        for m in self.modalities:
+            x, mask = features[m], masks[m]
+            if x.ndim == 2:
+                feats[m] = self.encoders[m](x)
+                present[m] = mask if mask.ndim == 1 else mask.any(dim=1)
+            else:
+                feats[m] = self.encoders[m](x, mask)
+                present[m] = mask.any(dim=1)
         return feats, present
 
     def _out(self, logits: Tensor) -> Tensor:
@@ -174,25 +225,31 @@ class PaSEModel(nn.Module):
         return self.target(label)
 
     def task_loss(self, pred: Tensor, label: Tensor) -> Tensor:
-        if self.config.task == "regression":
-            return nn.functional.l1_loss(pred.float(), label.float())
-        return nn.functional.cross_entropy(pred.float(), self.target(label))
+        return task_loss(pred, self.target(label), self.config.task)
 
     # ----------------------------------------------------------------------------- forward
-    def forward(self, batch: Mapping[str, Any], phase: int) -> dict[str, Any]:
-        """One training forward pass; everything that needs gradient happens here (DDP-safe).
+    def forward(self, batch: Mapping[str, Any], phase: int) -> tuple[StepOutput, dict[str, Tensor]]:
+        """One training forward pass: the step's outputs and the model's own loss terms.
 
-        Phase 1: unimodal heads train the encoders, calibration warms the prototypes.
-        Phase 2: fused task loss + calibration + OT alignment; unimodal heads become read-outs on
-        detached features (they no longer train the encoders). The baseline uses phase 2 without
-        the PaSE components from the first epoch.
+        Everything that needs gradient happens here (DDP-safe). Phase 1: the unimodal heads train
+        the encoders (``"unimodal"``) and calibration warms the prototypes; the fusion head does
+        not run. Phase 2: the fused task loss (``"task"``) + calibration + OT alignment, and the
+        unimodal heads keep learning as read-outs on *detached* features (``"readout"``: it trains
+        the heads, not the encoders). Balancing methods (``examples/pase/step.py``) add their terms
+        to these, e.g. :class:`~modbalance.methods.UnimodalLoss` replaces ``"readout"`` by
+        unimodal losses that reach the encoders. The baseline is phase 2 without the PaSE
+        components from the first epoch.
+
+        Returns:
+            ``(StepOutput, {name: scalar loss})``. ``StepOutput.unimodal`` carries gradient to
+            the encoders.
         """
         c = self.config
         label = batch["label"]
+        target = self.target(label)
         feats, present = self.encode(batch["features"], batch["mask"])
-        out: dict[str, Any] = {"feats": feats, "present": present}
+        uni = self.unimodal(feats)
         losses: dict[str, Tensor] = {}
-        zero = feats[self.modalities[0]].new_zeros(())
         cal_outputs = {}
         if self.calibrators:
             labels_c = self.class_labels(label)
@@ -202,28 +259,34 @@ class PaSEModel(nn.Module):
             losses["calibration"] = (
                 c.lambda_cal * sum(o.loss for o in cal_outputs.values()) / len(self.modalities)
             )
+        fused = None
         if phase == 1:
-            uni = self.unimodal(feats)
-            losses["unimodal"] = sum(self.task_loss(uni[m], label) for m in self.modalities) / len(
-                self.modalities
-            )
+            losses["unimodal"] = self._mean_unimodal_loss(uni, target)
         else:
-            uni = self.unimodal({m: f.detach() for m, f in feats.items()})
-            losses["readout"] = sum(self.task_loss(uni[m], label) for m in self.modalities) / len(
-                self.modalities
-            )
+            readout = self.unimodal({m: f.detach() for m, f in feats.items()})
+            losses["readout"] = self._mean_unimodal_loss(readout, target)
             fused = self.fuse(feats, present)
-            out["fused"] = fused
-            losses["task"] = self.task_loss(fused, label)
+            losses["task"] = task_loss(fused, target, c.task)
             if self.aligner is not None:
                 means = {m: cal_outputs[m].class_means for m in self.modalities}
                 masses = {m: cal_outputs[m].class_counts for m in self.modalities}
-                align = self.aligner.pairwise(means, masses)
-                losses["alignment"] = c.lambda_ot * align.loss
-        out["unimodal"] = uni
-        out["losses"] = losses
-        out["loss"] = sum(losses.values(), zero)
-        return out
+                losses["alignment"] = c.lambda_ot * self.aligner.pairwise(means, masses).loss
+        out = StepOutput(
+            features=feats,
+            unimodal=uni,
+            fused=fused,
+            present=present,
+            target=target,
+            task=c.task,
+            phase=phase,
+            fuse=self.fuse,
+        )
+        return out, losses
+
+    def _mean_unimodal_loss(self, uni: Mapping[str, Tensor], target: Tensor) -> Tensor:
+        return sum(task_loss(uni[m], target, self.config.task) for m in self.modalities) / len(
+            self.modalities
+        )
 
     @torch.no_grad()
     def predict(self, batch: Mapping[str, Any]) -> dict[str, Any]:

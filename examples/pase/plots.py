@@ -8,7 +8,7 @@ from typing import Any
 
 import torch
 
-from .train import error_of
+from .loop import error_of
 
 
 def _plt():
@@ -31,11 +31,13 @@ def plot_history(
         (
             "shapley_shares.png",
             "Shapley share of the fused head (validation)",
+            "Shapley share",
             lambda r, m: r["val"]["shares"][m],
         ),
         (
             "val_scores.png",
-            "Validation error per modality read-out (MAE or 1 - accuracy)",
+            "Validation error per modality read-out",
+            "error (MAE or 1 - accuracy)",
             lambda r, m: error_of(r["val"][m]),
         ),
     ]
@@ -44,19 +46,23 @@ def plot_history(
             (
                 "coefficients.png",
                 "Modulation coefficient per modality",
+                "coefficient k",
                 lambda r, m: r.get("coefficients", {}).get(m, float("nan")),
             )
         )
-    for fname, title, get in panels:
+    for fname, title, ylabel, get in panels:
         fig, ax = plt.subplots(figsize=(6, 3.5))
         for m in modalities:
             ax.plot(epochs, [get(r, m) for r in history], marker="o", ms=3, label=m)
         if fname == "val_scores.png":
-            ax.plot(epochs, [error_of(r["val"]["fused"]) for r in history], "k--", label="fused")
+            fused = [(r["epoch"], error_of(r["val"]["fused"])) for r in history if r["phase"] == 2]
+            if fused:  # the fused head is not trained in phase 1: plot phase 2 only
+                ax.plot(*zip(*fused), "k--", label="fused")
         switch = next((r["epoch"] for r in history if r["phase"] == 2), None)
-        if switch is not None:
-            ax.axvline(switch - 0.5, color="grey", ls=":", lw=1)
+        if switch is not None and any(r["phase"] == 1 for r in history):
+            ax.axvline(switch - 0.5, color="grey", ls=":", lw=1, label="phase 2 starts")
         ax.set_xlabel("epoch")
+        ax.set_ylabel(ylabel)
         ax.set_title(title, fontsize=10)
         ax.legend(fontsize=8)
         fig.tight_layout()
@@ -74,7 +80,7 @@ def plot_plan(plan: torch.Tensor, names: tuple[str, str], out_dir: Path) -> Path
     ax.set_xlabel(f"{names[1]} prototype (class)")
     ax.set_ylabel(f"{names[0]} prototype (class)")
     ax.set_title(f"OT plan {names[0]} -> {names[1]}", fontsize=10)
-    fig.colorbar(im, ax=ax)
+    fig.colorbar(im, ax=ax, label="transported mass")
     fig.tight_layout()
     path = out_dir / "ot_plan.png"
     fig.savefig(path, dpi=110)

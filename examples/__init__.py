@@ -1,0 +1,1 @@
+"""Examples of modbalance (importable from a checkout as ``examples.pase``)."""

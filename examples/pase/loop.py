@@ -1,0 +1,414 @@
+"""The thin training loop of the PaSE example: epochs, evaluation, selection, checkpoints, logs.
+
+The step itself is :func:`~pase.step.train_step`; the parts come from :func:`~pase.step.build`.
+Model selection and the phase switch use the validation split only; the test split is evaluated
+once, on the selected checkpoint (:meth:`Trainer.finish`).
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+import random
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+from torch.utils.data import Dataset
+
+from modbalance import distributed as mbdist
+from modbalance.balancing import BalancingMethod
+from modbalance.metrics import msa_regression_metrics, shapley_shares
+
+from .data import GuardedDataset, make_loader, to_device
+from .model import PaSEConfig
+from .step import autocast, build, train_step
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that cannot be resumed, with the file's name and what to do."""
+
+
+@dataclass
+class TrainConfig:
+    """Optimisation and bookkeeping options of :class:`Trainer`."""
+
+    epochs: int = 30
+    batch_size: int = 64
+    lr: float = 1e-3
+    weight_decay: float = 1e-4
+    seed: int = 0
+    switch_epoch: int | None = 8
+    patience: int | None = None
+    methods: tuple[str, ...] = ("sgm",)
+    device: str = "cpu"
+    amp: str | None = None  # None or "bf16"
+    max_steps_per_epoch: int | None = None
+    progress: bool = True
+
+
+def error_of(metrics: Mapping[str, float]) -> float:
+    """Lower-is-better score used for selection and the phase switch: MAE or 1 - accuracy."""
+    return metrics["MAE"] if "MAE" in metrics else 1.0 - metrics["WA"]
+
+
+def metrics_of(pred: Tensor, target: Tensor, task: str) -> dict[str, float]:
+    """MMSA regression metrics, or accuracy (WA) and mean per-class recall (UA)."""
+    if task == "regression":
+        return {k: float(v) for k, v in msa_regression_metrics(pred, target).items()}
+    hit = (pred.argmax(-1) == target).float()
+    recalls = [hit[target == k].mean() for k in range(pred.shape[-1]) if bool((target == k).any())]
+    return {"WA": float(hit.mean()), "UA": float(torch.stack(recalls).mean())}
+
+
+def _flatten(obj: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    flat: dict[str, Any] = {}
+    for key, value in obj.items():
+        if isinstance(value, Mapping):
+            flat.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+def _rng_state() -> dict[str, Any]:
+    state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state()}
+    state["random"] = random.getstate()
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: Mapping[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    np.random.set_state(state["numpy"])
+    random.setstate(state["random"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def seed_everything(seed: int) -> None:
+    torch.manual_seed(seed)
+    np.random.seed(seed)
+    random.seed(seed)
+
+
+class Trainer:
+    """Train, select on validation, evaluate the selected checkpoint on test once.
+
+    Args:
+        model_config: Architecture and ablation switches.
+        config: Optimisation options (``config.methods``: balancing methods by name).
+        train_set, valid_set, test_set: The splits (``test_set`` ideally a :class:`GuardedDataset`).
+        out_dir: Where checkpoints, logs and plots go (``None``: nothing is written).
+        encoders: Optional ``{modality: nn.Module}`` encoders (default: the Transformer/MLP).
+        methods: Balancing methods (names or instances); overrides ``config.methods``.
+    """
+
+    def __init__(
+        self,
+        model_config: PaSEConfig,
+        config: TrainConfig,
+        train_set: Dataset,
+        valid_set: Dataset,
+        test_set: Dataset,
+        out_dir: str | os.PathLike | None = None,
+        *,
+        encoders: Mapping[str, nn.Module] | None = None,
+        methods: Sequence[str | BalancingMethod] | None = None,
+    ) -> None:
+        self.model_config, self.config = model_config, config
+        self.out_dir = Path(out_dir) if out_dir is not None else None
+        self.is_main = mbdist.rank() == 0
+        seed_everything(config.seed)
+        self.parts = build(
+            model_config,
+            methods=config.methods if methods is None else methods,
+            encoders=encoders,
+            lr=config.lr,
+            weight_decay=config.weight_decay,
+            switch_epoch=config.switch_epoch,
+            patience=config.patience,
+            device=config.device,
+            amp=config.amp,
+            seed=config.seed,
+        )
+        self.train_set, self.valid_set, self.test_set = train_set, valid_set, test_set
+        self.epoch = 0
+        self.history: list[dict[str, Any]] = []
+        self.best_value = math.inf
+        self.best_epoch: int | None = None
+        self.elapsed_s = 0.0  # training wall time over all sessions (resume included)
+        self._best_state: dict[str, Tensor] | None = None
+
+    @property
+    def model(self):
+        return self.parts.model
+
+    @property
+    def methods(self) -> list[BalancingMethod]:
+        return self.parts.methods
+
+    # ----------------------------------------------------------------------------- epochs
+    def train_epoch(self) -> dict[str, Any]:
+        phase = self.parts.schedule.phase
+        self.model.train()
+        c = self.config
+        loader = make_loader(
+            self.train_set, c.batch_size, train=True, seed=c.seed, epoch=self.epoch
+        )
+        iterator = loader
+        if c.progress and self.is_main:
+            from tqdm.auto import tqdm
+
+            desc = f"epoch {self.epoch + 1}/{c.epochs} (phase {phase})"
+            iterator = tqdm(loader, desc=desc, leave=False)
+        sums: dict[str, Tensor] = {}
+        n_steps = 0
+        for step, batch in enumerate(iterator):
+            if c.max_steps_per_epoch is not None and step >= c.max_steps_per_epoch:
+                break
+            for k, v in train_step(self.parts, batch, phase).items():
+                sums[k] = sums.get(k, 0.0) + v.float()
+            n_steps += 1
+        means = {f"train_{k}": float(v) / max(n_steps, 1) for k, v in sums.items()}
+        for method in self.methods:
+            method.epoch_end(self.epoch)
+        return means | {"phase": phase, "steps": n_steps}
+
+    @torch.no_grad()
+    def predict(self, dataset: Dataset) -> dict[str, Any]:
+        """Fused and unimodal predictions, features and targets over a whole split."""
+        self.model.eval()
+        preds: dict[str, list[Tensor]] = {"fused": []} | {m: [] for m in self.model.modalities}
+        feats: dict[str, list[Tensor]] = {m: [] for m in self.model.modalities}
+        targets = []
+        for batch in make_loader(dataset, self.config.batch_size, train=False):
+            batch = to_device(batch, self.parts.device)
+            with autocast(self.parts):
+                out = self.model.predict(batch)
+            preds["fused"].append(out["fused"].float().cpu())
+            for m in self.model.modalities:
+                preds[m].append(out["unimodal"][m].float().cpu())
+                feats[m].append(out["feats"][m].float().cpu())
+            targets.append(self.model.target(batch["label"]).cpu())
+        return {
+            "preds": {k: torch.cat(v) for k, v in preds.items()},
+            "features": {m: torch.cat(v) for m, v in feats.items()},
+            "target": torch.cat(targets),
+        }
+
+    def evaluate(self, dataset: Dataset) -> dict[str, Any]:
+        """Metrics of fused and unimodal predictions, plus Shapley values of the fused head."""
+        p = self.predict(dataset)
+        task = self.model_config.task
+        result: dict[str, Any] = {
+            k: metrics_of(v, p["target"], task) for k, v in p["preds"].items()
+        }
+        dev = self.parts.device
+        game = self.parts.game(
+            {m: f.to(dev) for m, f in p["features"].items()}, p["target"].to(dev)
+        )
+        mods = self.model.modalities
+        result["shapley"] = {m: float(v) for m, v in zip(mods, game.shapley.cpu())}
+        shares = shapley_shares(game.shapley.cpu())
+        result["shares"] = {m: float(v) for m, v in zip(mods, shares)}
+        return result
+
+    def _end_epoch(self, record: dict[str, Any]) -> None:
+        """Phase switch (on the unimodal validation error in phase 1) and model selection."""
+        val, phase = record["val"], record["phase"]
+        mods = self.model.modalities
+        uni_error = sum(error_of(val[m]) for m in mods) / len(mods)
+        self.parts.schedule.epoch_end(uni_error if phase == 1 else None)
+        if phase == 2 and error_of(val["fused"]) < self.best_value:
+            self.best_value = error_of(val["fused"])
+            self.best_epoch = self.epoch + 1
+            self._best_state = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
+            self._save("best.pt", {"model": self._best_state, "epoch": self.best_epoch})
+
+    def run(self) -> dict[str, Any]:
+        """Train until ``epochs`` (resuming where a checkpoint left off), then :meth:`finish`."""
+        while self.epoch < self.config.epochs:
+            t0 = time.perf_counter()
+            record = {"epoch": self.epoch + 1} | self.train_epoch()
+            record["val"] = self.evaluate(self.valid_set)
+            coefs = {
+                type(m).__name__: m.coefficient_dict()
+                for m in self.methods
+                if hasattr(m, "coefficient_dict")
+            }
+            if coefs:
+                record["coefficients"] = next(iter(coefs.values()))
+            self._end_epoch(record)
+            record["time_s"] = time.perf_counter() - t0
+            self.elapsed_s += record["time_s"]
+            self.history.append(record)
+            self.epoch += 1
+            self._save_checkpoint()
+            if self.is_main and self.config.progress:
+                print(self._epoch_line(record), flush=True)
+        return self.finish()
+
+    def _epoch_line(self, record: dict[str, Any]) -> str:
+        val, mods = record["val"], self.model.modalities
+        uni = " ".join(f"{m} {error_of(val[m]):.3f}" for m in mods)
+        if record["phase"] == 1:
+            head = f"val unimodal error {uni} (fused head not trained in phase 1)"
+        else:
+            fused = val["fused"]
+            head = f"val fused error {error_of(fused):.3f}"
+            if "Non0_acc_2" in fused:
+                head += f" Non0 {fused['Non0_acc_2']:.3f}"
+            head += f" | unimodal {uni}"
+        shares = " ".join(f"{m} {val['shares'][m]:.2f}" for m in mods)
+        return (
+            f"epoch {record['epoch']:3d} phase {record['phase']} | {head} | shares {shares} "
+            f"| {record['time_s']:.1f}s"
+        )
+
+    def finish(self) -> dict[str, Any]:
+        """Load the validation-selected checkpoint and evaluate valid and test once."""
+        best = self._load("best.pt")
+        if best is not None:
+            self.model.load_state_dict(best["model"])
+        elif self._best_state is not None:
+            self.model.load_state_dict(self._best_state)
+        if isinstance(self.test_set, GuardedDataset):
+            self.test_set.unlock()
+        final = {
+            "selected_epoch": self.best_epoch,
+            "valid": self.evaluate(self.valid_set),
+            "test": self.evaluate(self.test_set),
+        }
+        if self.out_dir is not None and self.is_main:
+            (self.out_dir / "final_metrics.json").write_text(json.dumps(final, indent=1))
+        return final
+
+    # ----------------------------------------------------------------------------- checkpoints
+    def _save(self, name: str, obj: Any) -> None:
+        if self.out_dir is None or not self.is_main:
+            return
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        tmp = self.out_dir / (name + ".tmp")
+        torch.save(obj, tmp)
+        os.replace(tmp, self.out_dir / name)
+
+    def _load(self, name: str) -> Any:
+        path = None if self.out_dir is None else self.out_dir / name
+        if path is None or not path.exists():
+            return None
+        try:
+            return torch.load(path, map_location=self.parts.device, weights_only=False)
+        except Exception as err:  # empty, truncated or not a torch file
+            raise CheckpointError(
+                f"{path} cannot be read ({type(err).__name__}: {err}); it is empty, truncated "
+                "or not a checkpoint of this example. Delete it to start afresh, or pass another "
+                "--out."
+            ) from None
+
+    def _save_checkpoint(self) -> None:
+        state = {
+            "model": self.model.state_dict(),
+            "optimizer": self.parts.optimizer.state_dict(),
+            "schedule": self.parts.schedule.state_dict(),
+            "methods": [m.state_dict() for m in self.methods],
+            "method_names": [type(m).__name__ for m in self.methods],
+            "step": self.parts.step,
+            "epoch": self.epoch,
+            "history": self.history,
+            "best_value": self.best_value,
+            "best_epoch": self.best_epoch,
+            "elapsed_s": self.elapsed_s,
+            "rng": _rng_state(),
+            "generators": self._generator_states(),
+            "model_config": self.model_config.to_dict(),
+            "train_config": asdict(self.config),
+        }
+        self._save("last.pt", state)
+        if self.out_dir is not None and self.is_main:
+            self.write_logs()
+
+    def _generators(self) -> list[torch.Generator]:
+        return [g for m in self.methods for g in [getattr(m, "_generator", None)] if g is not None]
+
+    def _generator_states(self) -> list[Tensor]:
+        return [g.get_state() for g in self._generators()]
+
+    def resume(self) -> bool:
+        """Restore ``last.pt`` from ``out_dir``; ``False`` if there is none.
+
+        Raises:
+            CheckpointError: The file is unreadable, not a checkpoint of this example, or from a
+                different model or method configuration.
+        """
+        state = self._load("last.pt")
+        if state is None:
+            return False
+        path = self.out_dir / "last.pt"  # type: ignore[operator]
+        self._check_compatible(state, path)
+        try:
+            self.model.load_state_dict(state["model"])
+            self.parts.optimizer.load_state_dict(state["optimizer"])
+        except (RuntimeError, ValueError, KeyError) as err:
+            raise CheckpointError(
+                f"{path} does not fit this model ({err}); resume with the same options it was "
+                "written with, or pass another --out."
+            ) from None
+        self.parts.schedule.load_state_dict(state["schedule"])
+        for method, method_state in zip(self.methods, state["methods"]):
+            method.load_state_dict(method_state)
+        for gen, gen_state in zip(self._generators(), state["generators"]):
+            gen.set_state(gen_state)
+        self.parts.step = state["step"]
+        self.epoch, self.history = state["epoch"], state["history"]
+        self.best_value, self.best_epoch = state["best_value"], state["best_epoch"]
+        self.elapsed_s = state.get("elapsed_s", 0.0)
+        _set_rng_state(state["rng"])
+        return True
+
+    def _check_compatible(self, state: Any, path: Path) -> None:
+        keys = {"model", "optimizer", "model_config", "methods", "epoch"}
+        if not isinstance(state, Mapping) or not keys <= set(state):
+            raise CheckpointError(
+                f"{path} is not a checkpoint of this example (expected keys {sorted(keys)}); "
+                "delete it or pass another --out."
+            )
+        saved, now = state["model_config"], self.model_config.to_dict()
+        diff = sorted(k for k in now if k != "extra" and saved.get(k) != now[k])
+        if diff:
+            changes = ", ".join(f"{k}: {saved.get(k)!r} -> {now[k]!r}" for k in diff)
+            raise CheckpointError(
+                f"{path} was written with other model options ({changes}); resume with the same "
+                "options, or pass another --out."
+            )
+        names = [type(m).__name__ for m in self.methods]
+        if state.get("method_names") != names:
+            raise CheckpointError(
+                f"{path} was written with balancing methods {state.get('method_names')}, this run "
+                f"uses {names}; resume with the same methods, or pass another --out."
+            )
+
+    # ----------------------------------------------------------------------------- logs
+    def flat_history(self) -> list[dict[str, Any]]:
+        """One flat dict per epoch, nested keys joined with dots (``val.fused.MAE``)."""
+        return [_flatten(rec) for rec in self.history]
+
+    def write_logs(self) -> None:
+        if self.out_dir is None:
+            return
+        (self.out_dir / "history.json").write_text(json.dumps(self.history, indent=1))
+        rows = self.flat_history()
+        if rows:
+            keys = sorted({k for r in rows for k in r})
+            with open(self.out_dir / "history.csv", "w", newline="") as fh:
+                writer = csv.DictWriter(fh, fieldnames=keys)
+                writer.writeheader()
+                writer.writerows(rows)

@@ -1,0 +1,190 @@
+"""The one training step of the repository, and :func:`build`, which assembles its parts.
+
+``train_step(parts, batch, phase)`` is used by the example's loop, every benchmark and the CUDA
+checks. It follows the method interface of :mod:`modbalance.balancing`::
+
+    out, losses = model(batch, phase)                      # one encoder pass
+    game = ModalityGame(...)(out.features, out.target)     # only if a method needs it
+    losses = method.losses(out, losses)                    # for every method, in order
+    sum(losses).backward()                                 # or a method's own backward
+    with method.around_step(out, optimizer): optimizer.step()
+"""
+
+from __future__ import annotations
+
+import contextlib
+import inspect
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from modbalance import distributed as mbdist
+from modbalance.balancing import BalancingMethod, StepOutput, combine_losses
+from modbalance.modulation import OGMGEModulator, ShapleyGradModulator
+from modbalance.schedule import DualPhaseSchedule
+from modbalance.shapley import ModalityGame
+
+from .data import to_device
+from .model import PaSEConfig, PaSEModel
+
+
+@dataclass
+class Parts:
+    """Everything one training step needs (see :func:`build`)."""
+
+    model: PaSEModel
+    train_model: nn.Module  # the model, or its DistributedDataParallel wrapper
+    optimizer: torch.optim.Optimizer
+    schedule: DualPhaseSchedule
+    game: ModalityGame
+    methods: list[BalancingMethod] = field(default_factory=list)
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    amp: str | None = None  # None or "bf16"
+    step: int = 0  # global step counter, part of the checkpoint
+
+
+#: Balancing methods by name: ``factory(model, seed, device) -> BalancingMethod``.
+METHODS: dict[str, Callable[[PaSEModel, int, torch.device], BalancingMethod]] = {}
+
+
+def register_method(name: str):
+    """Register a method factory under ``name`` (used by the CLI and the benchmarks)."""
+
+    def deco(fn):
+        METHODS[name] = fn
+        return fn
+
+    return deco
+
+
+@register_method("sgm")
+def _sgm(model: PaSEModel, seed: int, device: torch.device) -> BalancingMethod:
+    return ShapleyGradModulator(model.modality_groups(), momentum=0.9, apply="update")
+
+
+@register_method("ogm-ge")
+def _ogm(model: PaSEModel, seed: int, device: torch.device) -> BalancingMethod:
+    gen = torch.Generator(device=device).manual_seed(seed + 17)
+    return OGMGEModulator(
+        model.modality_groups(), alpha=0.5, momentum=0.9, noise=True, generator=gen
+    )
+
+
+def make_methods(
+    names: Sequence[str | BalancingMethod], model: PaSEModel, seed: int, device: torch.device
+) -> list[BalancingMethod]:
+    """Methods from registered names (or ready instances), moved to ``device``."""
+    methods = []
+    for spec in names:
+        if isinstance(spec, BalancingMethod):
+            method = spec
+        elif spec in METHODS:
+            method = METHODS[spec](model, seed, device)
+        else:
+            raise ValueError(f"unknown balancing method {spec!r}; known: {sorted(METHODS)}")
+        methods.append(method.to(device))
+    return methods
+
+
+def build(
+    model_config: PaSEConfig,
+    *,
+    methods: Sequence[str | BalancingMethod] = ("sgm",),
+    encoders: Mapping[str, nn.Module] | None = None,
+    lr: float = 1e-3,
+    weight_decay: float = 1e-4,
+    switch_epoch: int | None = 8,
+    patience: int | None = None,
+    device: str | torch.device = "cpu",
+    amp: str | None = None,
+    seed: int = 0,
+) -> Parts:
+    """Model (optionally with your own encoders), DDP wrapper, optimizer, schedule, game, methods.
+
+    The baseline (``model_config.baseline``) starts in phase 2; otherwise phase 1 lasts up to
+    ``switch_epoch`` epochs (or until the validation plateau of ``patience`` epochs).
+    """
+    device = torch.device(device)
+    model = PaSEModel(model_config, encoders).to(device)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
+    schedule = DualPhaseSchedule(
+        switch_epoch=0 if model_config.baseline else switch_epoch,
+        patience=None if model_config.baseline else patience,
+        mode="min",
+    )
+    game = ModalityGame(
+        model.fuse,
+        model_config.modalities,
+        masking="present",
+        value="neg_mae" if model_config.task == "regression" else "neg_loss",
+        task=model_config.task,
+        modules=[model],
+    )
+    return Parts(
+        model=model,
+        train_model=_maybe_ddp(model, device),
+        optimizer=optimizer,
+        schedule=schedule,
+        game=game,
+        methods=make_methods(methods, model, seed, device),
+        device=device,
+        amp=amp,
+    )
+
+
+def _maybe_ddp(model: nn.Module, device: torch.device) -> nn.Module:
+    if not mbdist.is_distributed():
+        return model
+    # Calibrator buffers are synchronised by their own all-reduce, so DDP must not overwrite
+    # them from rank 0 (the keyword was renamed in PyTorch 2.13).
+    params = inspect.signature(nn.parallel.DistributedDataParallel).parameters
+    no_sync = "forward_sync_buffers" if "forward_sync_buffers" in params else "broadcast_buffers"
+    return nn.parallel.DistributedDataParallel(
+        model,
+        find_unused_parameters=True,
+        **{no_sync: False},
+        device_ids=[device.index] if device.type == "cuda" else None,
+    )
+
+
+def autocast(parts: Parts):
+    """bf16 autocast when ``parts.amp == "bf16"``, else a disabled autocast."""
+    if parts.amp == "bf16":
+        return torch.autocast(parts.device.type, dtype=torch.bfloat16)
+    return torch.autocast(parts.device.type, enabled=False)
+
+
+def train_step(parts: Parts, batch: Mapping[str, Any], phase: int) -> dict[str, Tensor]:
+    """One optimisation step on ``batch`` in ``phase``; returns the detached loss terms.
+
+    No host synchronisation: the returned scalars stay on the device.
+    """
+    batch = to_device(batch, parts.device)
+    parts.optimizer.zero_grad(set_to_none=True)
+    with autocast(parts):
+        out, losses = parts.train_model(batch, phase)
+    out = out._replace(step=parts.step)
+    if phase == 2 and any(m.needs_game for m in parts.methods):
+        feats = {m: f.detach().float() for m, f in out.features.items()}
+        out = out._replace(game=parts.game(feats, out.target))
+    for method in parts.methods:
+        losses = method.losses(out, losses)
+    _backward(parts.methods, out, losses)
+    with contextlib.ExitStack() as stack:
+        for method in parts.methods:
+            stack.enter_context(method.around_step(out, parts.optimizer))
+        parts.optimizer.step()
+    parts.step += 1
+    return {k: v.detach() for k, v in losses.items()}
+
+
+def _backward(methods: Sequence[BalancingMethod], out: StepOutput, losses: dict) -> None:
+    took_over = [m for m in methods if m.backward(out, losses)]
+    if len(took_over) > 1:
+        names = [type(m).__name__ for m in took_over]
+        raise RuntimeError(f"at most one method may run the backward pass itself, got {names}")
+    if not took_over:
+        combine_losses(losses).backward()
