@@ -4,23 +4,20 @@ from __future__ import annotations
 
 import json
 import math
-import sys
+import re
 from pathlib import Path
 
 import pytest
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "benchmarks"))
+from benchmarks import competition, run_all, speed
 
-import balance  # noqa: E402
-import run_all  # noqa: E402
-import speed  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
 def quick_results(tmp_path_factory):
-    """One ``run_all.py --quick`` over every benchmark (the slow part of this file)."""
+    """One ``run_all --quick`` over every benchmark, the competition smoke mode included."""
     out = tmp_path_factory.mktemp("bench")
     threads = torch.get_num_threads()
     try:
@@ -32,33 +29,16 @@ def quick_results(tmp_path_factory):
 
 def test_run_all_quick_writes_every_table_and_plot(quick_results):
     out, written = quick_results
-    assert sorted(p.name for p in written) == sorted(f"{n}.md" for n in run_all.BENCHMARKS)
+    names = {p.name for p in written}
+    assert {f"{n}.md" for n in run_all.BENCHMARKS} <= names
     for name in run_all.BENCHMARKS:
         text = (out / f"{name}.md").read_text()
         assert text.startswith("# ") and "|---" in text, name
         assert (out / f"{name}.png").stat().st_size > 1000, name
         assert f"({name}.png)" in text
-
-
-def test_balance_quick_result_is_complete_and_sane(quick_results):
-    out, _ = quick_results
-    result = json.loads((out / "balance.json").read_text())
-    (level,) = result["levels"]
-    gt = level["ground_truth"]
-    assert 0 < gt["text"] < gt["text+audio+vision"] < 1
-    summary = level["summary"]
-    assert set(summary["methods"]) == {"joint", "pase"}
-    assert set(summary["alone"]) == {"text", "audio", "vision"}
-    for row in summary["methods"].values():
-        assert 0 <= row["Non0_acc_2"][0] <= 1 and row["MAE"][0] > 0
-        assert row["probe_text"][0] <= 1
-        shares = sum(row[f"share_{m}"][0] for m in ("text", "audio", "vision"))
-        assert shares == pytest.approx(1.0, abs=1e-4)
-        # R^2 / ground truth is computed from the same fused R^2
-        assert row["gt_fraction"][0] == pytest.approx(row["fused_r2"][0] / gt["text+audio+vision"])
-    assert set(summary["targets"]) == {"Non0_acc_2", "MAE", "probe_audio+5pts", "probe_vision+5pts"}
-    text = (out / "balance.md").read_text()
-    assert "| joint |" in text and "| pase |" in text and "wall time" in text
+    for task in competition.TASK_NAMES:
+        assert (out / f"competition_{task}_quick.md").read_text().startswith(f"## {task}")
+        assert (out / f"competition_{task}_quick.png").stat().st_size > 1000
 
 
 def test_speed_quick_result_is_complete_and_sane(quick_results):
@@ -81,109 +61,141 @@ def test_speed_quick_result_is_complete_and_sane(quick_results):
     assert all(r["pase_ms"] > 0 and r["plain_ms"] > 0 for r in result["sweep"])
 
 
-def _fake_run(fused: dict, probe: dict, shares: dict, r2: float) -> dict:
-    return {"fused": fused, "probe": probe, "shares": shares, "fused_r2": r2, "time_s": 1.0}
-
-
-def test_summarize_means_stds_recovery_and_targets():
-    mods = ("text", "audio", "vision")
-    fused = {k: 0.5 for k in balance.METRICS}
-    runs = {
-        f"alone:{m}": [_fake_run(fused, {m: v}, {m: 1.0}, 0.0) for v in (0.4, 0.6)] for m in mods
-    }
-    share = dict.fromkeys(mods, 1 / 3)
-    runs["joint"] = [
-        _fake_run(fused | {"MAE": 0.8, "Non0_acc_2": 0.7}, dict.fromkeys(mods, 0.1), share, 0.4),
-        _fake_run(fused | {"MAE": 0.6, "Non0_acc_2": 0.7}, dict.fromkeys(mods, 0.1), share, 0.6),
-    ]
-    runs["pase"] = [
-        _fake_run(
-            fused | {"MAE": 0.5, "Non0_acc_2": 0.8},
-            {"text": 0.2, "audio": 0.16, "vision": 0.12},
-            share,
-            0.8,
-        )
-    ] * 2
-    s = balance.summarize(runs, {"text+audio+vision": 0.8}, ("joint", "pase"))
-    joint, pase = s["methods"]["joint"], s["methods"]["pase"]
-    assert joint["MAE"][0] == pytest.approx(0.7)
-    assert joint["MAE"][1] == pytest.approx(math.sqrt(0.02))  # sample std of 0.8, 0.6
-    assert joint["gt_fraction"][0] == pytest.approx(0.625)  # mean of 0.4/0.8 and 0.6/0.8
-    assert s["alone"]["audio"][0] == pytest.approx(0.5)
-    assert pase["recovered_audio"][0] == pytest.approx(0.16 / 0.5)
-    # audio gains 6 points (>= 5: met), vision 2 points (missed)
-    assert s["targets"] == {
-        "Non0_acc_2": True,
-        "MAE": True,
-        "probe_audio+5pts": True,
-        "probe_vision+5pts": False,
-    }
-
-
 def test_speed_steps_train_and_only_pase_modulates():
     dims = {"text": 6, "audio": 3}
     batch = speed.make_batch(8, 5, dims, "regression", 7, "cpu")
     assert batch["mask"]["text"].any(1).all() and batch["label"].abs().max() <= 3
     for pase in (False, True):
-        trainer = speed.build(pase, dims, "cpu", dim=8)
-        step = speed.make_step(trainer, batch, None)
-        before = [p.detach().clone() for p in trainer.model.parameters()]
+        parts = speed.build(pase, dims, "cpu", dim=8)
+        step = speed.make_step(parts, batch, None)
+        before = [p.detach().clone() for p in parts.model.parameters()]
         if pase:
             step(phase=1)
-            trainer._set_attached(True)
         step()
-        changed = any(not torch.equal(a, p) for a, p in zip(before, trainer.model.parameters()))
-        assert changed
+        assert any(not torch.equal(a, p) for a, p in zip(before, parts.model.parameters()))
         if pase:
-            assert trainer.modulator is not None and bool(trainer.modulator.initialized)
-            trainer._set_attached(False)
+            (modulator,) = parts.methods
+            assert bool(modulator.initialized)
         else:
-            assert trainer.modulator is None and trainer.model.fusion is None
+            assert parts.methods == [] and parts.model.fusion is None
 
 
-def test_summarize_reports_no_recovery_ratio_when_alone_probe_is_not_positive():
-    mods = ("text", "audio", "vision")
-    fused = {k: 0.5 for k in balance.METRICS}
-    share = dict.fromkeys(mods, 1 / 3)
-    runs = {
-        f"alone:{m}": [_fake_run(fused, {m: v}, {m: 1.0}, 0.0) for v in (-0.01, 0.005)]
-        for m in mods
+def test_benchmarks_use_no_private_example_names_and_no_path_edits():
+    for path in (ROOT / "benchmarks").glob("*.py"):
+        text = path.read_text()
+        assert "sys.path" not in text, path.name
+        for line in text.splitlines():
+            if re.match(r"\s*from examples", line):
+                imported = line.split(" import ", 1)[1]
+                assert not re.search(r"(^|[\s,(])_", imported), (path.name, line)
+
+
+def test_one_train_step_in_the_repository():
+    hits = [
+        p
+        for folder in ("examples", "benchmarks")
+        for p in (ROOT / folder).rglob("*.py")
+        if "def train_step" in p.read_text()
+    ]
+    assert [p.relative_to(ROOT).as_posix() for p in hits] == ["examples/pase/step.py"]
+
+
+# ------------------------------------------------------------------------------------------
+# the competition suite
+# ------------------------------------------------------------------------------------------
+
+
+def test_competition_quick_json_has_the_documented_schema(tmp_path):
+    path = tmp_path / "runs.json"
+    competition.main(
+        [
+            "--task",
+            "cls-synthetic",
+            "--methods",
+            "joint,warmup,alone-ensemble",
+            "--seeds",
+            "0,1",
+            "--quick",
+            "--json",
+            str(path),
+            "--cache",
+            str(tmp_path / "cache"),
+            "--out",
+            str(tmp_path / "out"),
+        ]
+    )
+    data = json.loads(path.read_text())
+    assert data["task"] == "cls-synthetic" and data["primary"] == "accuracy"
+    pairs = {(r["method"], r["seed"]) for r in data["runs"]}
+    for m in ("joint", "warmup", "alone", "alone-ensemble"):
+        assert {(m, 0), (m, 1)} <= pairs
+    for r in data["runs"]:
+        assert set(r["probe"]) == set(data["meta"]["modalities"])
+        assert all(0.0 <= v <= 1.0 for v in r["probe"].values())
+        if r["method"] != "alone":
+            assert 0.0 <= r["fused"]["accuracy"] <= 1.0
+    # a second call trains nothing: every run comes from the cache
+    logs = []
+    again = competition.run_task(
+        "cls-synthetic", ("joint",), (0, 1), quick=True, cache=tmp_path / "cache", log=logs.append
+    )
+    assert "0 runs to train" in logs[0] and len(again["runs"]) == 2
+
+
+def _run(method, seed, fused, probe, shares=None):
+    return {
+        "method": method,
+        "seed": seed,
+        "fused": {"accuracy": fused},
+        "probe": probe,
+        "shares": shares or {},
+        "time_s": 1.0,
+        "selected_epoch": 3,
     }
-    runs["joint"] = [_fake_run(fused, dict.fromkeys(mods, 0.1), share, 0.5)] * 3
-    s = balance.summarize(runs, {"text+audio+vision": 0.8}, ("joint",))
-    row = s["methods"]["joint"]
-    assert math.isnan(row["recovered_vision"][0]) and row["probe_vision"][0] == pytest.approx(0.1)
-    assert row["MAE"] == (0.5, 0.0)
-    text = balance.to_markdown(
+
+
+def test_summarize_gap_closed_and_paired_deltas_by_hand():
+    runs = []
+    for seed, off in ((0, 0.0), (1, 0.02)):
+        runs.append(_run("joint", seed, 0.80 + off, {"s": 0.9, "w": 0.60 + off}))
+        runs.append(_run("alone", seed, math.nan, {"s": 0.9, "w": 0.80 + off}))
+        runs.append(_run("m", seed, 0.83 + off, {"s": 0.9, "w": 0.75 + off}))
+    result = {
+        "task": "t",
+        "primary": "accuracy",
+        "runs": runs,
+        "meta": {"modalities": ["s", "w"], "weak": ["w"]},
+    }
+    s = competition.summarize(result)
+    assert s["gap"]["w"] == pytest.approx(0.20)
+    row = s["methods"]["m"]
+    assert row["gap_closed"] == pytest.approx(0.75)  # (0.76 - 0.61) / (0.81 - 0.61)
+    assert row["delta_fused"] == pytest.approx((0.03, 0.0))
+    assert row["delta_weak_probe"][0] == pytest.approx(0.15)
+    assert row["ratio"]["w"] == pytest.approx(0.76 / 0.81)
+    assert s["methods"]["joint"]["gap_closed"] == pytest.approx(0.0)
+    md = competition.to_markdown(s)
+    assert "| m | 84.0 ± 1.4 | +3.0 ± 0.0 | 75 % | +15.0 ± 0.0 | 90.0 (1.00) | 76.0 (0.94) |" in md
+
+
+def test_summarize_reports_no_gap_closed_without_a_gap():
+    runs = [
+        _run("joint", 0, 0.8, {"s": 0.9, "w": 0.8}),
+        _run("alone", 0, math.nan, {"s": 0.9, "w": 0.7}),
+        _run("m", 0, 0.8, {"s": 0.9, "w": 0.75}),
+    ]
+    s = competition.summarize(
         {
-            "levels": [
-                {
-                    "text_strength": 0.8,
-                    "summary": s,
-                    "ground_truth": dict.fromkeys(
-                        ("text", "audio", "vision", "text+audio+vision"), 0.5
-                    ),
-                }
-            ]
+            "task": "t",
+            "primary": "accuracy",
+            "runs": runs,
+            "meta": {"modalities": ["s", "w"], "weak": ["w"]},
         }
     )
-    assert "(n/a)" in text and "Targets" not in text  # no PaSE row, no targets line
+    assert math.isnan(s["methods"]["m"]["gap_closed"])
+    assert "| m |" in competition.to_markdown(s)
 
 
-def test_balance_run_cache_resumes_without_retraining(tmp_path, monkeypatch):
-    calls = []
-    original = balance.train_one
-
-    def counting(*args, **kwargs):
-        calls.append(args[1])
-        return original(*args, **kwargs)
-
-    monkeypatch.setattr(balance, "train_one", counting)
-    kw = {"quick": True, "methods": ("joint",), "cache_dir": tmp_path, "log": lambda _: None}
-    first = balance.run(**kw)
-    assert len(calls) == 4  # three modalities alone + joint
-    second = balance.run(**kw)
-    assert len(calls) == 4  # everything came from the cache
-    same = [json.dumps(r["levels"][0]["summary"], sort_keys=True) for r in (first, second)]
-    assert same[0] == same[1]  # (NaN-aware: the quick probes trained alone can be <= 0)
-    assert len(list(tmp_path.glob(f"{balance.fingerprint(balance.QUICK, 'cpu')}_*.json"))) == 4
+def test_unknown_method_is_refused():
+    with pytest.raises(SystemExit, match="unknown methods"):
+        competition.run_task("cls-synthetic", ("nope",), (0,), quick=True, cache=None)

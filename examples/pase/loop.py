@@ -147,6 +147,7 @@ class Trainer:
         self.best_epoch: int | None = None
         self.elapsed_s = 0.0  # training wall time over all sessions (resume included)
         self._best_state: dict[str, Tensor] | None = None
+        self.last_predictions: dict[str, Any] | None = None
 
     @property
     def model(self):
@@ -208,6 +209,7 @@ class Trainer:
     def evaluate(self, dataset: Dataset) -> dict[str, Any]:
         """Metrics of fused and unimodal predictions, plus Shapley values of the fused head."""
         p = self.predict(dataset)
+        self.last_predictions = p  # e.g. the final test pass, reused by the benchmarks' probes
         task = self.model_config.task
         result: dict[str, Any] = {
             k: metrics_of(v, p["target"], task) for k, v in p["preds"].items()

@@ -1,0 +1,523 @@
+"""The competition suite: does a balancing method lift the under-trained modalities?
+
+Every method trains the same model of ``examples/pase`` (``build`` + the one ``train_step``) on a
+task whose competition is *measured* (``benchmarks/tasks.py``): the same encoders, optimizer,
+epochs, batch size and checkpoint selection on the validation split; the test split is read once
+per run (the final evaluation of the selected checkpoint, whose features also feed the probes).
+
+Methods:
+
+* ``joint``: plain late fusion (mean of the modality features, MLP head), the fused loss only;
+* ``alone``: one model per modality, trained by itself (the reference for each encoder);
+* ``alone-ensemble``: the alone-trained models combined: mean probabilities (classification) or
+  mean predictions (regression); ``alone-probe``: a ridge probe on their concatenated features;
+* ``warmup``: phase 1 of the dual-phase schedule (each encoder trained through its own head),
+  then plain joint training — the control every PaSE gain must beat;
+* ``ogm-ge``, ``sgm`` (the Shapley modulator, paper rule), ``calibration`` (the prototype
+  calibration term alone), ``pase`` (the example's default PaSE) and PaSE with each component
+  removed (``pase-no-*``), and the field's methods (``unimodal``, ``gblending``, ``mmpareto``,
+  ``agm``, ``pmr``, ``mla``, ``cggm``) as plug-ins on the joint model.
+
+Reported per task: the fused primary metric; each modality's linear-probe score on frozen encoder
+features (ridge, fitted on train, scored on test: R² for regression, accuracy for
+classification) and its ratio to the alone-trained encoder; the competition gap (alone probe −
+joint probe) per modality; the fraction of the weak modalities' gap each method closes
+(``(probe − joint) / (alone − joint)``, from seed means); paired Δ vs ``joint`` per seed (mean ±
+std); Shapley shares; seconds per run.
+
+Run from the repository root::
+
+    python -m benchmarks.competition                     # every task, default methods, 5 seeds
+    python -m benchmarks.competition --task mfeat --methods joint,warmup --seeds 0,1 --json r.json
+    python -m benchmarks.competition --quick             # the CI smoke test
+
+Runs are cached (``--cache``, default a temporary folder) by task, method, seed and configuration,
+so an interrupted suite resumes where it stopped.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import math
+import os
+import statistics
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from benchmarks.tasks import Task, get_task
+from examples.pase import GuardedDataset, PaSEConfig, TrainConfig, Trainer
+from examples.pase_mosi import PASE_METHODS
+from modbalance.metrics import msa_regression_metrics, probe_score
+
+RESULTS = Path(__file__).resolve().parent / "results"
+DEFAULT_CACHE = Path(tempfile.gettempdir()) / "modbalance_competition_runs"
+TASK_NAMES = ("msa-synthetic", "cls-synthetic", "mfeat")
+
+#: Model and training settings per task, identical for every method of that task.
+SETTINGS: dict[str, dict[str, Any]] = {
+    "msa-synthetic": {
+        "model": {"dim": 32, "layers": 1, "input_kind": "sequence"},
+        "train": {"epochs": 12, "switch_epoch": 3, "batch_size": 64, "lr": 1e-3},
+    },
+    "cls-synthetic": {
+        "model": {"dim": 32, "input_kind": "vector", "dropout": 0.1},
+        "train": {"epochs": 30, "switch_epoch": 8, "batch_size": 64, "lr": 1e-3},
+    },
+    "mfeat": {
+        "model": {"dim": 32, "input_kind": "vector", "dropout": 0.1},
+        "train": {"epochs": 30, "switch_epoch": 8, "batch_size": 64, "lr": 1e-3},
+    },
+}
+QUICK_TRAIN = {"epochs": 2, "switch_epoch": 1, "batch_size": 16}
+
+
+@dataclass(frozen=True)
+class Spec:
+    """How a method configures the shared model: PaSE switches, balancing methods, warm-up."""
+
+    model: dict[str, Any] = field(default_factory=dict)
+    methods: tuple[str, ...] = ()
+    warmup: bool = False
+
+
+_PLAIN = {"calibration": False, "alignment": False, "gate": False}
+_PASE = {"calibration": True, "alignment": True, "gate": True}
+SPECS: dict[str, Spec] = {
+    "joint": Spec(_PLAIN),
+    "warmup": Spec(_PLAIN, warmup=True),
+    "ogm-ge": Spec(_PLAIN, ("ogm-ge",)),
+    "sgm": Spec(_PLAIN, ("sgm",)),
+    "calibration": Spec(_PLAIN | {"calibration": True}),
+    "pase": Spec(_PASE, PASE_METHODS, warmup=True),
+    "pase-paper": Spec(_PASE, ("sgm",), warmup=True),
+    "pase-no-warmup": Spec(_PASE, PASE_METHODS),
+    "pase-no-calibration": Spec(_PASE | {"calibration": False}, PASE_METHODS, warmup=True),
+    "pase-no-alignment": Spec(_PASE | {"alignment": False}, PASE_METHODS, warmup=True),
+    "pase-no-gate": Spec(_PASE | {"gate": False}, PASE_METHODS, warmup=True),
+    "pase-no-sgm": Spec(
+        _PASE, tuple(m for m in PASE_METHODS if m not in ("sgm", "sge")), warmup=True
+    ),
+}
+for _name in ("unimodal", "gblending", "mmpareto", "agm", "pmr", "mla", "cggm"):
+    SPECS[_name] = Spec(_PLAIN, (_name,))
+REFERENCES = ("alone", "alone-ensemble", "alone-probe")
+DEFAULT_METHODS = ("joint", "warmup", "ogm-ge", "sgm", "calibration", "pase", "pase-paper")
+
+
+# ------------------------------------------------------------------------------------ one run
+def _configs(task: Task, name: str, modalities: Sequence[str], seed: int, quick: bool, device):
+    spec = SPECS.get(name, Spec(_PLAIN))
+    settings = SETTINGS[task.name]
+    first = task.splits["train"]
+    classes = task.num_outputs if task.task == "classification" else 7
+    model_config = PaSEConfig(
+        modalities=tuple(modalities),
+        input_dims={m: first.dims[m] for m in modalities},
+        task=task.task,
+        num_outputs=task.num_outputs,
+        num_classes=classes,
+        **settings["model"],
+        **spec.model,
+    )
+    train = dict(settings["train"]) | (QUICK_TRAIN if quick else {})
+    if not spec.warmup:
+        train["switch_epoch"] = 0
+    methods = spec.methods if len(modalities) > 1 else ()
+    config = TrainConfig(**train, seed=seed, methods=methods, device=device, progress=False)
+    return model_config, config
+
+
+def _fused_metrics(pred: torch.Tensor, target: torch.Tensor, task: str) -> dict[str, float]:
+    if task == "regression":
+        m = msa_regression_metrics(pred, target)
+        return {k: float(m[k]) for k in ("Non0_acc_2", "MAE", "Corr", "Mult_acc_7")}
+    return {"accuracy": float((pred.argmax(-1) == target).float().mean())}
+
+
+def train_one(
+    task: Task,
+    name: str,
+    seed: int,
+    *,
+    quick: bool,
+    device: str,
+    modalities: Sequence[str] | None = None,
+) -> dict[str, Any]:
+    """Train one model, select on validation, evaluate test once, probe every encoder."""
+    modalities = tuple(modalities or task.modalities)
+    model_config, config = _configs(task, name, modalities, seed, quick, device)
+    test = GuardedDataset(task.splits["test"])  # a fresh lock for every run
+    trainer = Trainer(model_config, config, task.splits["train"], task.splits["valid"], test)
+    start = time.perf_counter()
+    final = trainer.run()
+    elapsed = time.perf_counter() - start
+    test_out = trainer.last_predictions  # the one pass over test, made by Trainer.finish()
+    train_out = trainer.predict(task.splits["train"])
+    probe = {
+        m: probe_score(
+            train_out["features"][m],
+            train_out["target"],
+            test_out["features"][m],
+            test_out["target"],
+            task=task.task,
+        )
+        for m in modalities
+    }
+    return {
+        "method": name,
+        "seed": seed,
+        "fused": _fused_metrics(test_out["preds"]["fused"], test_out["target"], task.task),
+        "probe": probe,
+        "shares": final["valid"]["shares"],
+        "selected_epoch": final["selected_epoch"],
+        "time_s": elapsed,
+        "_test": {k: v for k, v in test_out.items() if k != "preds"}
+        | {"fused": test_out["preds"]["fused"]},
+        "_train_features": train_out["features"],
+        "_train_target": train_out["target"],
+    }
+
+
+# ------------------------------------------------------------------------------------ references
+def _ridge_predict(x_tr, y_tr, x_te, classes: int | None, alpha: float = 1.0) -> torch.Tensor:
+    """Closed-form ridge on standardised features (float64): predictions or one-hot scores."""
+    x_tr, x_te = x_tr.double(), x_te.double()
+    mu, sd = x_tr.mean(0), x_tr.std(0).clamp_min(1e-8)
+    a, b = (x_tr - mu) / sd, (x_te - mu) / sd
+    y = torch.nn.functional.one_hot(y_tr.long(), classes).double() if classes else y_tr.double()
+    y_mean = y.mean(0)
+    w = torch.linalg.solve(
+        a.T @ a + alpha * torch.eye(a.shape[1], dtype=a.dtype), a.T @ (y - y_mean)
+    )
+    return b @ w + y_mean
+
+
+def alone_references(task: Task, seed: int, *, quick: bool, device: str) -> list[dict[str, Any]]:
+    """``alone`` (one run per modality) and the two ensembles of the alone-trained models."""
+    runs = {
+        m: train_one(task, "alone", seed, quick=quick, device=device, modalities=(m,))
+        for m in task.modalities
+    }
+    target = next(iter(runs.values()))["_test"]["target"]
+    if task.task == "classification":
+        mean_pred = torch.stack([r["_test"]["fused"].softmax(-1) for r in runs.values()]).mean(0)
+    else:
+        mean_pred = torch.stack([r["_test"]["fused"] for r in runs.values()]).mean(0)
+    cat_tr = torch.cat([runs[m]["_train_features"][m] for m in task.modalities], 1)
+    cat_te = torch.cat([runs[m]["_test"]["features"][m] for m in task.modalities], 1)
+    y_tr = next(iter(runs.values()))["_train_target"]
+    classes = task.num_outputs if task.task == "classification" else None
+    probe_pred = _ridge_predict(cat_tr, y_tr, cat_te, classes)
+    probes = {m: r["probe"][m] for m, r in runs.items()}
+    base = {"seed": seed, "probe": probes, "shares": {}, "selected_epoch": None}
+    total = sum(r["time_s"] for r in runs.values())
+    return [
+        base
+        | {
+            "method": "alone",
+            "fused": {},
+            "time_s": total,
+            "per_modality_fused": {m: r["fused"] for m, r in runs.items()},
+        },
+        base
+        | {
+            "method": "alone-ensemble",
+            "time_s": total,
+            "fused": _fused_metrics(mean_pred, target, task.task),
+        },
+        base
+        | {
+            "method": "alone-probe",
+            "time_s": total,
+            "fused": _fused_metrics(probe_pred, target, task.task),
+        },
+    ]
+
+
+# ------------------------------------------------------------------------------------ the suite
+def _fingerprint(task_name: str, quick: bool, device: str) -> str:
+    from examples.pase import step as step_module
+
+    key = json.dumps(
+        [task_name, quick, device, SETTINGS[task_name], sorted(step_module.METHODS), PASE_METHODS],
+        sort_keys=True,
+        default=str,
+    )
+    return hashlib.sha1(key.encode()).hexdigest()[:10]
+
+
+def _public(run: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in run.items() if not k.startswith("_")}
+
+
+def _job(args: tuple[str, str, int, bool, str]) -> list[dict[str, Any]]:
+    task_name, name, seed, quick, device = args
+    torch.set_num_threads(max(1, int(os.environ.get("MODBALANCE_BENCH_THREADS", "1"))))
+    task = get_task(task_name, seed=0, quick=quick)
+    if name == "alone":
+        return [_public(r) for r in alone_references(task, seed, quick=quick, device=device)]
+    return [_public(train_one(task, name, seed, quick=quick, device=device))]
+
+
+def run_task(
+    task_name: str,
+    methods: Sequence[str],
+    seeds: Sequence[int],
+    *,
+    quick: bool = False,
+    device: str = "cpu",
+    jobs: int = 1,
+    cache: Path | None = DEFAULT_CACHE,
+    log: Callable[[str], None] = print,
+) -> dict[str, Any]:
+    """Every (method, seed) of one task, from the cache where possible; returns the raw runs."""
+    wanted = ["alone" if m in REFERENCES else m for m in methods]
+    wanted = list(dict.fromkeys(wanted))
+    unknown = [m for m in wanted if m != "alone" and m not in SPECS]
+    if unknown:
+        raise SystemExit(f"unknown methods {unknown}; known: {sorted(SPECS) + list(REFERENCES)}")
+    fp = _fingerprint(task_name, quick, device)
+    todo, runs = [], []
+    for name in wanted:
+        for seed in seeds:
+            path = None if cache is None else cache / f"{task_name}_{fp}_{name}_{seed}.json"
+            if path is not None and path.exists():
+                runs += json.loads(path.read_text())
+            else:
+                todo.append(((task_name, name, seed, quick, device), path))
+    log(f"[{task_name}] {len(todo)} runs to train, {len(wanted) * len(seeds) - len(todo)} cached")
+    start = time.perf_counter()
+
+    def record(path, result):
+        if path is not None:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(json.dumps(result))
+        runs.extend(result)
+        r = result[0]
+        log(
+            f"[{task_name}] {r['method']:<20} seed {r['seed']} {r['time_s']:6.1f}s "
+            f"fused {json.dumps(result[-1]['fused'])}"
+        )
+
+    if jobs > 1 and len(todo) > 1:
+        import multiprocessing
+
+        with ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
+            for (_args, path), result in zip(todo, pool.map(_job, [a for a, _ in todo])):
+                record(path, result)
+    else:
+        for args, path in todo:
+            record(path, _job(args))
+    task = get_task(task_name, seed=0, quick=quick)
+    keep = set(methods) | ({"alone"} if set(methods) & set(REFERENCES) else set())
+    return {
+        "task": task_name,
+        "primary": task.primary,
+        "meta": task.meta,
+        "quick": quick,
+        "wall_s": time.perf_counter() - start,
+        "runs": [r for r in runs if r["method"] in keep],
+    }
+
+
+# ------------------------------------------------------------------------------------ summary
+def _mean_std(values: Sequence[float]) -> tuple[float, float]:
+    values = [v for v in values if v is not None and not math.isnan(v)]
+    if not values:
+        return math.nan, math.nan
+    return statistics.mean(values), statistics.stdev(values) if len(values) > 1 else 0.0
+
+
+def summarize(result: dict[str, Any]) -> dict[str, Any]:
+    """Per method: fused metric, probes and ratios, gap closed, paired deltas vs joint."""
+    runs, primary = result["runs"], result["primary"]
+    meta = result["meta"]
+    mods, weak = meta["modalities"], meta["weak"]
+    by = {}
+    for r in runs:
+        by.setdefault(r["method"], {})[r["seed"]] = r
+    alone = by.get("alone", {})
+    joint = by.get("joint", {})
+    alone_probe = {m: _mean_std([r["probe"][m] for r in alone.values()])[0] for m in mods}
+    joint_probe = {m: _mean_std([r["probe"][m] for r in joint.values()])[0] for m in mods}
+    gap = {m: alone_probe[m] - joint_probe[m] for m in mods}
+    table = {}
+    for name, seeds in by.items():
+        row: dict[str, Any] = {"seeds": sorted(seeds)}
+        fused = [r["fused"].get(primary) for r in seeds.values()]
+        row["fused"] = _mean_std(fused)
+        if primary == "Non0_acc_2":
+            row["MAE"] = _mean_std([r["fused"].get("MAE") for r in seeds.values()])
+        probe = {m: _mean_std([r["probe"][m] for r in seeds.values()]) for m in mods}
+        row["probe"] = probe
+        row["ratio"] = {
+            m: probe[m][0] / alone_probe[m] if alone_probe[m] > 0 else math.nan for m in mods
+        }
+        closed = [(probe[m][0] - joint_probe[m]) / gap[m] for m in weak if gap[m] > 0]
+        row["gap_closed"] = statistics.mean(closed) if closed else math.nan
+        paired = [s for s in seeds if s in joint]
+        row["delta_fused"] = (
+            _mean_std(
+                [
+                    seeds[s]["fused"].get(primary, math.nan) - joint[s]["fused"][primary]
+                    for s in paired
+                ]
+            )
+            if name != "alone"
+            else (math.nan, math.nan)
+        )
+        if primary == "Non0_acc_2" and name != "alone":
+            row["delta_MAE"] = _mean_std(
+                [seeds[s]["fused"]["MAE"] - joint[s]["fused"]["MAE"] for s in paired]
+            )
+        row["delta_weak_probe"] = _mean_std(
+            [
+                statistics.mean(seeds[s]["probe"][m] - joint[s]["probe"][m] for m in weak)
+                for s in paired
+            ]
+        )
+        shares = [r["shares"] for r in seeds.values() if r.get("shares")]
+        row["shares"] = {m: statistics.mean(s[m] for s in shares) for m in mods} if shares else {}
+        row["time_s"] = _mean_std([r["time_s"] for r in seeds.values()])[0]
+        table[name] = row
+    return {
+        "task": result["task"],
+        "primary": primary,
+        "modalities": mods,
+        "weak": weak,
+        "alone_probe": alone_probe,
+        "joint_probe": joint_probe,
+        "gap": gap,
+        "methods": table,
+    }
+
+
+def _ms(v: tuple[float, float], scale: float = 1.0, digits: int = 1, signed: bool = False) -> str:
+    if v is None or math.isnan(v[0]):
+        return "–"
+    sign = "+" if signed else ""
+    return f"{v[0] * scale:{sign}.{digits}f} ± {v[1] * scale:.{digits}f}"
+
+
+def to_markdown(summary: dict[str, Any]) -> str:
+    """The per-task tables: fused metric, probes, ratios, gap closed, paired deltas."""
+    mods, weak, primary = summary["modalities"], summary["weak"], summary["primary"]
+    reg = primary == "Non0_acc_2"
+    pscale, pname, pd = (1.0, "R²", 3) if reg else (100.0, "acc %", 1)
+    lines = [f"## {summary['task']}", ""]
+    gaps = ", ".join(
+        f"{m} {summary['alone_probe'][m] * pscale:.{pd}f}"
+        f"→{summary['joint_probe'][m] * pscale:.{pd}f}"
+        f" (gap {summary['gap'][m] * pscale:+.{pd}f}{' weak' if m in weak else ''})"
+        for m in mods
+    )
+    lines += [f"Competition (probe {pname}, alone → joint): {gaps}.", ""]
+    head = ["method", f"fused {primary} %"] + (["MAE"] if reg else []) + ["Δ fused vs joint"]
+    head += (["Δ MAE"] if reg else []) + ["weak gap closed", "Δ weak probe"]
+    head += [f"probe {m} (ratio)" for m in mods] + ["s/run"]
+    lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for name, row in summary["methods"].items():
+        cells = [name, _ms(row["fused"], 100)]
+        if reg:
+            cells.append(_ms(row["MAE"], 1, 3))
+        cells.append(_ms(row["delta_fused"], 100, signed=True))
+        if reg:
+            cells.append(_ms(row.get("delta_MAE", (math.nan, 0)), 1, 3, signed=True))
+        gc = row["gap_closed"]
+        cells.append("–" if math.isnan(gc) else f"{gc * 100:.0f} %")
+        cells.append(_ms(row["delta_weak_probe"], pscale, pd, signed=True))
+        for m in mods:
+            ratio = row["ratio"][m]
+            cells.append(
+                f"{row['probe'][m][0] * pscale:.{pd}f} ({ratio:.2f})"
+                if not math.isnan(row["probe"][m][0])
+                else "–"
+            )
+        cells.append(f"{row['time_s']:.1f}")
+        lines.append("| " + " | ".join(cells) + " |")
+    shares = {n: r["shares"] for n, r in summary["methods"].items() if r["shares"]}
+    if shares:
+        lines += [
+            "",
+            "Shapley shares of the fused head (validation, mean over seeds): "
+            + "; ".join(
+                f"{n}: " + " ".join(f"{m} {v:.2f}" for m, v in s.items()) for n, s in shares.items()
+            ),
+        ]
+    return "\n".join(lines) + "\n"
+
+
+def plot(summary: dict[str, Any], path: Path) -> Path:
+    """Bar chart: each method's fused metric and weak-gap closed."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = [n for n in summary["methods"] if n != "alone"]
+    fused = [summary["methods"][n]["fused"][0] * 100 for n in names]
+    closed = [summary["methods"][n]["gap_closed"] * 100 for n in names]
+    fig, axes = plt.subplots(1, 2, figsize=(11, 0.35 * len(names) + 1.5), sharey=True)
+    axes[0].barh(names, fused, color="tab:blue")
+    axes[0].set_xlabel(f"fused {summary['primary']} (%)")
+    axes[0].set_xlim(min(fused) - 2, max(fused) + 1)
+    axes[1].barh(names, [0 if math.isnan(c) else c for c in closed], color="tab:green")
+    axes[1].axvline(100, color="grey", ls=":")
+    axes[1].set_xlabel("weak modalities' probe gap closed (%)")
+    axes[0].invert_yaxis()
+    fig.suptitle(f"{summary['task']}: competition suite", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--task", default="all", help=f"one of {', '.join(TASK_NAMES)}, or all")
+    p.add_argument("--methods", default=None, help="comma-separated (default: the standard set)")
+    p.add_argument("--seeds", default="0,1,2,3,4", help="comma-separated training seeds")
+    p.add_argument("--json", default=None, help="write the raw runs of one task as JSON here")
+    p.add_argument("--quick", action="store_true", help="tiny tasks and 2 epochs (CI smoke test)")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--jobs", type=int, default=1, help="parallel worker processes (1 thread each)")
+    p.add_argument("--cache", default=str(DEFAULT_CACHE), help="run cache folder ('' disables)")
+    p.add_argument("--out", default=str(RESULTS), help="folder for the markdown tables and PNGs")
+    args = p.parse_args(argv)
+    tasks = TASK_NAMES if args.task == "all" else tuple(args.task.split(","))
+    methods = tuple(args.methods.split(",")) if args.methods else DEFAULT_METHODS + REFERENCES
+    seeds = tuple(int(s) for s in args.seeds.split(","))
+    cache = Path(args.cache) if args.cache else None
+    out = Path(args.out)
+    results = []
+    for name in tasks:
+        result = run_task(
+            name, methods, seeds, quick=args.quick, device=args.device, jobs=args.jobs, cache=cache
+        )
+        results.append(result)
+        if args.json:
+            path = (
+                Path(args.json) if len(tasks) == 1 else Path(args.json).with_suffix(f".{name}.json")
+            )
+            path.write_text(json.dumps(result, indent=1))
+        summary = summarize(result)
+        suffix = "_quick" if args.quick else ""
+        out.mkdir(parents=True, exist_ok=True)
+        (out / f"competition_{name}{suffix}.md").write_text(to_markdown(summary))
+        (out / f"competition_{name}{suffix}.json").write_text(json.dumps(summary, indent=1))
+        plot(summary, out / f"competition_{name}{suffix}.png")
+        print(to_markdown(summary))
+    return results
+
+
+if __name__ == "__main__":
+    main()
