@@ -66,8 +66,7 @@ def value_checks_enabled() -> bool:
     return getattr(_state, "value_checks", True)
 
 
-@contextlib.contextmanager
-def value_checks(enabled: bool) -> Iterator[None]:
+def value_checks(enabled: bool) -> contextlib.AbstractContextManager[None]:
     """Context manager that enables or disables the value checks inside its block.
 
     Value checks (NaN/inf detection, label ranges, marginal sums) read tensor data and so force a
@@ -75,7 +74,11 @@ def value_checks(enabled: bool) -> Iterator[None]:
     known to be clean; structural checks (shapes, ranks, dtypes) always run.
 
     Args:
-        enabled: ``False`` to skip value checks inside the block.
+        enabled: ``False`` to skip value checks inside the block, ``True`` to enable them. Must
+            be a ``bool``: a string such as ``"no"`` would be truthy and silently enable them.
+
+    Raises:
+        TypeError: If ``enabled`` is not a ``bool``.
 
     Example:
         >>> import modbalance
@@ -83,8 +86,18 @@ def value_checks(enabled: bool) -> Iterator[None]:
         ...     modbalance.value_checks_enabled()
         False
     """
+    if not isinstance(enabled, bool):
+        raise TypeError(
+            f"`enabled` of value_checks must be a bool (True or False), got "
+            f"{type(enabled).__name__} ({enabled!r}); write value_checks(False) to disable them."
+        )
+    return _value_checks(enabled)
+
+
+@contextlib.contextmanager
+def _value_checks(enabled: bool) -> Iterator[None]:
     previous = value_checks_enabled()
-    _state.value_checks = bool(enabled)
+    _state.value_checks = enabled
     try:
         yield
     finally:

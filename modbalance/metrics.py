@@ -87,10 +87,16 @@ def _pred_target(pred: Any, target: Any) -> tuple[np.ndarray, np.ndarray]:
 
 
 def _round(value: float, decimals: int | None) -> float:
+    """Round as MMSA does: ``round(np.float64(x), 4)`` is numpy's rounding (``np.round``).
+
+    numpy scales by ``10**decimals``, rounds half to even and scales back, so a decimal tie such
+    as ``0.00125`` becomes ``0.0012``; Python's correctly rounded ``round(0.00125, 4)`` on a
+    ``float`` gives ``0.0013`` (the stored binary value lies just above the tie).
+    """
     value = float(value)
     if decimals is None or not math.isfinite(value):
         return value
-    return round(value, decimals)
+    return float(np.round(np.float64(value), decimals))
 
 
 def _accuracy(y_true: np.ndarray, y_pred: np.ndarray) -> float:
@@ -160,8 +166,10 @@ def msa_regression_metrics(pred: Any, target: Any, *, decimals: int | None = 4) 
       :math:`[y > 0]` against :math:`[p > 0]` (``nan`` if every label is 0).
     * F1 is sklearn's ``f1_score(truth, pred, average="weighted")`` (support-weighted per-class F1;
       implemented here without sklearn).
-    * Each value is rounded with ``round(x, decimals)`` (MMSA uses 4). MMSA's result tables show
-      these values ×100.
+    * Each value is rounded with numpy's rounding, ``np.round(x, decimals)`` (MMSA calls
+      ``round(x, 4)`` on numpy floats, which is ``np.round``): a decimal tie goes to the even
+      neighbour after scaling, e.g. ``0.00125 -> 0.0012`` where Python's ``round`` on a
+      ``float`` gives ``0.0013``. MMSA's result tables show these values ×100.
 
     Computed in float64 on the CPU. Reference: Yu et al., "Learning Modality-Specific
     Representations with Self-Supervised Multi-Task Learning" (AAAI 2021), MMSA toolkit.
@@ -242,7 +250,9 @@ def sims_regression_metrics(
 
     ``F1_score`` is the weighted F1 on the 2-class bins. When both inputs are float32 (or
     narrower) the binning compares in float32 as MMSA's numpy code does, so a float32 ``0.1``
-    falls in :math:`(-0.1, 0.1]`; MAE and Corr are computed in float64.
+    falls in :math:`(-0.1, 0.1]`; MAE and Corr are computed in float64. Values are rounded with
+    numpy's rounding as in :func:`msa_regression_metrics` (an MAE of ``0.00125`` is reported as
+    ``0.0012``, as MMSA reports it).
 
     Args:
         pred: Predictions with N elements, tensor or array.
@@ -435,9 +445,14 @@ def shapley_shares(values: Any) -> Tensor:
     if v.ndim == 0:
         raise ModbalanceError("`values` must have shape (..., M), got a 0-dimensional tensor.")
     pos = v.clamp_min(0)
-    total = pos.sum(-1, keepdim=True)
+    # divide by the largest contribution first: the sum of huge values (3e38 in float32) would
+    # overflow to inf and give zero shares
+    peak = pos.amax(-1, keepdim=True)
+    positive = peak > 0
+    scaled = pos / torch.where(positive, peak, torch.ones_like(peak))  # in [0, 1], max 1
+    total = scaled.sum(-1, keepdim=True)  # >= 1 where any contribution is positive
     uniform = torch.full_like(pos, 1.0 / v.shape[-1])
-    return torch.where(total > 0, pos / total.clamp_min(torch.finfo(v.dtype).tiny), uniform)
+    return torch.where(positive, scaled / total.clamp_min(1.0), uniform)
 
 
 def imbalance_index(shares: Any) -> float | Tensor:

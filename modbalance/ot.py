@@ -20,6 +20,7 @@ References:
 
 from __future__ import annotations
 
+import importlib.util
 import itertools
 import math
 from collections.abc import Mapping
@@ -225,8 +226,17 @@ def sinkhorn(
     Host synchronisation: with ``tol=None`` the loop runs exactly ``max_iter`` iterations with no
     ``.item()`` and no data-dependent branching. With a tolerance the marginal error is read on the
     host every ``check_every`` iterations and the loop stops once every problem satisfies
-    ``marginal_error <= tol``. The input value checks (finite cost, valid marginals) read data
-    too; switch them off with :func:`modbalance.value_checks` for a sync-free call.
+    ``marginal_error <= tol``. The input value checks (finite cost, valid marginals, a cost
+    spread the dtype can resolve) read data too; switch them off with
+    :func:`modbalance.value_checks` for a sync-free call.
+
+    Precision: float16 and bfloat16 inputs are solved in float32 (:math:`C/\varepsilon`
+    overflows float16 at small :math:`\varepsilon`) and the results cast back to the input
+    dtype. The exponent of the plan carries a rounding error of about
+    :math:`(\max C - \min C)/\varepsilon` times the dtype's machine epsilon, so a cost that
+    spans more than :math:`1/\text{eps}` epsilons (:math:`8.4 \cdot 10^6` in float32) is refused
+    with an error instead of returning an ``inf``/NaN plan: normalise the cost or raise
+    :math:`\varepsilon`.
 
     Args:
         cost: ``(..., K, L)`` cost matrices. Any batch shape.
@@ -246,7 +256,8 @@ def sinkhorn(
 
     Raises:
         ModbalanceError: For a cost of rank < 2, empty or non-finite, marginals of the wrong size,
-            negative or not summing to one, ``epsilon <= 0`` and other invalid arguments.
+            negative or not summing to one, ``epsilon <= 0``, a cost spread too wide for
+            ``epsilon`` in the working precision (see above) and other invalid arguments.
 
     Example:
         >>> import torch
@@ -269,9 +280,12 @@ def sinkhorn(
         )
     check_finite(cost, "cost")
     k, n = cost.shape[-2], cost.shape[-1]
+    out_dtype = cost.dtype
+    work = torch.float32 if cost.dtype in (torch.float16, torch.bfloat16) else cost.dtype
     _check_marginal(a, "a", k, cost, "rows K")
     _check_marginal(b, "b", n, cost, "columns L")
     eps = check_real(epsilon, "epsilon", low=0, low_inclusive=False)
+    _check_resolution(cost, eps, work)
     max_iter = check_int(max_iter, "max_iter", low=1)
     if tol is not None:
         tol = check_real(tol, "tol", low=0, low_inclusive=False)
@@ -314,7 +328,49 @@ def sinkhorn(
                 ) from exc
         check_finite(g0, "init[1]")
 
-    return _solve(cost, a, b, eps, max_iter, tol, check_every, grad, g0, batch)
+    if work == out_dtype:
+        return _solve(cost, a, b, eps, max_iter, tol, check_every, grad, g0, batch)
+    # float16 / bfloat16: C / epsilon overflows their range (65504 for float16) at small
+    # epsilon, so the iterations run in float32 and the results are cast back (differentiably)
+    res = _solve(
+        cost.to(work),
+        None if a is None else a.to(work),
+        None if b is None else b.to(work),
+        eps, max_iter, tol, check_every, grad,
+        None if g0 is None else g0.to(work),
+        batch,
+    )  # fmt: skip
+    return res._replace(
+        plan=res.plan.to(out_dtype),
+        value=res.value.to(out_dtype),
+        value_linear=res.value_linear.to(out_dtype),
+        potentials=(res.potentials[0].to(out_dtype), res.potentials[1].to(out_dtype)),
+        marginal_error=res.marginal_error.to(out_dtype),
+    )
+
+
+def _check_resolution(cost: Tensor, eps: float, work: torch.dtype) -> None:
+    """Refuse a cost whose spread is too many ``epsilon`` wide for ``work`` to resolve.
+
+    The plan is ``exp((f_i + g_j - C_ij) / eps)``: the potentials are as large as ``C / eps``
+    and their sum cancels to O(1), so a relative rounding error ``finfo(work).eps`` in numbers of
+    size ``spread / eps`` leaves an error of ``spread / eps * finfo.eps`` in the exponent. Beyond
+    1 the plan is meaningless, and soon ``inf``/NaN. A value check (reads ``cost``).
+    """
+    if not value_checks_enabled():
+        return
+    with torch.no_grad():
+        flat = cost.detach().flatten(-2)
+        spread = float((flat.amax(-1) - flat.amin(-1)).max())
+    limit = 1.0 / torch.finfo(work).eps
+    if spread / eps > limit:
+        raise ModbalanceError(
+            f"`cost` spans {spread:.3g} within a problem, {spread / eps:.3g} times `epsilon`="
+            f"{eps:g}; {work} resolves at most about {limit:.3g} epsilons, beyond which the plan "
+            "overflows to inf/NaN. Put `epsilon` in the units of the cost: normalise the cost "
+            "(e.g. `cost / cost.amax()`, as SinkhornAligner does) or raise `epsilon` "
+            "proportionally to the cost's scale."
+        )
 
 
 def _solve(
@@ -427,6 +483,17 @@ def _solve(
 # --------------------------------------------------------------------------------------------
 
 
+_POT_MISSING = (
+    "`backend='pot'` needs POT (Python Optimal Transport), an optional dependency: install it "
+    "with `pip install \"modbalance[pot]\"` (or `pip install pot`), or use backend='torch'."
+)
+
+
+def _pot_available() -> bool:
+    """Whether POT can be imported, without importing it (POT initialises CUDA on import)."""
+    return importlib.util.find_spec("ot") is not None
+
+
 def _solve_pot(
     cost: Tensor,
     a: Tensor,
@@ -504,7 +571,9 @@ class SinkhornAligner(nn.Module):
         warm_start: Reuse the potentials of the previous call (kept in non-persistent buffers)
             when the problem shapes match.
         backend: ``"torch"`` (this module's solver) or ``"pot"`` (the iterations are delegated to
-            POT's ``ot.solve_batch(method="log_sinkhorn")``; imported lazily on first use).
+            POT's ``ot.solve_batch(method="log_sinkhorn")``; imported lazily on first use). POT
+            is an optional dependency, needed only for this backend:
+            ``pip install "modbalance[pot]"`` (the ``dev`` extra has it too).
         gradient_side: ``"both"``, ``"x"`` or ``"y"``: which inputs receive gradient.
 
     Attributes:
@@ -515,6 +584,8 @@ class SinkhornAligner(nn.Module):
 
     Raises:
         ModbalanceError: For invalid hyperparameters.
+        ModuleNotFoundError: For ``backend="pot"`` when POT is not installed (the message says
+            how to install it).
 
     Example:
         >>> import torch
@@ -554,6 +625,8 @@ class SinkhornAligner(nn.Module):
             raise TypeError(f"`warm_start` must be a bool, got {type(warm_start).__name__}.")
         self.warm_start = warm_start
         self.backend = check_choice(backend, "backend", ("torch", "pot"))
+        if self.backend == "pot" and not _pot_available():
+            raise ModuleNotFoundError(_POT_MISSING)
         self.gradient_side = check_choice(gradient_side, "gradient_side", ("both", "x", "y"))
         self.register_buffer("warm_f", None, persistent=False)
         self.register_buffer("warm_g", None, persistent=False)

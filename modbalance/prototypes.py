@@ -124,7 +124,10 @@ def class_means(
         n_k = \sum_i w_{ik}, \qquad w_{ik} = [\,y_i = k\,]\,[\,\text{mask}_i\,].
 
     Masked-out rows (and labels outside ``[0, K)``) belong to no class; their values never enter
-    the result, even when they are NaN. No host synchronisation, no loop over the batch.
+    the result, even when they are NaN. A NaN/inf in a row that does belong to a class is an
+    error (it would silently turn that class's mean into NaN); this value check reads the data
+    and so synchronises with an accelerator: switch it off with :func:`modbalance.value_checks`
+    in a hot loop. Otherwise no host synchronisation and no loop over the batch.
 
     Args:
         features: ``(N, D)`` floating features.
@@ -134,6 +137,11 @@ def class_means(
 
     Returns:
         :class:`ClassMeans` with ``means`` ``(K, D)`` and ``counts`` ``(K,)``.
+
+    Raises:
+        TypeError: If ``features`` is not floating, ``labels`` not integer or ``mask`` not bool.
+        ModbalanceError: On wrong ranks, mismatched sizes, ``num_classes < 1`` or NaN/inf in a
+            masked-in row of ``features`` whose label is a class.
 
     Example:
         >>> import torch
@@ -149,6 +157,15 @@ def class_means(
     check_same_size(features, "features", 0, labels, "labels", 0)
     valid = _check_mask(mask, features.shape[0], features.device)
     weights = _class_weights(labels, num_classes, valid)
+    if value_checks_enabled():
+        rows = weights.any(dim=1, keepdim=True)
+        try:
+            check_finite(torch.where(rows, features.detach(), 0.0), "features")
+        except ModbalanceError as exc:
+            raise ModbalanceError(
+                f"{exc} Only rows that are masked in (mask True) and labelled with a class in "
+                f"[0, {num_classes - 1}] are checked: fix the features or mask those rows out."
+            ) from None
     sums, counts = _class_sums(features, weights)
     return ClassMeans(sums / counts.clamp_min(1).unsqueeze(1), counts)
 

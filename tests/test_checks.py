@@ -92,6 +92,16 @@ def test_value_checks_can_be_disabled_and_restored():
     assert modbalance.value_checks_enabled()
 
 
+@pytest.mark.parametrize("bad", ["yes", "no", 0, 1, None, torch.tensor(False)])
+def test_value_checks_needs_a_bool(bad):
+    with pytest.raises(TypeError, match=r"`enabled` of value_checks must be a bool.*got"):
+        modbalance.value_checks(bad)  # refused at the call, before `with`
+    assert modbalance.value_checks_enabled()
+    with modbalance.value_checks(True):  # nesting True inside False re-enables
+        with modbalance.value_checks(False), modbalance.value_checks(True):
+            assert modbalance.value_checks_enabled()
+
+
 @pytest.mark.parametrize(
     ("kwargs", "value", "pattern"),
     [

@@ -329,7 +329,11 @@ def test_dataset_constructor_and_indexing():
     ("kwargs", "exc", "match"),
     [
         ({"features": {}}, ModbalanceError, "non-empty dict"),
-        ({"features": {"a": torch.zeros(3, 4)}}, ModbalanceError, r"features\['a'\].*\(N, T, D\)"),
+        (
+            {"features": {"a": torch.zeros(3, 4, 2, 1)}},
+            ModbalanceError,
+            r"features\['a'\].*\(N, T, D\)",
+        ),
         (
             {"features": {"a": torch.zeros(2, 4, 2)}},
             ModbalanceError,
@@ -496,3 +500,147 @@ def test_loading_leaves_source_arrays_untouched(mmsa_aligned):
     assert ds is not None
     np.testing.assert_array_equal(raw["train"]["audio"], data["train"]["audio"])
     assert np.isneginf(raw["train"]["audio"]).sum() == 2
+
+
+# ----------------------------------------------------------------------------------------------
+# vector modalities and integer class labels (generic multi-view classification)
+# ----------------------------------------------------------------------------------------------
+
+
+def test_vector_features_and_class_labels():
+    g = torch.Generator().manual_seed(0)
+    views = {"pix": torch.rand(5, 6, generator=g), "fou": torch.rand(5, 3, generator=g)}
+    labels = torch.tensor([0, 9, 3, 3, 1], dtype=torch.int32)
+    ds = MultimodalDataset(views, labels, split="test")
+    assert ds.task == "classification" and ds.num_classes == 10
+    assert ds.vector_modalities == ("pix", "fou") and ds.dims == {"pix": 6, "fou": 3}
+    assert ds.labels.dtype == torch.int64
+    item = ds[1]
+    assert item["features"]["pix"].shape == (6,)
+    torch.testing.assert_close(item["features"]["pix"], views["pix"][1], rtol=0, atol=0)
+    assert item["mask"]["pix"].shape == () and bool(item["mask"]["pix"])
+    assert item["label"].shape == () and item["label"].dtype == torch.int64
+    assert int(item["label"]) == 9
+    assert ds.lengths("fou").tolist() == [1] * 5
+    assert ds.valid_mask("fou").tolist() == [True] * 5
+    assert ds.padded("pix") is views["pix"]
+    assert "pix=6" in repr(ds) and "classification" in repr(ds)
+    batch = next(iter(DataLoader(ds, batch_size=4, collate_fn=ds.collate)))
+    assert batch["features"]["pix"].shape == (4, 6) and batch["features"]["fou"].shape == (4, 3)
+    torch.testing.assert_close(batch["features"]["fou"], views["fou"][:4], rtol=0, atol=0)
+    assert batch["mask"]["pix"].shape == (4,) and batch["mask"]["pix"].dtype == torch.bool
+    assert batch["mask"]["pix"].all()
+    assert batch["lengths"]["pix"].tolist() == [1, 1, 1, 1]
+    assert batch["lengths"]["pix"].dtype == torch.int64
+    assert batch["label"].tolist() == [0, 9, 3, 3] and batch["label"].dtype == torch.int64
+
+
+def test_mixed_vector_and_sequence_modalities():
+    seq = torch.zeros(3, 4, 2)
+    seq[0, :1] = 1.0
+    seq[1, :3] = 1.0
+    seq[2] = 1.0
+    ds = MultimodalDataset({"seq": seq, "vec": torch.ones(3, 5)}, torch.tensor([0.5, 0.0, -1.0]))
+    assert ds.task == "regression" and ds.num_classes is None
+    assert ds.vector_modalities == ("vec",)
+    batch = ds.collate([ds[0], ds[1]])
+    assert batch["features"]["seq"].shape == (2, 3, 2) and batch["features"]["vec"].shape == (2, 5)
+    assert batch["lengths"]["seq"].tolist() == [1, 3] and batch["lengths"]["vec"].tolist() == [1, 1]
+    assert batch["mask"]["seq"].shape == (2, 3) and batch["mask"]["vec"].shape == (2,)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"labels": torch.tensor([0, -1, 2])}, r"`labels`.*>= 0.*-1"),
+        ({"labels": torch.tensor([0.0, float("nan"), 1.0])}, r"`labels`.*1 NaN"),
+        (
+            {
+                "features": {
+                    "a": torch.ones(3, 4, 2).index_put_(
+                        (torch.tensor([1]),), torch.tensor(float("inf"))
+                    )
+                }
+            },
+            r"`features\['a'\]`.*infinite",
+        ),
+        ({"features": {"v": torch.tensor([[0.0], [float("nan")], [1.0]])}}, r"`features\['v'\]`"),
+        ({"features": {"v": torch.ones(3, 2)}, "lengths": {"v": [1, 1, 1]}}, r"vector modality"),
+        ({"unimodal_labels": {"a": torch.tensor([0.0, float("nan"), 0.0])}}, "unimodal_labels"),
+        ({"labels": torch.tensor([True, False, True])}, r"`labels` must be"),
+    ],
+)
+def test_dataset_rejects_bad_values(kwargs, match):
+    args = {"features": {"a": torch.ones(3, 4, 2)}, "labels": torch.zeros(3)}
+    args.update(kwargs)
+    with pytest.raises(ModbalanceError, match=match):
+        MultimodalDataset(args.pop("features"), args.pop("labels"), **args)
+
+
+def test_dataset_nan_check_honours_value_checks():
+    import modbalance
+
+    x = torch.ones(2, 3)
+    x[0, 0] = float("nan")
+    with modbalance.value_checks(False):
+        ds = MultimodalDataset({"v": x}, torch.zeros(2))
+    assert torch.isnan(ds[0]["features"]["v"][0])
+
+
+def _item(x, label=0.0, **extra):
+    return {"features": {"a": x}, "mask": {}, "label": torch.tensor(label), "id": "i", **extra}
+
+
+@pytest.mark.parametrize(
+    ("batch", "match"),
+    [
+        ([_item(torch.ones(2, 3)), _item(torch.ones(2, 4))], r"item 1 .*features\['a'\].*\(L, 3\)"),
+        ([_item(torch.ones(3)), _item(torch.ones(4))], r"item 1 .*features\['a'\].*\(3,\)"),
+        ([_item(torch.ones(3)), _item(torch.ones(1, 3))], r"item 1 .*features\['a'\]"),
+        (
+            [_item(torch.ones(1, 2)), {"features": {"a": torch.ones(1, 2)}, "id": "x"}],
+            r"item 1 .*no key 'label'",
+        ),
+        (
+            [_item(torch.ones(1, 2)), {"label": torch.tensor(0.0), "id": "x"}],
+            r"item 1 .*no key 'features'",
+        ),
+        (
+            [{"features": {"a": torch.ones(1, 2)}, "label": torch.tensor(0.0)}],
+            r"item 0 .*no key 'id'",
+        ),
+        ([_item(torch.ones(1, 2)), "oops"], r"item 1 .*must be a dict"),
+        (
+            [_item(torch.ones(1, 2)), _item(torch.ones(1, 2), label=[0.0, 1.0])],
+            r"'label' of item 1 has shape \(2,\)",
+        ),
+        (
+            [
+                _item(torch.ones(1, 2), unimodal_labels={"a": torch.tensor(0.0)}),
+                _item(torch.ones(1, 2)),
+            ],
+            r"item 1 .*no key 'unimodal_labels'",
+        ),
+        ("abc", r"`batch` must be a list"),
+    ],
+)
+def test_collate_names_item_and_key(batch, match):
+    with pytest.raises(ModbalanceError, match=match):
+        collate_multimodal(batch)
+
+
+@pytest.mark.parametrize("fmt", ["mmsa", "mult"])
+def test_empty_split_is_a_clear_error(tmp_path, fmt):
+    rng = np.random.default_rng(0)
+    if fmt == "mmsa":
+        d = {k: v[:0] for k, v in _mmsa_split(rng).items() if k != "raw_text"}
+        loader = load_mmsa
+    else:
+        d = {m: np.zeros((0, 5, 2), np.float32) for m in ("text", "audio", "vision")}
+        d["labels"] = np.zeros((0, 1, 1), np.float32)
+        loader = load_mult
+    path = tmp_path / "empty.pkl"
+    with open(path, "wb") as f:
+        pickle.dump({"train": d, "valid": d, "test": d}, f)
+    with pytest.raises(ModbalanceError, match=r"split 'valid' is empty"):
+        loader(path, split="valid")

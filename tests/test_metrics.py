@@ -111,6 +111,27 @@ def test_msa_degenerate_cases_give_nan_not_errors():
     assert m["Has0_acc_2"] == round(2 / 3, 4)
 
 
+@pytest.mark.parametrize("fn", [msa_regression_metrics, sims_regression_metrics])
+@pytest.mark.parametrize("mae", [0.00125, 0.00025, 0.00035, 0.00005, 0.00115, 0.00185])
+def test_rounding_matches_mmsa_on_decimal_ties(fn, mae):
+    # MMSA: round(np.mean(np.absolute(pred - truth)), 4) on a numpy float, i.e. np.round
+    pred = np.array([2 * mae, 0.0])
+    target = np.zeros(2)
+    mmsa_mae = round(np.mean(np.absolute(pred - target)), 4)  # numpy's __round__
+    assert mmsa_mae == np.round(mae, 4) != round(float(mae), 4)  # a real decimal tie
+    assert fn(pred, target)["MAE"] == float(mmsa_mae)
+
+
+def test_rounding_is_numpy_rounding_everywhere():
+    # Has0 accuracy 0.00125 would need 800 samples; check the helper on the tie values directly
+    from modbalance.metrics import _round
+
+    for x in [0.00125, 0.00015, 2.675, -0.00125, 0.5, 1.5]:
+        assert _round(x, 4) == float(np.round(np.float64(x), 4))
+        assert _round(x, 0) == float(np.round(np.float64(x)))
+    assert _round(0.00125, None) == 0.00125 and math.isnan(_round(float("nan"), 4))
+
+
 @pytest.mark.parametrize(
     ("pred", "target", "exc", "match"),
     [
@@ -260,6 +281,23 @@ def test_shapley_shares(device):
         shapley_shares(torch.tensor([1.0, float("nan")]))
     with pytest.raises(ModbalanceError, match="0-dimensional"):
         shapley_shares(torch.tensor(1.0))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize(
+    ("values", "expected"),
+    [
+        ([3e38, 3e38], [0.5, 0.5]),  # the float32 sum overflows to inf
+        ([3e38, 1e38, -3e38], [0.75, 0.25, 0.0]),
+        ([1e-45, 0.0], [1.0, 0.0]),  # subnormal: still a positive contribution
+        ([1e-45, 1e-45], [0.5, 0.5]),
+    ],
+)
+def test_shapley_shares_extreme_magnitudes(values, expected, dtype):
+    s = shapley_shares(torch.tensor(values, dtype=dtype))
+    assert s.dtype == dtype
+    torch.testing.assert_close(s, torch.tensor(expected, dtype=dtype))
+    assert bool(torch.isfinite(s).all())
 
 
 @settings(max_examples=40, deadline=None)

@@ -407,6 +407,46 @@ def test_dtype_and_device_follow_input(device):
     assert isinstance(res, SinkhornResult)
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("epsilon", [1e-6, 1e-3, 0.05])
+def test_half_precision_is_solved_in_float32(dtype, epsilon):
+    cost = torch.rand(2, 5, 4, generator=torch.Generator().manual_seed(3)).to(dtype)
+    res = sinkhorn(cost, epsilon=epsilon, max_iter=50)
+    ref = sinkhorn(cost.float(), epsilon=epsilon, max_iter=50)
+    for t in (res.plan, res.value, res.value_linear, *res.potentials, res.marginal_error):
+        assert t.dtype == dtype and bool(torch.isfinite(t).all())
+    torch.testing.assert_close(res.plan, ref.plan.to(dtype))
+    torch.testing.assert_close(res.value, ref.value.to(dtype))
+    leaf = cost.clone().requires_grad_(True)
+    sinkhorn(leaf, epsilon=epsilon, max_iter=20).value.sum().backward()
+    assert leaf.grad.dtype == dtype and bool(torch.isfinite(leaf.grad).all())
+
+
+@pytest.mark.parametrize(
+    ("scale", "dtype", "epsilon"),
+    [
+        (1e30, torch.float32, 0.05),
+        (1e8, torch.float32, 0.05),
+        (1e16, F64, 0.05),
+        (1.0, torch.float16, 1e-8),
+    ],
+)
+def test_cost_spread_beyond_precision_is_an_error(scale, dtype, epsilon):
+    cost = (torch.rand(4, 5, generator=torch.Generator().manual_seed(0)) * scale).to(dtype)
+    with pytest.raises(ModbalanceError, match=r"`cost` spans .* times `epsilon`.*normalise"):
+        sinkhorn(cost, epsilon=epsilon)
+    # the same problem in the cost's own units solves to a finite plan
+    res = sinkhorn(cost / cost.amax(), epsilon=0.05)
+    assert bool(torch.isfinite(res.plan).all())
+
+
+def test_large_but_resolvable_cost_spread_is_finite():
+    cost = torch.rand(4, 5, generator=torch.Generator().manual_seed(0)) * 1e4
+    res = sinkhorn(cost, epsilon=5.0, max_iter=200)  # spans ~2e3 epsilons of 8.4e6: fine
+    assert bool(torch.isfinite(res.plan).all())
+    torch.testing.assert_close(res.plan.sum(), torch.tensor(1.0), atol=1e-3, rtol=0)
+
+
 # ------------------------------------------------------------------------------------------
 # bad input
 # ------------------------------------------------------------------------------------------
@@ -463,7 +503,8 @@ def test_sinkhorn_errors():
 def test_value_checks_can_be_disabled():
     with value_checks(False):
         res = sinkhorn(torch.rand(3, 4), torch.full((3,), 0.5), max_iter=3)
-    assert res.plan.shape == (3, 4)
+        wide = sinkhorn(torch.rand(3, 4) * 1e30, max_iter=3)  # not refused, not resolvable
+    assert res.plan.shape == (3, 4) and wide.plan.shape == (3, 4)
 
 
 # ------------------------------------------------------------------------------------------
@@ -633,6 +674,15 @@ def test_pot_is_imported_lazily():
     code = "import sys, modbalance.ot; print('ot' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
+
+
+def test_pot_backend_without_pot_says_how_to_install(monkeypatch):
+    import modbalance.ot as mot
+
+    monkeypatch.setattr(mot, "_pot_available", lambda: False)
+    with pytest.raises(ModuleNotFoundError, match=r"backend='pot'.*modbalance\[pot\]"):
+        SinkhornAligner(backend="pot")
+    SinkhornAligner(backend="torch")  # the default backend never needs POT
 
 
 def test_aligner_errors():

@@ -90,6 +90,25 @@ def test_class_means_matches_loop(device):
         torch.testing.assert_close(out.means[k], want)
 
 
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_class_means_rejects_non_finite_masked_in_features(bad):
+    h = torch.randn(6, 3)
+    y = torch.tensor([0, 1, 1, 2, 0, 7])  # label 7 is outside [0, 3): that row is in no class
+    h[2, 1] = bad
+    with pytest.raises(ModbalanceError, match=r"`features` must contain only finite.*\[0, 2\]"):
+        class_means(h, y, 3)
+    mask = torch.ones(6, dtype=torch.bool)
+    mask[2] = False  # masking the row out makes the call valid again
+    assert torch.isfinite(class_means(h, y, 3, mask).means).all()
+    h2 = torch.randn(6, 3)
+    h2[5] = bad  # a row whose label is in no class never enters either
+    assert torch.isfinite(class_means(h2, y, 3).means).all()
+    import modbalance
+
+    with modbalance.value_checks(False):  # the check reads data: it can be switched off
+        assert not torch.isfinite(class_means(h, y, 3).means).all()
+
+
 # ------------------------------------------------------------------------------ reference helpers
 
 

@@ -655,7 +655,7 @@ def _dist_worker(rank, world, port, feats, y, state, out_dir):
             torch.save(res.table, os.path.join(out_dir, f"{masking}_{rank}.pt"))
         # the modulator averages contributions over ranks: identical coefficients everywhere
         mod = ShapleyGradModulator({"a": nn.Linear(1, 1), "b": nn.Linear(1, 1)}, momentum=0.0)
-        k = mod.observe(torch.tensor([1.0 + 2.0 * rank, 1.0]))
+        k = mod.observe(dict(zip(("a", "b"), torch.tensor([1.0 + 2.0 * rank, 1.0]))))
         torch.save(k, os.path.join(out_dir, f"coef_{rank}.pt"))
     finally:
         dist.destroy_process_group()
@@ -677,3 +677,158 @@ def test_distributed_game_and_modulator_agree_with_global_batch(tmp_path):
     expected_k = pase_coefficients(torch.tensor([2.0, 1.0]))  # mean of [1, 1] and [3, 1]
     for rank in range(2):
         torch.testing.assert_close(torch.load(tmp_path / f"coef_{rank}.pt"), expected_k)
+
+
+# ------------------------------------------------------------------------------------------
+# player names, confidence intervals, bad values (issues 12 and 16)
+# ------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("method", ["exact", "permutation"])
+def test_players_are_returned(method):
+    table = random_table(3, 4)
+    res = shapley_values(
+        CountingGame(table), 3, method=method, num_permutations=4, players=["t", "a", "v"]
+    )
+    assert res.players == ("t", "a", "v")
+    assert shapley_values(CountingGame(table), 3, method=method, num_permutations=4).players is None
+    # the fourth field keeps positional unpacking of the first three readable
+    values, stderr, n_eval, players, _ = res
+    assert players == ("t", "a", "v") and values.shape == stderr.shape == (3,) and n_eval > 0
+
+
+@pytest.mark.parametrize(
+    ("players", "exc", "match"),
+    [
+        (["t", "a"], ModbalanceError, r"`players` must name each of the num_players=3"),
+        (["t", "a", "a"], ModbalanceError, r"`players` must be distinct"),
+        ("tav", TypeError, r"`players` must be a sequence"),
+        ([0, 1, 2], TypeError, r"`players` must hold strings"),
+    ],
+)
+def test_players_errors(players, exc, match):
+    with pytest.raises(exc, match=match):
+        shapley_values(CountingGame(random_table(3)), 3, players=players)
+
+
+def test_t_quantile_matches_tabulated_values():
+    from modbalance.shapley import _t_quantile
+
+    # Student-t quantiles from standard tables (and scipy.stats.t.ppf)
+    table = {(0.975, 1): 12.7062047, (0.975, 3): 3.1824463, (0.975, 7): 2.3646243,
+             (0.995, 3): 5.8409093, (0.95, 30): 1.6972609, (0.975, 1000): 1.9623391}  # fmt: skip
+    for (p, df), q in table.items():
+        assert _t_quantile(p, df) == pytest.approx(q, rel=1e-7)
+
+
+def test_interval_covers_better_than_two_stderr_with_few_permutations():
+    m = 7
+    table = random_table(m, 11)
+    exact = shapley_from_table(table)
+    naive, student = [], []
+    for seed in range(200):
+        res = shapley_values(
+            CountingGame(table),
+            m,
+            method="permutation",
+            num_permutations=8,  # 4 antithetic units, 3 degrees of freedom
+            generator=torch.Generator().manual_seed(1000 + seed),
+        )
+        assert res.num_units == 4
+        low, high = res.interval(0.95)
+        student.append((low <= exact) & (exact <= high))
+        naive.append((res.values - exact).abs() <= 2 * res.stderr)
+    naive_cov = torch.cat(naive).double().mean().item()
+    t_cov = torch.cat(student).double().mean().item()
+    assert naive_cov < 0.86  # the issue: ~80% for a "95%" interval
+    assert t_cov >= 0.89 and t_cov > naive_cov + 0.06, (naive_cov, t_cov)
+
+
+def test_interval_exact_and_errors():
+    table = random_table(3, 2)
+    res = shapley_values(CountingGame(table), 3, method="exact")
+    low, high = res.interval()
+    assert res.num_units is None and torch.equal(low, res.values) and torch.equal(high, res.values)
+    one = shapley_values(
+        CountingGame(table), 3, method="permutation", num_permutations=1, antithetic=False
+    )
+    assert one.num_units == 1 and torch.isnan(one.stderr).all()
+    with pytest.raises(ModbalanceError, match=r"at least two independent.*num_permutations >= 2"):
+        one.interval()
+    with pytest.raises(ModbalanceError, match=r"`level` must be < 1"):
+        res.interval(1.0)
+    with pytest.raises(ModbalanceError, match=r"`level` must be > 0"):
+        res.interval(0.0)
+
+
+@pytest.mark.parametrize("method", ["exact", "permutation"])
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_value_fn_returning_nan_is_an_error(method, bad):
+    table = random_table(3, 1)
+    table[5] = bad
+    with pytest.raises(ModbalanceError, match=r"`value_fn\(coalitions\)` must contain only finite"):
+        shapley_values(CountingGame(table), 3, method=method, num_permutations=8)
+    import modbalance
+
+    with modbalance.value_checks(False):  # the check reads the values: it can be switched off
+        res = shapley_values(CountingGame(table), 3, method="exact")
+    assert not torch.isfinite(res.values).all()
+
+
+@pytest.mark.parametrize("where", ["features", "target", "head"])
+def test_game_rejects_non_finite_values(where):
+    feats, y = make_inputs("cpu")
+    head = FusionHead()
+    if where == "features":
+        feats["audio"] = feats["audio"].clone()
+        feats["audio"][3, 1] = float("nan")
+        match = r"`features\['audio'\]` must contain only finite values, got 1 NaN"
+    elif where == "target":
+        y = y.clone()
+        y[0] = float("inf")
+        match = r"`target` must contain only finite values"
+    else:
+        head = lambda f, p: torch.full((f["text"].shape[0],), float("nan"))  # noqa: E731
+        match = r"`head\(features, present\)` must contain only finite values"
+    with pytest.raises(ModbalanceError, match=match):
+        ModalityGame(head, NAMES)(feats, y)
+
+
+@pytest.mark.parametrize("label", [3, 7, -1])
+@pytest.mark.parametrize("value", ["neg_loss", "accuracy"])
+def test_game_out_of_range_class_label(label, value):
+    feats, y = make_inputs("cpu", task="classification")
+    y[4] = label
+    game = ModalityGame(FusionHead(out_dim=3), NAMES, task="classification", value=value)
+    with pytest.raises(
+        ModbalanceError, match=rf"`target` must hold class indices in \[0, 2\].*{label}"
+    ):
+        game(feats, y)
+
+
+def test_game_integer_target_for_regression_names_the_fix():
+    feats, _ = make_inputs("cpu")
+    with pytest.raises(TypeError, match=r"`target`.*task='classification'.*float target"):
+        ModalityGame(FusionHead(), NAMES)(feats, torch.zeros(12, dtype=torch.long))
+
+
+@pytest.mark.parametrize("fn", [shapley_from_table, interactions_from_table])
+def test_tables_with_nan_are_rejected(fn):
+    table = random_table(3)
+    table[2] = float("nan")
+    with pytest.raises(
+        ModbalanceError, match=r"`values` must contain only finite values, got 1 NaN"
+    ):
+        fn(table)
+
+
+def test_game_value_checks_can_be_switched_off():
+    import modbalance
+
+    feats, y = make_inputs("cpu", task="classification")
+    feats["text"] = feats["text"].clone()
+    feats["text"][0, 0] = float("nan")
+    game = ModalityGame(FusionHead(out_dim=3), NAMES, task="classification")
+    with modbalance.value_checks(False):  # no NaN scan, no label-range scan: no host sync
+        res = game(feats, y)
+    assert torch.isnan(res.table).any()

@@ -31,7 +31,7 @@ import torch
 from torch import Tensor
 from torch.utils.data import Dataset
 
-from modbalance._checks import ModbalanceError
+from modbalance._checks import ModbalanceError, check_finite
 
 __all__ = ["MultimodalDataset", "collate_multimodal", "load_mmsa", "load_mult"]
 
@@ -91,43 +91,62 @@ def _spans_from_lengths(nonzero: Tensor, lengths: Tensor) -> tuple[Tensor, Tenso
 
 
 class MultimodalDataset(Dataset):
-    """Per-sample multimodal sequences with their valid-frame spans, labels and ids.
+    """Per-sample multimodal data: sequences with their valid-frame spans, or plain vectors.
 
-    The features of each modality are stored as one padded tensor (N, T_m, D_m) exactly as in
-    the source file, together with the span ``[start, end)`` of valid frames of every sample.
-    Item ``i`` is a dict:
+    Each modality is either a **sequence** modality, stored as one padded tensor (N, T_m, D_m)
+    exactly as in the source file together with the span ``[start, end)`` of valid frames of
+    every sample, or a **vector** modality, stored as (N, F_m) (one feature vector per sample,
+    no time axis; e.g. the views of a multi-view data set). Item ``i`` is a dict:
 
-    * ``"features"``: ``{m: (L_m, D_m)}`` — the valid frames only (float32; ``int64`` for BERT
-      token ids, see :func:`load_mmsa`);
-    * ``"mask"``: ``{m: (L_m,) bool}`` — all ``True`` (kept so that items and batches have the
-      same keys);
-    * ``"label"``: a 0-dim float32 tensor (sentiment regression) or, for the IEMOCAP MulT layout
-      (``task == "iemocap"``), a (4,) int64 vector of present (1) / absent (0) emotions in the
-      order ``("Neutral", "Happy", "Sad", "Angry")``;
+    * ``"features"``: ``{m: (L_m, D_m)}`` for a sequence modality — the valid frames only —
+      or ``{m: (F_m,)}`` for a vector modality (float32 as given; ``int64`` for BERT token ids,
+      see :func:`load_mmsa`);
+    * ``"mask"``: ``{m: (L_m,) bool}`` all ``True`` for a sequence modality, a 0-dim ``True``
+      for a vector modality (kept so that items and batches have the same keys);
+    * ``"label"``: a 0-dim float32 tensor (sentiment regression, ``task == "regression"``), a
+      0-dim int64 class index (``task == "classification"``, any number of classes) or, for the
+      IEMOCAP MulT layout (``task == "iemocap"``), a (4,) int64 vector of present (1) / absent
+      (0) emotions in the order ``("Neutral", "Happy", "Sad", "Angry")``;
     * ``"id"``: ``str``;
     * ``"unimodal_labels"``: ``{m: 0-dim float32}``, only when the file has unimodal labels
       (CH-SIMS ``regression_labels_T/_A/_V``).
 
-    Where the valid span comes from: explicit ``lengths`` when given (the side is inferred from
-    which end is all-zero padding, defaulting to "valid frames first"), otherwise the frames from
-    the first to the last frame that has a non-zero entry. The padding side is never assumed.
+    Where the valid span of a sequence comes from: explicit ``lengths`` when given (the side is
+    inferred from which end is all-zero padding, defaulting to "valid frames first"), otherwise
+    the frames from the first to the last frame that has a non-zero entry. The padding side is
+    never assumed.
+
+    Features and labels must be finite: the loaders (:func:`load_mmsa`, :func:`load_mult`)
+    repair non-finite feature values (as MMSA does) and refuse non-finite labels before they
+    build the dataset; a dataset built directly refuses both (a value check, see
+    :func:`modbalance.value_checks`).
 
     Args:
-        features: ``{modality: (N, T_m, D_m) tensor}`` (float, or integer token ids).
-        labels: (N,) float sentiment labels, or (N, 4) int64 IEMOCAP emotion indicators.
+        features: ``{modality: tensor}``, each (N, T_m, D_m) (a sequence) or (N, F_m) (a
+            vector); float, or integer token ids.
+        labels: (N,) float sentiment labels, (N,) integer class indices (>= 0), or (N, 4)
+            integer IEMOCAP emotion indicators.
         ids: N sample ids (default ``"<split>_<i>"``).
-        lengths: Optional ``{modality: (N,) int}`` counts of valid frames.
+        lengths: Optional ``{modality: (N,) int}`` counts of valid frames (sequence modalities
+            only).
         split: Name of the split, kept as an attribute.
         unimodal_labels: Optional ``{modality: (N,) float}`` per-modality labels.
 
     Attributes:
         modalities: Tuple of modality names, in the order given.
-        dims: ``{modality: D_m}``.
+        dims: ``{modality: D_m or F_m}`` (the last feature dimension).
+        vector_modalities: Names of the vector (N, F_m) modalities, in order.
         split: The split name.
-        task: ``"regression"`` or ``"iemocap"``.
+        task: ``"regression"``, ``"classification"`` or ``"iemocap"``.
+        num_classes: Number of classes (``labels.max() + 1`` of *this* split for
+            classification, so a split missing the top class reports fewer: take it from the
+            training split; 4 for IEMOCAP) or ``None`` for regression.
 
     Raises:
-        ModbalanceError: On inconsistent sample counts, wrong ranks or lengths out of range.
+        TypeError: If ``labels`` or a feature is not a tensor.
+        ModbalanceError: On inconsistent sample counts, wrong ranks, lengths out of range,
+            negative class indices or NaN/inf features or labels (the message names the
+            modality or ``labels``).
 
     Example:
         >>> import torch
@@ -141,6 +160,18 @@ class MultimodalDataset(Dataset):
         >>> batch = ds.collate([ds[0], ds[1]])
         >>> batch["lengths"]["audio"].tolist(), batch["mask"]["audio"].tolist()
         ([2, 3], [[True, True, False], [True, True, True]])
+
+        Vector views with integer class labels (generic classification):
+
+        >>> views = {"pixels": torch.rand(3, 6), "profile": torch.rand(3, 4)}
+        >>> ds = MultimodalDataset(views, torch.tensor([0, 2, 1]))
+        >>> ds.task, ds.num_classes, ds.vector_modalities, ds[0]["mask"]["pixels"]
+        ('classification', 3, ('pixels', 'profile'), tensor(True))
+        >>> batch = ds.collate([ds[0], ds[1]])
+        >>> batch["features"]["pixels"].shape, batch["mask"]["pixels"].tolist()
+        (torch.Size([2, 6]), [True, True])
+        >>> batch["label"].tolist(), batch["lengths"]["profile"].tolist()
+        ([0, 2], [1, 1])
     """
 
     def __init__(
@@ -154,41 +185,77 @@ class MultimodalDataset(Dataset):
         unimodal_labels: Mapping[str, Tensor] | None = None,
     ) -> None:
         if not isinstance(features, Mapping) or not features:
-            raise ModbalanceError("`features` must be a non-empty dict {modality: (N, T, D)}.")
+            raise ModbalanceError(
+                "`features` must be a non-empty dict {modality: (N, T, D) or (N, F) tensor}, got "
+                f"{features!r:.80}."
+            )
         if not isinstance(labels, Tensor):
             raise TypeError(f"`labels` must be a torch.Tensor, got {type(labels).__name__}.")
         n = labels.shape[0] if labels.ndim > 0 else -1
+        integer = not labels.is_floating_point() and not labels.is_complex()
+        integer = integer and labels.dtype != torch.bool
+        self.num_classes: int | None
         if labels.ndim == 1 and labels.is_floating_point():
             self.task = "regression"
-            labels = labels.float()
+            labels = check_finite(labels.float(), "labels")
+            self.num_classes = None
+        elif labels.ndim == 1 and integer:
+            self.task = "classification"
+            labels = labels.long()
+            if labels.numel() and bool((labels < 0).any()):
+                raise ModbalanceError(
+                    f"`labels` holds integer class indices, which must be >= 0; got "
+                    f"{int((labels < 0).sum())} negative value(s), e.g. {int(labels.min())}."
+                )
+            self.num_classes = int(labels.max()) + 1 if labels.numel() else 0
         elif labels.ndim == 2 and labels.shape[1] == 4 and not labels.is_floating_point():
             self.task = "iemocap"
             labels = labels.long()
+            self.num_classes = 4
         else:
             raise ModbalanceError(
-                f"`labels` must be (N,) float (sentiment) or (N, 4) integer (IEMOCAP), got shape "
-                f"{tuple(labels.shape)} and dtype {labels.dtype}."
+                "`labels` must be (N,) float (sentiment regression), (N,) integer (class "
+                f"indices) or (N, 4) integer (IEMOCAP), got shape {tuple(labels.shape)} and dtype "
+                f"{labels.dtype}."
             )
         self._features: dict[str, Tensor] = {}
         self._start: dict[str, Tensor] = {}
         self._end: dict[str, Tensor] = {}
         lengths = dict(lengths or {})
+        unknown = set(lengths) - set(features)
+        if unknown:
+            raise ModbalanceError(
+                f"`lengths` has modalities {sorted(unknown)} that are not in `features` "
+                f"({sorted(features)})."
+            )
+        vectors = []
         for m, x in features.items():
             if not isinstance(x, Tensor):
                 raise TypeError(
                     f"`features[{m!r}]` must be a torch.Tensor, got {type(x).__name__}."
                 )
-            if x.ndim != 3:
+            if x.ndim not in (2, 3):
                 raise ModbalanceError(
-                    f"`features[{m!r}]` must have shape (N, T, D), got shape {tuple(x.shape)}."
+                    f"`features[{m!r}]` must have shape (N, T, D) (a sequence) or (N, F) (a "
+                    f"vector), got shape {tuple(x.shape)}."
                 )
             if x.shape[0] != n:
                 raise ModbalanceError(
                     f"`features[{m!r}]` has {x.shape[0]} samples but `labels` has {n}; "
                     "they must match."
                 )
-            nonzero = _frame_nonzero(x)
-            if m in lengths and lengths[m] is not None:
+            check_finite(x, f"features[{m!r}]")
+            if x.ndim == 2:
+                if lengths.get(m) is not None:
+                    raise ModbalanceError(
+                        f"`lengths[{m!r}]` was given but `features[{m!r}]` is a vector modality "
+                        f"of shape {tuple(x.shape)} (no time axis); drop it from `lengths`."
+                    )
+                vectors.append(m)
+                start = torch.zeros(n, dtype=torch.long)
+                end = torch.ones(n, dtype=torch.long)
+            elif lengths.get(m) is not None:
+                nonzero = _frame_nonzero(x)
                 ln = torch.as_tensor(lengths[m]).reshape(-1).long()
                 if ln.shape[0] != n or bool((ln < 0).any()) or bool((ln > x.shape[1]).any()):
                     raise ModbalanceError(
@@ -199,15 +266,9 @@ class MultimodalDataset(Dataset):
                     )
                 start, end = _spans_from_lengths(nonzero, ln)
             else:
-                start, end = _spans_from_nonzero(nonzero)
+                start, end = _spans_from_nonzero(_frame_nonzero(x))
             self._features[m] = x
             self._start[m], self._end[m] = start, end
-        unknown = set(lengths) - set(features)
-        if unknown:
-            raise ModbalanceError(
-                f"`lengths` has modalities {sorted(unknown)} that are not in `features` "
-                f"({sorted(features)})."
-            )
         if ids is None:
             ids = [f"{split}_{i}" for i in range(n)]
         ids = [str(i) for i in ids]
@@ -220,19 +281,20 @@ class MultimodalDataset(Dataset):
                 raise ModbalanceError(
                     f"`unimodal_labels[{m!r}]` has {y.shape[0]} entries but `labels` has {n}."
                 )
-            self._unimodal[m] = y
+            self._unimodal[m] = check_finite(y, f"unimodal_labels[{m!r}]")
         self._labels = labels
         self._ids = ids
         self.split = split
         self.modalities: tuple[str, ...] = tuple(self._features)
-        self.dims: dict[str, int] = {m: int(x.shape[2]) for m, x in self._features.items()}
+        self.vector_modalities: tuple[str, ...] = tuple(vectors)
+        self.dims: dict[str, int] = {m: int(x.shape[-1]) for m, x in self._features.items()}
 
     def __len__(self) -> int:
         return self._labels.shape[0]
 
     @property
     def labels(self) -> Tensor:
-        """All labels: (N,) float32 sentiment, or (N, 4) int64 for IEMOCAP."""
+        """All labels: (N,) float32 sentiment, (N,) int64 class indices or (N, 4) int64 IEMOCAP."""
         return self._labels
 
     @property
@@ -246,15 +308,20 @@ class MultimodalDataset(Dataset):
         return dict(self._unimodal)
 
     def lengths(self, modality: str) -> Tensor:
-        """(N,) int64 number of valid frames of ``modality`` for every sample."""
+        """(N,) int64 number of valid frames of ``modality`` (all ones for a vector modality)."""
         return self._end[modality] - self._start[modality]
 
     def padded(self, modality: str) -> Tensor:
-        """The stored (N, T, D) tensor of ``modality``, padding as in the source file."""
+        """The stored (N, T, D) (or (N, F) vector) tensor of ``modality``, as in the source."""
         return self._features[modality]
 
     def valid_mask(self, modality: str) -> Tensor:
-        """(N, T) bool mask of the valid frames of ``modality`` in :meth:`padded` layout."""
+        """(N, T) bool mask of the valid frames of ``modality`` in :meth:`padded` layout.
+
+        For a vector modality it is (N,) all ``True``.
+        """
+        if modality in self.vector_modalities:
+            return torch.ones(len(self), dtype=torch.bool)
         t = torch.arange(self._features[modality].shape[1])
         s, e = self._start[modality], self._end[modality]
         return (t[None, :] >= s[:, None]) & (t[None, :] < e[:, None])
@@ -266,6 +333,10 @@ class MultimodalDataset(Dataset):
         i = i % n
         feats, mask = {}, {}
         for m, x in self._features.items():
+            if x.ndim == 2:
+                feats[m] = x[i]
+                mask[m] = torch.ones((), dtype=torch.bool)
+                continue
             s, e = int(self._start[m][i]), int(self._end[m][i])
             feats[m] = x[i, s:e]
             mask[m] = torch.ones(e - s, dtype=torch.bool)
@@ -285,27 +356,66 @@ class MultimodalDataset(Dataset):
         return collate_multimodal(batch)
 
     def __repr__(self) -> str:
-        dims = ", ".join(f"{m}={self._features[m].shape[1]}x{d}" for m, d in self.dims.items())
+        dims = ", ".join(
+            f"{m}={d}" if m in self.vector_modalities else f"{m}={self._features[m].shape[1]}x{d}"
+            for m, d in self.dims.items()
+        )
         return f"MultimodalDataset(split={self.split!r}, n={len(self)}, task={self.task!r}, {dims})"
+
+
+def _item_part(item: Any, b: int, key: str) -> Any:
+    if not isinstance(item, Mapping):
+        raise ModbalanceError(
+            f"item {b} of `batch` must be a dict as returned by MultimodalDataset.__getitem__, got "
+            f"{type(item).__name__}."
+        )
+    if key not in item:
+        raise ModbalanceError(
+            f"item {b} of `batch` has no key {key!r} (keys present: {sorted(map(str, item))}); "
+            "every item needs 'features', 'label' and 'id'."
+        )
+    return item[key]
+
+
+def _shape_pattern(ref: Tensor) -> str:
+    if ref.ndim == 1:
+        return f"({ref.shape[0]},)"
+    return "(L, " + ", ".join(str(d) for d in ref.shape[1:]) + ")"
+
+
+def _stack_items(values: list[Any], what: str) -> Tensor:
+    for b, v in enumerate(values):
+        if not isinstance(v, Tensor):
+            raise ModbalanceError(f"{what} of item {b} must be a tensor, got {type(v).__name__}.")
+        if v.shape != values[0].shape:
+            raise ModbalanceError(
+                f"{what} of item {b} has shape {tuple(v.shape)} but that of item 0 has shape "
+                f"{tuple(values[0].shape)}; they must match."
+            )
+    return torch.stack(values)
 
 
 def collate_multimodal(batch: list[dict[str, Any]]) -> dict[str, Any]:
     """Pad a list of :class:`MultimodalDataset` items to a rectangular batch.
 
-    Every modality is padded with zeros **after** its valid frames up to the longest sequence of
-    that modality in the batch (so ``x[b, :lengths[b]]`` are the valid frames).
+    Every sequence modality is padded with zeros **after** its valid frames up to the longest
+    sequence of that modality in the batch (so ``x[b, :lengths[b]]`` are the valid frames). A
+    vector modality (items hold ``(F,)`` features) is stacked.
 
     Args:
         batch: Items as returned by ``MultimodalDataset.__getitem__``.
 
     Returns:
-        dict with ``"features"`` ``{m: (B, T_m, D_m)}``, ``"mask"`` ``{m: (B, T_m) bool}``
-        (``True`` on valid frames), ``"lengths"`` ``{m: (B,) int64}``, ``"label"`` (B,) float32 or
-        (B, 4) int64, ``"id"`` ``list[str]`` and, when present, ``"unimodal_labels"``
-        ``{m: (B,)}``.
+        dict with ``"features"`` ``{m: (B, T_m, D_m)}`` (sequence) or ``{m: (B, F_m)}``
+        (vector), ``"mask"`` ``{m: (B, T_m) bool}`` (``True`` on valid frames) or ``{m: (B,)
+        bool}`` all ``True`` (vector), ``"lengths"`` ``{m: (B,) int64}`` (all ones for a vector
+        modality), ``"label"`` (B,) float32, (B,) int64 or (B, 4) int64, ``"id"`` ``list[str]``
+        and, when present, ``"unimodal_labels"`` ``{m: (B,)}``.
 
     Raises:
-        ModbalanceError: If ``batch`` is empty or its items have different modalities.
+        ModbalanceError: If ``batch`` is empty, an item is not a dict or lacks a key, the items
+            have different modalities, or a modality's feature size (or a label's shape)
+            differs between items; the message names the item index and the key.
 
     Example:
         >>> import torch
@@ -319,17 +429,50 @@ def collate_multimodal(batch: list[dict[str, Any]]) -> dict[str, Any]:
         >>> out["features"]["a"].shape, out["lengths"]["a"].tolist(), out["id"]
         (torch.Size([2, 3, 2]), [1, 3], ['1', '3'])
     """
+    if not isinstance(batch, Sequence) or isinstance(batch, (str, bytes)):
+        raise ModbalanceError(
+            f"`batch` must be a list of dataset items, got a {type(batch).__name__}."
+        )
     if not batch:
         raise ModbalanceError("`batch` must contain at least one item, got an empty list.")
-    mods = tuple(batch[0]["features"])
+    item_feats = [_item_part(item, b, "features") for b, item in enumerate(batch)]
+    for b, f in enumerate(item_feats):
+        if not isinstance(f, Mapping):
+            raise ModbalanceError(
+                f"item {b} of `batch` must have 'features' as a dict {{modality: tensor}}, got "
+                f"{type(f).__name__}."
+            )
+    mods = tuple(item_feats[0])
     feats, masks, lens = {}, {}, {}
     for m in mods:
-        try:
-            xs = [b["features"][m] for b in batch]
-        except KeyError:
-            raise ModbalanceError(
-                f"every item of `batch` must have modality {m!r}; the first item has {mods}."
-            ) from None
+        xs = []
+        for b, f in enumerate(item_feats):
+            if m not in f:
+                raise ModbalanceError(
+                    f"item {b} of `batch` has no modality {m!r} in 'features' (it has "
+                    f"{tuple(f)}); every item must have the modalities of item 0, {mods}."
+                )
+            x = f[m]
+            if not isinstance(x, Tensor) or x.ndim < 1:
+                raise ModbalanceError(
+                    f"item {b} of `batch`: features[{m!r}] must be a (L, D) or (F,) tensor, got "
+                    f"{type(x).__name__} of shape {tuple(getattr(x, 'shape', ()))}."
+                )
+            ref = xs[0] if xs else x
+            same = x.shape == ref.shape if ref.ndim == 1 else x.shape[1:] == ref.shape[1:]
+            if x.ndim != ref.ndim or not same:
+                want = _shape_pattern(ref)
+                raise ModbalanceError(
+                    f"item {b} of `batch`: features[{m!r}] has shape {tuple(x.shape)} but item 0 "
+                    f"has shape {tuple(ref.shape)}; every item needs shape {want} for this "
+                    "modality (same feature size, any number of frames)."
+                )
+            xs.append(x)
+        if xs[0].ndim == 1:  # vector modality
+            feats[m] = torch.stack(xs)
+            lens[m] = torch.ones(len(xs), dtype=torch.long)
+            masks[m] = torch.ones(len(xs), dtype=torch.bool)
+            continue
         lengths = torch.tensor([x.shape[0] for x in xs], dtype=torch.long)
         t_max = int(lengths.max())
         out = xs[0].new_zeros((len(xs), t_max, *xs[0].shape[1:]))
@@ -338,18 +481,27 @@ def collate_multimodal(batch: list[dict[str, Any]]) -> dict[str, Any]:
         feats[m] = out
         lens[m] = lengths
         masks[m] = torch.arange(t_max)[None, :] < lengths[:, None]
+    labels = [_item_part(item, b, "label") for b, item in enumerate(batch)]
+    ids = [_item_part(item, b, "id") for b, item in enumerate(batch)]
     result: dict[str, Any] = {
         "features": feats,
         "mask": masks,
         "lengths": lens,
-        "label": torch.stack([b["label"] for b in batch]),
-        "id": [b["id"] for b in batch],
+        "label": _stack_items(labels, "'label'"),
+        "id": ids,
     }
     if "unimodal_labels" in batch[0]:
-        result["unimodal_labels"] = {
-            m: torch.stack([b["unimodal_labels"][m] for b in batch])
-            for m in batch[0]["unimodal_labels"]
-        }
+        uni = [_item_part(item, b, "unimodal_labels") for b, item in enumerate(batch)]
+        result["unimodal_labels"] = {}
+        for m in uni[0]:
+            vals = []
+            for b, u in enumerate(uni):
+                if m not in u:
+                    raise ModbalanceError(
+                        f"item {b} of `batch` has no modality {m!r} in 'unimodal_labels'."
+                    )
+                vals.append(u[m])
+            result["unimodal_labels"][m] = _stack_items(vals, f"'unimodal_labels'[{m!r}]")
     return result
 
 
@@ -448,6 +600,12 @@ def _check_n(arrays: Mapping[str, Any], split: str) -> int:
     counts = Counter(sizes.values())
     n = max(counts, key=lambda size: counts[size])  # the majority names the odd key out
     ref_key = next(k for k, s in sizes.items() if s == n)
+    if len(counts) == 1 and n == 0:
+        raise ModbalanceError(
+            f"split {split!r} is empty: every key has 0 samples (sizes: {sizes}); a split needs "
+            "at least one sample (check that the file was written completely, or load another "
+            "split)."
+        )
     for k, s in sizes.items():
         if s != n:
             raise ModbalanceError(
