@@ -109,13 +109,48 @@ SPECS: dict[str, Spec] = {
 }
 for _name in ("unimodal", "gblending", "mmpareto", "agm", "pmr", "mla", "cggm"):
     SPECS[_name] = Spec(_PLAIN, (_name,))
+
+#: Tokens of composite method names such as ``warmup+sge+safecal+res`` (experiments, ablations).
+_TOKENS: dict[str, dict[str, Any]] = {
+    "cal": {"calibration": True},
+    "safecal": {"calibration": True, "safe_calibration": True},
+    "align": {"alignment": True},
+    "gate": {"gate": True},
+    "ens": {"decision": "ensemble"},
+    "res": {"decision": "residual"},
+}
+
+
+def spec_of(name: str) -> Spec:
+    """The :class:`Spec` of a named method, or of a ``+``-joined composite of tokens.
+
+    Tokens: ``warmup``; ``cal``, ``safecal``, ``align``, ``gate`` (PaSE components); ``ens``,
+    ``res`` (decision fusion); any balancing method registered in ``examples.pase.METHODS``.
+    """
+    from examples.pase import METHODS
+
+    if name in SPECS:
+        return SPECS[name]
+    model, methods, warmup = dict(_PLAIN), [], False
+    for token in name.split("+"):
+        if token == "warmup":
+            warmup = True
+        elif token in _TOKENS:
+            model.update(_TOKENS[token])
+        elif token in METHODS:
+            methods.append(token)
+        else:
+            raise KeyError(token)
+    return Spec(model, tuple(methods), warmup)
+
+
 REFERENCES = ("alone", "alone-ensemble", "alone-probe")
 DEFAULT_METHODS = ("joint", "warmup", "ogm-ge", "sgm", "calibration", "pase", "pase-paper")
 
 
 # ------------------------------------------------------------------------------------ one run
 def _configs(task: Task, name: str, modalities: Sequence[str], seed: int, quick: bool, device):
-    spec = SPECS.get(name, Spec(_PLAIN))
+    spec = spec_of(name) if name != "alone" else Spec(_PLAIN)
     settings = SETTINGS[task.name]
     first = task.splits["train"]
     classes = task.num_outputs if task.task == "classification" else 7
@@ -255,6 +290,14 @@ def _fingerprint(task_name: str, quick: bool, device: str) -> str:
     return hashlib.sha1(key.encode()).hexdigest()[:10]
 
 
+def _known(name: str) -> bool:
+    try:
+        spec_of(name)
+    except KeyError:
+        return False
+    return True
+
+
 def _public(run: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in run.items() if not k.startswith("_")}
 
@@ -282,7 +325,7 @@ def run_task(
     """Every (method, seed) of one task, from the cache where possible; returns the raw runs."""
     wanted = ["alone" if m in REFERENCES else m for m in methods]
     wanted = list(dict.fromkeys(wanted))
-    unknown = [m for m in wanted if m != "alone" and m not in SPECS]
+    unknown = [m for m in wanted if m != "alone" and not _known(m)]
     if unknown:
         raise SystemExit(f"unknown methods {unknown}; known: {sorted(SPECS) + list(REFERENCES)}")
     fp = _fingerprint(task_name, quick, device)

@@ -284,6 +284,13 @@ class PrototypeCalibrator(nn.Module):
         label_bins: If set (7, 5, 3 or 2), float labels are binned with
             :func:`sentiment_classes` and ``num_classes`` must equal it; if ``None``, labels must
             be integer class indices.
+        adaptive: Scale the loss by the modality's *separability* :math:`\kappa \in [0, 1]`, a
+            moving average (momentum 0.9, all-reduced under DDP) of how far its own prototype
+            classifier's batch accuracy lies above chance, :math:`\kappa = \operatorname{clip}
+            ((\text{acc} - 1/K_0) / (1 - 1/K_0), 0, 1)` over the :math:`K_0` initialised
+            classes (buffer ``separability``, 0 at the start). A modality that cannot separate
+            the classes yet has near-identical prototypes; pulling its features toward them would
+            collapse its representation, so its calibration stays off until it separates them.
 
     Raises:
         ModbalanceError: On invalid hyperparameters.
@@ -317,6 +324,7 @@ class PrototypeCalibrator(nn.Module):
         ce_weight: float = 1.0,
         pull_weight: float = 1.0,
         label_bins: int | None = None,
+        adaptive: bool = False,
     ) -> None:
         super().__init__()
         self.num_classes = check_int(num_classes, "num_classes", low=1)
@@ -337,6 +345,11 @@ class PrototypeCalibrator(nn.Module):
         self.register_buffer("prototypes", torch.zeros(num_classes, dim))
         self.register_buffer("initialized", torch.zeros(num_classes, dtype=torch.bool))
         self.register_buffer("counts", torch.zeros(num_classes, dtype=torch.long))
+        if not isinstance(adaptive, bool):
+            raise TypeError(f"`adaptive` must be a bool, got {type(adaptive).__name__}.")
+        self.adaptive = adaptive
+        if adaptive:
+            self.register_buffer("separability", torch.zeros(()))
 
     def extra_repr(self) -> str:
         """Hyperparameters shown by ``repr``."""
@@ -344,7 +357,7 @@ class PrototypeCalibrator(nn.Module):
             f"num_classes={self.num_classes}, dim={self.dim}, momentum={self.momentum}, "
             f"metric={self.metric!r}, temperature={self.temperature}, "
             f"ce_weight={self.ce_weight}, pull_weight={self.pull_weight}, "
-            f"label_bins={self.label_bins}"
+            f"label_bins={self.label_bins}, adaptive={self.adaptive}"
         )
 
     @torch.no_grad()
@@ -353,6 +366,8 @@ class PrototypeCalibrator(nn.Module):
         self.prototypes.zero_()
         self.initialized.zero_()
         self.counts.zero_()
+        if self.adaptive:
+            self.separability.zero_()
 
     # ----------------------------------------------------------------------------- validation
     def _check_features(self, features: Tensor, rows: Tensor | None = None) -> Tensor:
@@ -528,7 +543,25 @@ class PrototypeCalibrator(nn.Module):
             per_sample = per_sample - self.ce_weight * logp
         total = torch.where(qualified, per_sample, 0.0).sum()
         loss = total / qualified.sum().clamp_min(1).to(total.dtype)
+        if self.adaptive:
+            if self.training:
+                self._update_separability(logits, y_safe, qualified, init)
+            loss = loss * self.separability.to(loss.dtype)
         return CalibrationOutput(loss, logits, protos, means, counts)
+
+    @torch.no_grad()
+    def _update_separability(
+        self, logits: Tensor, y: Tensor, qualified: Tensor, init: Tensor
+    ) -> None:
+        r"""EMA of the prototype classifier's accuracy above chance, :math:`\kappa \in [0, 1]`."""
+        hit = (logits.argmax(-1) == y) & qualified
+        stats = torch.stack([hit.sum(), qualified.sum()]).to(self.separability.dtype)
+        all_reduce_sum(stats)
+        acc = stats[0] / stats[1].clamp_min(1.0)
+        chance = 1.0 / init.sum().clamp_min(1).to(acc.dtype)
+        kappa = ((acc - chance) / (1.0 - chance).clamp_min(1e-6)).clamp(0.0, 1.0)
+        kappa = torch.where(stats[1] > 0, kappa, self.separability)
+        self.separability.mul_(0.9).add_(0.1 * kappa)
 
     @torch.no_grad()
     def _ema_update(self, emb: Tensor, member: Tensor, batch_sums: Tensor) -> None:

@@ -21,10 +21,10 @@ from typing import Any
 import numpy as np
 import torch
 from torch import Tensor, nn
-from torch.utils.data import Dataset
+from torch.utils.data import Dataset, Subset
 
 from modbalance import distributed as mbdist
-from modbalance.balancing import BalancingMethod
+from modbalance.balancing import BalancingMethod, task_loss
 from modbalance.metrics import msa_regression_metrics, shapley_shares
 
 from .data import GuardedDataset, make_loader, to_device
@@ -94,6 +94,14 @@ def _set_rng_state(state: Mapping[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+def split_holdout(dataset: Dataset, seed: int, fraction: float = 0.1) -> tuple[Subset, Subset]:
+    """A seeded split of the training data into (train, holdout); never the validation split."""
+    n = len(dataset)
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed + 7_919))
+    k = max(1, round(fraction * n))
+    return Subset(dataset, perm[k:].tolist()), Subset(dataset, perm[:k].tolist())
+
+
 def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
     np.random.seed(seed)
@@ -141,6 +149,9 @@ class Trainer:
             seed=config.seed,
         )
         self.train_set, self.valid_set, self.test_set = train_set, valid_set, test_set
+        self.holdout_set: Dataset | None = None
+        if any(getattr(m, "needs_holdout", False) for m in self.methods):
+            self.train_set, self.holdout_set = split_holdout(train_set, config.seed)
         self.epoch = 0
         self.history: list[dict[str, Any]] = []
         self.best_value = math.inf
@@ -181,8 +192,29 @@ class Trainer:
             n_steps += 1
         means = {f"train_{k}": float(v) / max(n_steps, 1) for k, v in sums.items()}
         for method in self.methods:
-            method.epoch_end(self.epoch)
+            method.epoch_end(self.epoch, self.head_losses)
         return means | {"phase": phase, "steps": n_steps}
+
+    def head_losses(self) -> dict[str, dict[str, float]]:
+        """Mean task loss of the fused and each unimodal head on (part of) train and the holdout.
+
+        What G-Blending's ``epoch_end`` evaluates: ``{"train": {"fused": L, m: L, ...},
+        "holdout": {...}}``; the training part is a fixed sample as large as the holdout.
+        """
+        if self.holdout_set is None:
+            raise RuntimeError("head_losses needs a holdout set (a method with needs_holdout)")
+        n = len(self.holdout_set)
+        g = torch.Generator().manual_seed(self.config.seed + 1)
+        train_part = Subset(self.train_set, torch.randperm(len(self.train_set), generator=g)[:n])
+        out = {}
+        for name, dataset in (("train", train_part), ("holdout", self.holdout_set)):
+            p = self.predict(dataset)
+            out[name] = {
+                k: float(task_loss(v, p["target"], self.model_config.task))
+                for k, v in p["preds"].items()
+            }
+        self.model.train()
+        return out
 
     @torch.no_grad()
     def predict(self, dataset: Dataset) -> dict[str, Any]:

@@ -44,6 +44,9 @@ class PaSEConfig:
     gate: bool = True
     baseline: bool = False
     input_kind: str = "sequence"  # default encoders: "sequence" (Transformer) or "vector" (MLP)
+    safe_calibration: bool = False  # calibration scaled by each modality's separability
+    decision: str = "head"  # fused output: "head", or averaged with the unimodal heads'
+    # outputs: "ensemble" (with gradient) or "residual" (detached unimodal outputs)
     momentum: float = 0.98
     temperature: float = 0.1
     epsilon: float = 0.05
@@ -145,6 +148,7 @@ class PaSEModel(nn.Module):
                     momentum=c.momentum,
                     temperature=c.temperature,
                     label_bins=c.num_classes if c.task == "regression" else None,
+                    adaptive=c.safe_calibration,
                 )
                 for m in c.modalities
             }
@@ -207,7 +211,28 @@ class PaSEModel(nn.Module):
             h = torch.stack([feats[m] for m in self.modalities], 1)
             h = torch.where(w.unsqueeze(-1) > 0, h, torch.zeros_like(h))
             fused = h.sum(1) / w.sum(1, keepdim=True).clamp_min(1.0)
-        return self._out(self.head(fused))
+        out = self.head(fused)
+        if self.config.decision != "head":
+            out = self._with_unimodal(out, feats, present)
+        return self._out(out)
+
+    def _with_unimodal(self, out: Tensor, feats: Mapping[str, Tensor], present) -> Tensor:
+        """Average the head's output with the present modalities' unimodal outputs.
+
+        ``decision="ensemble"``: the unimodal heads' outputs enter with gradient (the fused loss
+        trains them too); ``"residual"``: they enter detached, so the fused head learns what the
+        ensemble of unimodal heads misses and cannot pull the unimodal heads toward the strong
+        modality.
+        """
+        total, count = out, torch.ones_like(out[:, :1])
+        for m in self.modalities:
+            uni = self.unimodal_heads[m](feats[m])
+            if self.config.decision == "residual":
+                uni = uni.detach()
+            flag = present[m].to(out.dtype).unsqueeze(1)
+            total = total + torch.where(flag > 0, uni, torch.zeros_like(uni))
+            count = count + flag
+        return total / count
 
     def target(self, label: Tensor) -> Tensor:
         """Training target: the sentiment (regression) or a class index (classification).

@@ -73,6 +73,50 @@ def _ogm(model: PaSEModel, seed: int, device: torch.device) -> BalancingMethod:
     )
 
 
+@register_method("unimodal")
+def _unimodal(model: PaSEModel, seed: int, device: torch.device) -> BalancingMethod:
+    from modbalance.methods import UnimodalLoss
+
+    return UnimodalLoss(model.modalities)
+
+
+@register_method("gblending")
+def _gblending(model: PaSEModel, seed: int, device: torch.device) -> BalancingMethod:
+    from modbalance.methods import GBlending
+
+    return GBlending(model.modalities, every=2)
+
+
+@register_method("mmpareto")
+def _mmpareto(model: PaSEModel, seed: int, device: torch.device) -> BalancingMethod:
+    from modbalance.methods import MMPareto
+
+    return MMPareto(model.modality_groups())
+
+
+@register_method("agm")
+def _agm(model: PaSEModel, seed: int, device: torch.device) -> BalancingMethod:
+    from modbalance.methods import AGM
+
+    return AGM(model.modalities, modules=[model])
+
+
+def _sge(**kw):
+    def factory(model: PaSEModel, seed: int, device: torch.device) -> BalancingMethod:
+        from modbalance.equilibrium import ShapleyEquilibrium
+
+        return ShapleyEquilibrium(model.modalities, groups=model.modality_groups(), **kw)
+
+    return factory
+
+
+#: PaSE's Shapley-based equilibrium: the default rule, and variants measured on the suite.
+METHODS["sge"] = _sge()
+METHODS["sge-beta1"] = _sge(beta=1.0)
+METHODS["sge-w0.5"] = _sge(weight=0.5)
+METHODS["sge-paper"] = _sge(rule="pase")
+
+
 def make_methods(
     names: Sequence[str | BalancingMethod], model: PaSEModel, seed: int, device: torch.device
 ) -> list[BalancingMethod]:

@@ -1,0 +1,162 @@
+"""ShapleyEquilibrium (PaSE's redesigned equilibrium) and the separability-safe calibration."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from modbalance._checks import ModbalanceError
+from modbalance.balancing import StepOutput
+from modbalance.equilibrium import ShapleyEquilibrium
+from modbalance.prototypes import PrototypeCalibrator
+from modbalance.shapley import GameResult, shapley_from_table
+
+MODS = ("text", "audio", "vision")
+
+
+def _game(shapley, names=MODS):
+    m = len(names)
+    return GameResult(torch.zeros(2**m), torch.tensor(shapley), torch.zeros(m, m), tuple(names))
+
+
+def _out(encoders, x, y, game=None, phase=2, task="regression"):
+    feats = {m: encoders[m](x[m]) for m in encoders}
+    uni = {m: feats[m].sum(1) for m in encoders}
+    present = {m: torch.ones(y.shape[0], dtype=torch.bool) for m in encoders}
+    return StepOutput(feats, uni, None, present, y, task, phase=phase, game=game)
+
+
+@pytest.fixture
+def setup():
+    torch.manual_seed(0)
+    enc = {m: nn.Linear(3, 2) for m in MODS}
+    x = {m: torch.randn(8, 3) for m in MODS}
+    return enc, x, torch.randn(8)
+
+
+def test_default_rule_adds_unimodal_losses_that_reach_every_encoder(setup):
+    enc, x, y = setup
+    eq = ShapleyEquilibrium(MODS)
+    assert not eq.needs_game  # beta = 0: equal weights, no game needed
+    terms = eq.losses(_out(enc, x, y), {"task": torch.tensor(0.0), "readout": torch.tensor(1.0)})
+    assert set(terms) == {"task", "unimodal_text", "unimodal_audio", "unimodal_vision"}
+    for m in MODS:
+        grads = torch.autograd.grad(terms[f"unimodal_{m}"], list(enc[m].parameters()))
+        assert sum(float(g.abs().sum()) for g in grads) > 0, m
+        expected = (enc[m](x[m]).sum(1) - y).abs().mean()
+        torch.testing.assert_close(terms[f"unimodal_{m}"], expected)
+
+
+def test_shares_tilt_the_weights_by_name_not_position(setup):
+    enc, x, y = setup
+    eq = ShapleyEquilibrium(MODS, beta=1.0, momentum=0.0)
+    assert eq.needs_game
+    # the game lists the players in another order than the method
+    game = _game([0.1, 0.0, 0.9], names=("audio", "vision", "text"))
+    eq.losses(_out(enc, x, y, game), {"task": torch.tensor(0.0)})
+    w = eq.weights
+    # shares text 0.9, audio 0.1, vision 0: w = 1 + (1 - 3 psi), clamped at 0
+    assert w["text"] == pytest.approx(0.0)
+    assert w["audio"] == pytest.approx(1.7)
+    assert w["vision"] == pytest.approx(2.0)
+
+
+def test_shares_are_smoothed(setup):
+    eq = ShapleyEquilibrium(MODS, beta=1.0, momentum=0.5)
+    eq.observe(_game([1.0, 1.0, 1.0]))
+    torch.testing.assert_close(eq.shares, torch.full((3,), 1 / 3))
+    eq.observe(_game([1.0, 0.0, 0.0]))
+    torch.testing.assert_close(eq.shares, torch.tensor([2 / 3, 1 / 6, 1 / 6]))
+    state = eq.state_dict()
+    fresh = ShapleyEquilibrium(MODS, beta=1.0, momentum=0.5)
+    fresh.load_state_dict(state)
+    assert torch.equal(fresh.shares, eq.shares) and bool(fresh.initialized)
+
+
+def test_phase_one_and_paper_rule_leave_losses_alone(setup):
+    enc, x, y = setup
+    base = {"unimodal": torch.tensor(1.0)}
+    assert ShapleyEquilibrium(MODS).losses(_out(enc, x, y, phase=1), base) == base
+    paper = ShapleyEquilibrium(MODS, rule="pase", groups=enc, momentum=0.0)
+    assert paper.needs_game and paper.losses(_out(enc, x, y), base) == base
+
+
+def test_paper_rule_scales_the_dominant_update(setup):
+    enc, x, y = setup
+    paper = ShapleyEquilibrium(MODS, rule="pase", groups=enc, momentum=0.0)
+    table = torch.tensor([0.0, 0.9, 0.1, 1.0, 0.05, 0.95, 0.15, 1.05])
+    game = GameResult(table, shapley_from_table(table), torch.zeros(3, 3), MODS)
+    opt = torch.optim.SGD([p for e in enc.values() for p in e.parameters()], lr=0.1)
+    out = _out(enc, x, y, game)
+    sum(o.sum() for o in out.unimodal.values()).backward()
+    before = {m: enc[m].weight.detach().clone() for m in MODS}
+    grads = {m: enc[m].weight.grad.clone() for m in MODS}
+    with paper.around_step(out, opt):
+        opt.step()
+    k = paper.modulator.coefficient_dict()
+    assert k["text"] < k["vision"] <= 1.0
+    for m in MODS:
+        torch.testing.assert_close(enc[m].weight - before[m], -0.1 * k[m] * grads[m])
+
+
+def test_errors():
+    with pytest.raises(ModbalanceError, match="at least two distinct"):
+        ShapleyEquilibrium(["text"])
+    with pytest.raises(ModbalanceError, match="rule"):
+        ShapleyEquilibrium(MODS, rule="boost")
+    with pytest.raises(ModbalanceError, match="pass `groups`"):
+        ShapleyEquilibrium(MODS, rule="pase")
+    with pytest.raises(ModbalanceError, match="beta"):
+        ShapleyEquilibrium(MODS, beta=-1.0)
+    eq = ShapleyEquilibrium(MODS, beta=1.0)
+    with pytest.raises(ModbalanceError, match="GameResult over the modalities"):
+        eq.observe(_game([1.0, 2.0], names=("text", "audio")))
+    enc = {m: nn.Linear(3, 2) for m in MODS}
+    x = {m: torch.randn(4, 3) for m in MODS}
+    with pytest.raises(ModbalanceError, match=r"needs StepOutput\.game"):
+        eq.losses(_out(enc, x, torch.randn(4)), {"task": torch.tensor(0.0)})
+
+
+# ------------------------------------------------------------------------------------------
+# calibration that cannot collapse an encoder that does not separate the classes
+# ------------------------------------------------------------------------------------------
+
+
+def test_adaptive_calibration_is_off_for_a_modality_that_cannot_separate_classes():
+    torch.manual_seed(0)
+    calib = PrototypeCalibrator(4, 8, adaptive=True)
+    for _ in range(30):  # fresh batches of features that carry no class information
+        y, noise = torch.randint(0, 4, (256,)), torch.randn(256, 8)
+        out = calib(noise, y)
+    assert float(calib.separability) < 0.1
+    assert float(out.loss) < 0.1 * float(PrototypeCalibrator(4, 8)(noise, y).loss)
+
+
+def test_adaptive_calibration_turns_on_for_separable_features_and_reaches_them():
+    torch.manual_seed(0)
+    y = torch.randint(0, 4, (256,))
+    centers = torch.randn(4, 8) * 3
+    enc = nn.Linear(8, 8)
+    with torch.no_grad():
+        enc.weight.copy_(torch.eye(8))
+        enc.bias.zero_()
+    x = centers[y] + 0.3 * torch.randn(256, 8)
+    calib = PrototypeCalibrator(4, 8, adaptive=True)
+    for _ in range(30):
+        out = calib(enc(x), y)
+    assert float(calib.separability) > 0.9
+    out.loss.backward()
+    assert enc.weight.grad.abs().sum() > 0  # the scaled loss still trains the encoder
+    state = calib.state_dict()
+    assert "separability" in state
+    fresh = PrototypeCalibrator(4, 8, adaptive=True)
+    fresh.load_state_dict(state)
+    assert torch.equal(fresh.separability, calib.separability)
+    calib.reset()
+    assert float(calib.separability) == 0.0
+
+
+def test_adaptive_must_be_a_bool():
+    with pytest.raises(TypeError, match="`adaptive` must be a bool"):
+        PrototypeCalibrator(4, 8, adaptive="yes")
