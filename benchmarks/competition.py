@@ -107,7 +107,7 @@ SPECS: dict[str, Spec] = {
         _PASE, tuple(m for m in PASE_METHODS if m not in ("sgm", "sge")), warmup=True
     ),
 }
-for _name in ("unimodal", "gblending", "mmpareto", "agm", "pmr", "mla", "cggm"):
+for _name in ("unimodal", "gblending", "mmpareto", "agm", "pmr", "mla", "cggm", "inforeg"):
     SPECS[_name] = Spec(_PLAIN, (_name,))
 
 #: Tokens of composite method names such as ``warmup+sge+safecal+res`` (experiments, ablations).

@@ -227,7 +227,11 @@ class Trainer:
             batch = to_device(batch, self.parts.device)
             with autocast(self.parts):
                 out = self.model.predict(batch)
-            preds["fused"].append(out["fused"].float().cpu())
+            fused = out["fused"]
+            for method in self.methods:  # a method with its own inference rule (MLA)
+                if callable(getattr(method, "predict", None)):
+                    fused = method.predict(out["feats"], out["present"]).reshape(fused.shape)
+            preds["fused"].append(fused.float().cpu())
             for m in self.model.modalities:
                 preds[m].append(out["unimodal"][m].float().cpu())
                 feats[m].append(out["feats"][m].float().cpu())

@@ -101,6 +101,41 @@ def _agm(model: PaSEModel, seed: int, device: torch.device) -> BalancingMethod:
     return AGM(model.modalities, modules=[model])
 
 
+@register_method("pmr")
+def _pmr(model: PaSEModel, seed: int, device: torch.device) -> BalancingMethod:
+    from modbalance.methods import PMR
+
+    c = model.config
+    dims = {m: c.dim for m in model.modalities}
+    if c.task == "regression":
+        return PMR(dims, c.num_classes, label_bins=c.num_classes)
+    return PMR(dims, c.num_outputs)
+
+
+@register_method("mla")
+def _mla(model: PaSEModel, seed: int, device: torch.device) -> BalancingMethod:
+    from modbalance.methods import MLA
+
+    return MLA(model.modalities, model.config.dim, model.config.num_outputs)
+
+
+@register_method("cggm")
+def _cggm(model: PaSEModel, seed: int, device: torch.device) -> BalancingMethod:
+    from modbalance.methods import CGGM
+
+    c = model.config
+    heads = {m: nn.Linear(c.dim, c.num_outputs) for m in model.modalities}
+    # AdamW cancels a gradient scale: the suite scales the update, and bounds the coefficient
+    return CGGM(model.modality_groups(), heads, apply="update", max_abs_coefficient=10.0)
+
+
+@register_method("inforeg")
+def _inforeg(model: PaSEModel, seed: int, device: torch.device) -> BalancingMethod:
+    from modbalance.methods import InfoReg
+
+    return InfoReg(model.modality_groups())
+
+
 def _sge(**kw):
     def factory(model: PaSEModel, seed: int, device: torch.device) -> BalancingMethod:
         from modbalance.equilibrium import ShapleyEquilibrium
@@ -153,7 +188,10 @@ def build(
     """
     device = torch.device(device)
     model = PaSEModel(model_config, encoders).to(device)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
+    balancing = make_methods(methods, model, seed, device)
+    # methods with parameters of their own (CGGM's classifiers, MLA's shared head) train too
+    params = [*model.parameters(), *(p for m in balancing for p in m.parameters())]
+    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
     schedule = DualPhaseSchedule(
         switch_epoch=0 if model_config.baseline else switch_epoch,
         patience=None if model_config.baseline else patience,
@@ -173,7 +211,7 @@ def build(
         optimizer=optimizer,
         schedule=schedule,
         game=game,
-        methods=make_methods(methods, model, seed, device),
+        methods=balancing,
         device=device,
         amp=amp,
     )
