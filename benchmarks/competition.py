@@ -178,6 +178,13 @@ def _fused_metrics(pred: torch.Tensor, target: torch.Tensor, task: str) -> dict[
     return {"accuracy": float((pred.argmax(-1) == target).float().mean())}
 
 
+def _valid_metrics(metrics: dict[str, float]) -> dict[str, float]:
+    """The validation split's fused metrics under the suite's names (for tuning, never test)."""
+    if "WA" in metrics:
+        return {"accuracy": metrics["WA"]}
+    return {k: metrics[k] for k in ("Non0_acc_2", "MAE", "Corr", "Mult_acc_7")}
+
+
 def train_one(
     task: Task,
     name: str,
@@ -213,6 +220,7 @@ def train_one(
         "fused": _fused_metrics(test_out["preds"]["fused"], test_out["target"], task.task),
         "probe": probe,
         "shares": final["valid"]["shares"],
+        "valid_fused": _valid_metrics(final["valid"]["fused"]),
         "selected_epoch": final["selected_epoch"],
         "time_s": elapsed,
         "_test": {k: v for k, v in test_out.items() if k != "preds"}
@@ -499,6 +507,20 @@ def to_markdown(summary: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def validation_table(result: dict[str, Any]) -> str:
+    """Mean ± std of each method's fused metric on the *validation* split (for tuning)."""
+    primary = result["primary"]
+    by: dict[str, list[float]] = {}
+    for r in result["runs"]:
+        if "valid_fused" in r:
+            by.setdefault(r["method"], []).append(r["valid_fused"][primary])
+    rows = sorted(by.items(), key=lambda kv: -statistics.mean(kv[1]))
+    lines = [f"| method | validation {primary} % | seeds |", "|---|---|---|"]
+    for name, values in rows:
+        lines.append(f"| {name} | {_ms(_mean_std(values), 100)} | {len(values)} |")
+    return "\n".join(lines) + "\n"
+
+
 def plot(summary: dict[str, Any], path: Path) -> Path:
     """Bar chart: each method's fused metric and weak-gap closed."""
     import matplotlib
@@ -556,6 +578,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
         suffix = "_quick" if args.quick else ""
         out.mkdir(parents=True, exist_ok=True)
         (out / f"competition_{name}{suffix}.md").write_text(to_markdown(summary))
+        (out / f"competition_{name}{suffix}_validation.md").write_text(validation_table(result))
         (out / f"competition_{name}{suffix}.json").write_text(json.dumps(summary, indent=1))
         plot(summary, out / f"competition_{name}{suffix}.png")
         print(to_markdown(summary))

@@ -102,8 +102,10 @@ def methods_from(args: argparse.Namespace) -> tuple[str, ...]:
 
 
 def configs(args: argparse.Namespace, train, device: str) -> tuple[PaSEConfig, TrainConfig]:
-    classification = getattr(train, "task", "regression") in ("iemocap", "classification")
-    classes = 4 if train.task == "iemocap" else int(train.labels.max()) + 1 if classification else 7
+    classification = train.task in ("iemocap", "classification")
+    classes = {"iemocap": 4, "classification": getattr(train, "num_classes", None)}.get(
+        train.task, 7
+    )
     model_config = PaSEConfig(
         modalities=tuple(train.modalities),
         input_dims=dict(train.dims),

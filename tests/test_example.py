@@ -452,3 +452,53 @@ def test_help_documents_every_flag_with_defaults(capsys):
         line = next(ln for ln in text.splitlines() if ln.strip().startswith(flag))
         assert len(line.split(flag, 1)[1].strip()) > 0 or flag in text
     assert "(default: 24)" in text and "(default: 0.001)" in text
+
+
+# ------------------------------------------------------------------------------------------
+# decision fusion, the G-Blending holdout
+# ------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("decision", ["ensemble", "residual"])
+def test_decision_fusion_averages_the_unimodal_outputs(splits, decision):
+    train = splits[0]
+    model = PaSEModel(_model_config(train, baseline=True, decision=decision))
+    model.eval()
+    batch = collate_multimodal([train[i] for i in range(8)])
+    with torch.no_grad():
+        feats, present = model.encode(batch["features"], batch["mask"])
+        head_only = model.head(torch.stack([feats[m] for m in model.modalities]).mean(0))[:, 0]
+        uni = model.unimodal(feats)
+        expected = (head_only + sum(uni.values())) / (1 + len(uni))
+        torch.testing.assert_close(model.fuse(feats, present), expected)
+        # an absent modality's unimodal output leaves the average
+        gone = dict(present, audio=torch.zeros_like(present["audio"]))
+        fused = model.fuse(feats, gone)
+        head2 = model.head((feats["text"] + feats["vision"]) / 2)[:, 0]
+        torch.testing.assert_close(fused, (head2 + uni["text"] + uni["vision"]) / 3)
+    model.train()
+    _, losses = model(batch, phase=2)
+    grads = torch.autograd.grad(
+        losses["task"], list(model.unimodal_heads["audio"].parameters()), allow_unused=True
+    )
+    reached = any(g is not None and g.abs().sum() > 0 for g in grads)
+    # "residual": the fused loss cannot pull the unimodal heads; "ensemble": it trains them
+    assert reached == (decision == "ensemble")
+
+
+def test_gblending_trains_with_a_holdout_of_the_training_split(splits):
+    train, valid, test = _fresh_test(splits)
+    t = Trainer(
+        _model_config(train, baseline=True),
+        _train_config(methods=("gblending",), epochs=5),
+        train,
+        valid,
+        test,
+    )
+    assert len(t.train_set) + len(t.holdout_set) == len(train)
+    ids_train = {t.train_set[i]["id"] for i in range(len(t.train_set))}
+    ids_hold = {t.holdout_set[i]["id"] for i in range(len(t.holdout_set))}
+    assert not ids_train & ids_hold
+    t.run()
+    (gb,) = t.methods
+    assert int(gb.num_estimates) >= 1 and sum(gb.weights.values()) == pytest.approx(1.0, abs=1e-3)
