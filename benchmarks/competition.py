@@ -90,7 +90,9 @@ class Spec:
 
 
 _PLAIN = {"calibration": False, "alignment": False, "gate": False}
-_PASE = {"calibration": True, "alignment": True, "gate": True}
+_PAPER = {"calibration": True, "alignment": True, "gate": True}
+#: The example's default PaSE: warm-up, Shapley-weighted unimodal losses, residual decision.
+_PASE = _PLAIN | {"decision": "residual", "safe_calibration": True}
 SPECS: dict[str, Spec] = {
     "joint": Spec(_PLAIN),
     "warmup": Spec(_PLAIN, warmup=True),
@@ -98,17 +100,20 @@ SPECS: dict[str, Spec] = {
     "sgm": Spec(_PLAIN, ("sgm",)),
     "calibration": Spec(_PLAIN | {"calibration": True}),
     "pase": Spec(_PASE, PASE_METHODS, warmup=True),
-    "pase-paper": Spec(_PASE, ("sgm",), warmup=True),
+    "pase-paper": Spec(_PAPER, ("sgm",), warmup=True),
+    # what each part of the default adds: remove it
     "pase-no-warmup": Spec(_PASE, PASE_METHODS),
-    "pase-no-calibration": Spec(_PASE | {"calibration": False}, PASE_METHODS, warmup=True),
-    "pase-no-alignment": Spec(_PASE | {"alignment": False}, PASE_METHODS, warmup=True),
-    "pase-no-gate": Spec(_PASE | {"gate": False}, PASE_METHODS, warmup=True),
-    "pase-no-sgm": Spec(
-        _PASE, tuple(m for m in PASE_METHODS if m not in ("sgm", "sge")), warmup=True
-    ),
+    "pase-no-sge": Spec(_PASE, warmup=True),
+    "pase-no-residual": Spec(_PASE | {"decision": "head"}, PASE_METHODS, warmup=True),
+    "pase-beta0": Spec(_PASE, ("sge-beta0",), warmup=True),
+    # the paper's components, off by default: add them back
+    "pase+calibration": Spec(_PASE | {"calibration": True}, PASE_METHODS, warmup=True),
+    "pase+alignment": Spec(_PASE | {"alignment": True}, PASE_METHODS, warmup=True),
+    "pase+gate": Spec(_PASE | {"gate": True}, PASE_METHODS, warmup=True),
+    "pase+sgm": Spec(_PASE, (*PASE_METHODS, "sgm"), warmup=True),
 }
 for _name in ("unimodal", "gblending", "mmpareto", "agm", "pmr", "mla", "cggm", "inforeg"):
-    SPECS[_name] = Spec(_PLAIN, (_name,))
+    SPECS[_name] = Spec(_PLAIN, (_name,))  # each on the plain joint model
 
 #: Tokens of composite method names such as ``warmup+sge+safecal+res`` (experiments, ablations).
 _TOKENS: dict[str, dict[str, Any]] = {
@@ -145,7 +150,14 @@ def spec_of(name: str) -> Spec:
 
 
 REFERENCES = ("alone", "alone-ensemble", "alone-probe")
-DEFAULT_METHODS = ("joint", "warmup", "ogm-ge", "sgm", "calibration", "pase", "pase-paper")
+FIELD = ("unimodal", "gblending", "mmpareto", "agm", "pmr", "mla", "cggm", "inforeg")
+ABLATIONS = (
+    "pase-no-warmup", "pase-no-sge", "pase-no-residual", "pase-beta0",
+    "pase+calibration", "pase+alignment", "pase+gate", "pase+sgm",
+)  # fmt: skip
+DEFAULT_METHODS = (
+    "joint", "warmup", "ogm-ge", "sgm", "calibration", "pase", "pase-paper", *ABLATIONS, *FIELD,
+)  # fmt: skip
 
 
 # ------------------------------------------------------------------------------------ one run

@@ -28,8 +28,11 @@ else:  # run as ``python examples/pase_mosi.py``: this folder is on sys.path
     from pase import CheckpointError, DataError, PaSEConfig, TrainConfig, Trainer, build_datasets
     from pase.plots import plot_history, plot_plan
 
-#: Balancing methods PaSE trains with by default (phase 2).
-PASE_METHODS = ("sgm",)
+#: Balancing methods PaSE trains with by default (phase 2): the Shapley-based equilibrium.
+PASE_METHODS = ("sge",)
+#: ``--equilibrium`` choices: the default rule (Shapley-weighted unimodal losses), the paper's
+#: update modulation, or none.
+EQUILIBRIA = {"unimodal": "sge", "pase": "sgm", "none": None}
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -66,10 +69,42 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         action="store_true",
         help="continue bit-exactly from OUT/last.pt (an error if there is none)",
     )
-    add("--no-calibration", action="store_true", help="ablation: no prototype calibration loss")
-    add("--no-alignment", action="store_true", help="ablation: no OT prototype alignment")
-    add("--no-gate", action="store_true", help="ablation: mean fusion instead of the gated fusion")
-    add("--no-sgm", action="store_true", help="ablation: no Shapley modulation")
+    onoff = argparse.BooleanOptionalAction
+    add(
+        "--calibration",
+        action=onoff,
+        default=False,
+        help="prototype calibration loss (separability-safe); off by default: it added nothing "
+        "beyond the warm-up on the competition suite",
+    )
+    add(
+        "--alignment",
+        action=onoff,
+        default=False,
+        help="OT alignment of the prototypes (off by default, see --calibration)",
+    )
+    add(
+        "--gate",
+        action=onoff,
+        default=False,
+        help="prototype-gated fusion instead of the mean (off by default, see --calibration)",
+    )
+    add(
+        "--equilibrium",
+        choices=tuple(EQUILIBRIA),
+        default="unimodal",
+        help="Shapley-based equilibrium: 'unimodal' (Shapley-weighted unimodal losses after the "
+        "warm-up), 'pase' (the paper's update modulation) or 'none'",
+    )
+    add("--no-sgm", action="store_true", help="ablation: no Shapley equilibrium (= none)")
+    add(
+        "--decision",
+        choices=("residual", "ensemble", "head"),
+        default="residual",
+        help="fused output: the fusion head averaged with the detached unimodal heads "
+        "('residual'), with the unimodal heads trained by the fused loss too ('ensemble'), or "
+        "the fusion head alone ('head', the paper's and the baseline's)",
+    )
     add(
         "--baseline",
         action="store_true",
@@ -79,9 +114,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--modulator",
         choices=("sgm", "ogm-ge", "none"),
         default=None,
-        help="gradient modulator (default: sgm for PaSE, none for --baseline)",
+        help="an extra gradient modulator on top (default: none)",
     )
-    add("--sgm-every", type=int, default=1, help="observe the Shapley game every N steps")
+    add(
+        "--sgm-every",
+        type=int,
+        default=1,
+        help="evaluate the Shapley game (and update the equilibrium) every N steps",
+    )
     add("--n-train", type=int, default=None, help="synthetic data: training samples")
     add("--text-strength", type=float, default=None, help="synthetic data: text dominance")
     add("--max-steps-per-epoch", type=int, default=None, help="cap steps per epoch (smoke tests)")
@@ -94,11 +134,12 @@ class _Formatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescription
 
 
 def methods_from(args: argparse.Namespace) -> tuple[str, ...]:
-    modulator = args.modulator or ("none" if (args.baseline or args.no_sgm) else "sgm")
-    if args.no_sgm and modulator == "sgm":
-        modulator = "none"
-    base = () if args.baseline else tuple(m for m in PASE_METHODS if m != "sgm")
-    return base + (() if modulator == "none" else (modulator,))
+    """Balancing methods from the flags: the equilibrium (PaSE) plus an optional modulator."""
+    equilibrium = None if (args.baseline or args.no_sgm) else EQUILIBRIA[args.equilibrium]
+    methods = () if equilibrium is None else (equilibrium,)
+    if args.modulator not in (None, "none") and args.modulator not in methods:
+        methods += (args.modulator,)
+    return methods
 
 
 def configs(args: argparse.Namespace, train, device: str) -> tuple[PaSEConfig, TrainConfig]:
@@ -114,9 +155,11 @@ def configs(args: argparse.Namespace, train, device: str) -> tuple[PaSEConfig, T
         task="classification" if classification else "regression",
         num_outputs=classes if classification else 1,
         num_classes=classes,
-        calibration=not args.no_calibration,
-        alignment=not args.no_alignment,
-        gate=not args.no_gate,
+        calibration=args.calibration,
+        alignment=args.alignment,
+        gate=args.gate,
+        safe_calibration=True,
+        decision="head" if args.baseline else args.decision,
         baseline=args.baseline,
     )
     config = TrainConfig(
@@ -127,6 +170,7 @@ def configs(args: argparse.Namespace, train, device: str) -> tuple[PaSEConfig, T
         switch_epoch=args.switch_epoch,
         patience=args.patience,
         methods=methods_from(args),
+        game_every=args.sgm_every,
         device=device,
         amp=args.amp,
         max_steps_per_epoch=args.max_steps_per_epoch,

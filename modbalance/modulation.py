@@ -509,14 +509,16 @@ class _GroupModulator(BalancingMethod):
         """:class:`~modbalance.balancing.BalancingMethod` hook: observe, then modulate the step.
 
         In phase 2 (``out.phase == 2``), every ``every`` steps (``out.step % every == 0``) the
-        coefficients are updated from :meth:`signal` of ``out``, and the ``optimizer.step()``
+        coefficients are updated from :meth:`signal` of ``out`` (a step without a game, when the
+        training step evaluates it less often, keeps the last coefficients), and the
+        ``optimizer.step()``
         inside the block is modulated as in :meth:`step` (or by the hooks, when the modulator is
         attached). Phase-1 (warm-up) steps are left alone.
         """
         if out.phase != 2:  # the warm-up phase is not modulated
             yield
             return
-        if out.step % self.every == 0:
+        if out.step % self.every == 0 and not (self.needs_game and out.game is None):
             self.observe(self.signal(out))
         if self._handle is not None:
             yield

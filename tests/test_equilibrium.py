@@ -37,8 +37,9 @@ def setup():
 
 def test_default_rule_adds_unimodal_losses_that_reach_every_encoder(setup):
     enc, x, y = setup
-    eq = ShapleyEquilibrium(MODS)
+    eq = ShapleyEquilibrium(MODS, beta=0.0)
     assert not eq.needs_game  # beta = 0: equal weights, no game needed
+    assert ShapleyEquilibrium(MODS).needs_game  # the default tilts the weights by the shares
     terms = eq.losses(_out(enc, x, y), {"task": torch.tensor(0.0), "readout": torch.tensor(1.0)})
     assert set(terms) == {"task", "unimodal_text", "unimodal_audio", "unimodal_vision"}
     for m in MODS:
@@ -114,8 +115,9 @@ def test_errors():
         eq.observe(_game([1.0, 2.0], names=("text", "audio")))
     enc = {m: nn.Linear(3, 2) for m in MODS}
     x = {m: torch.randn(4, 3) for m in MODS}
-    with pytest.raises(ModbalanceError, match=r"needs StepOutput\.game"):
-        eq.losses(_out(enc, x, torch.randn(4)), {"task": torch.tensor(0.0)})
+    # a step without a game keeps the last shares (uniform before the first game)
+    eq.losses(_out(enc, x, torch.randn(4)), {"task": torch.tensor(0.0)})
+    assert not eq.initialized and eq.weights == pytest.approx(dict.fromkeys(MODS, 1.0))
 
 
 # ------------------------------------------------------------------------------------------

@@ -79,12 +79,30 @@ def test_cli_runs_on_an_mmsa_file_and_writes_outputs(tmp_path):
         "summary.json",
         "shapley_shares.png",
         "val_scores.png",
-        "coefficients.png",
-        "ot_plan.png",
+        "unimodal_weights.png",
     ):
         assert (out / name).is_file(), name
+    assert not (out / "ot_plan.png").exists()  # alignment is off by default
     history = json.loads((out / "history.json").read_text())
     assert [r["phase"] for r in history] == [1, 2, 2]
+    assert set(history[-1]["unimodal_weights"]) == {"text", "audio", "vision"}
+    # the paper's configuration: every component, the paper's update modulation
+    paper = tmp_path / "paper"
+    pase_mosi.main(
+        [
+            *_cli_args(data, paper, epochs=3),
+            "--calibration",
+            "--alignment",
+            "--gate",
+            "--equilibrium",
+            "pase",
+            "--decision",
+            "head",
+        ]
+    )
+    for name in ("coefficients.png", "ot_plan.png"):
+        assert (paper / name).is_file(), name
+    history = json.loads((paper / "history.json").read_text())
     assert set(history[-1]["coefficients"]) == {"text", "audio", "vision"}
     for split in ("valid", "test"):
         for row in ("fused", "text", "audio", "vision"):
@@ -94,7 +112,8 @@ def test_cli_runs_on_an_mmsa_file_and_writes_outputs(tmp_path):
 
 def test_tiny_run_on_synthetic_data_goes_through_both_phases(splits, tmp_path):
     train, valid, test = _fresh_test(splits)
-    trainer = Trainer(_model_config(train), _train_config(), train, valid, test, out_dir=tmp_path)
+    config = _train_config(methods=("sgm",))
+    trainer = Trainer(_model_config(train), config, train, valid, test, out_dir=tmp_path)
     final = trainer.run()
     assert [r["phase"] for r in trainer.history] == [1, 2, 2]
     assert "train_unimodal" in trainer.history[0] and "train_task" in trainer.history[1]
@@ -218,10 +237,13 @@ def test_method_switches(splits):
     assert t.parts.schedule.phase == 2
     with pytest.raises(ValueError, match="unknown balancing method 'nope'"):
         Trainer(_model_config(train), _train_config(methods=("nope",)), train, valid, test)
-    args = pase_mosi.parse_args(["--no-sgm"])
-    assert pase_mosi.methods_from(args) == tuple(m for m in pase_mosi.PASE_METHODS if m != "sgm")
-    assert pase_mosi.methods_from(pase_mosi.parse_args(["--baseline"])) == ()
-    assert "ogm-ge" in pase_mosi.methods_from(pase_mosi.parse_args(["--modulator", "ogm-ge"]))
+    methods = pase_mosi.methods_from
+    assert methods(pase_mosi.parse_args([])) == pase_mosi.PASE_METHODS == ("sge",)
+    assert methods(pase_mosi.parse_args(["--no-sgm"])) == ()
+    assert methods(pase_mosi.parse_args(["--equilibrium", "none"])) == ()
+    assert methods(pase_mosi.parse_args(["--equilibrium", "pase"])) == ("sgm",)
+    assert methods(pase_mosi.parse_args(["--baseline"])) == ()
+    assert methods(pase_mosi.parse_args(["--modulator", "ogm-ge"])) == ("sge", "ogm-ge")
 
 
 def test_baseline_and_pase_share_backbone_parameters(splits):
@@ -285,7 +307,7 @@ def test_cli_trains_on_a_mult_iemocap_pickle(tmp_path):
     with open(path, "wb") as fh:
         pickle.dump({"train": split(48), "valid": split(16), "test": split(16)}, fh)
     out = tmp_path / "iemocap"
-    final = pase_mosi.main(_cli_args(path, out, epochs=2))
+    final = pase_mosi.main([*_cli_args(path, out, epochs=2), "--alignment"])
     for split_name in ("valid", "test"):
         assert 0.0 <= final[split_name]["fused"]["WA"] <= 1.0
         assert 0.0 <= final[split_name]["fused"]["UA"] <= 1.0
@@ -448,7 +470,7 @@ def test_help_documents_every_flag_with_defaults(capsys):
     with pytest.raises(SystemExit):
         pase_mosi.parse_args(["--help"])
     text = capsys.readouterr().out
-    for flag in ("--device", "--epochs", "--lr", "--no-calibration", "--no-sgm", "--resume"):
+    for flag in ("--device", "--epochs", "--lr", "--calibration", "--no-sgm", "--resume"):
         line = next(ln for ln in text.splitlines() if ln.strip().startswith(flag))
         assert len(line.split(flag, 1)[1].strip()) > 0 or flag in text
     assert "(default: 24)" in text and "(default: 0.001)" in text

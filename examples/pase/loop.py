@@ -47,7 +47,8 @@ class TrainConfig:
     seed: int = 0
     switch_epoch: int | None = 8
     patience: int | None = None
-    methods: tuple[str, ...] = ("sgm",)
+    methods: tuple[str, ...] = ("sge",)
+    game_every: int = 1
     device: str = "cpu"
     amp: str | None = None  # None or "bf16"
     max_steps_per_epoch: int | None = None
@@ -147,6 +148,7 @@ class Trainer:
             device=config.device,
             amp=config.amp,
             seed=config.seed,
+            game_every=config.game_every,
         )
         self.train_set, self.valid_set, self.test_set = train_set, valid_set, test_set
         self.holdout_set: Dataset | None = None
@@ -278,13 +280,11 @@ class Trainer:
             t0 = time.perf_counter()
             record = {"epoch": self.epoch + 1} | self.train_epoch()
             record["val"] = self.evaluate(self.valid_set)
-            coefs = {
-                type(m).__name__: m.coefficient_dict()
-                for m in self.methods
-                if hasattr(m, "coefficient_dict")
-            }
-            if coefs:
-                record["coefficients"] = next(iter(coefs.values()))
+            for method in self.methods:  # what the methods set, for the logs and plots
+                if hasattr(method, "coefficient_dict"):
+                    record["coefficients"] = method.coefficient_dict()
+                elif isinstance(getattr(method, "weights", None), dict):
+                    record["unimodal_weights"] = dict(method.weights)
             self._end_epoch(record)
             record["time_s"] = time.perf_counter() - t0
             self.elapsed_s += record["time_s"]

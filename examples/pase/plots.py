@@ -50,6 +50,15 @@ def plot_history(
                 lambda r, m: r.get("coefficients", {}).get(m, float("nan")),
             )
         )
+    if history and "unimodal_weights" in history[-1]:
+        panels.append(
+            (
+                "unimodal_weights.png",
+                "Shapley-based equilibrium: unimodal loss weight per modality",
+                "weight w",
+                lambda r, m: r.get("unimodal_weights", {}).get(m, float("nan")),
+            )
+        )
     for fname, title, ylabel, get in panels:
         fig, ax = plt.subplots(figsize=(6, 3.5))
         for m in modalities:

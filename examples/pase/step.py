@@ -44,6 +44,7 @@ class Parts:
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     amp: str | None = None  # None or "bf16"
     step: int = 0  # global step counter, part of the checkpoint
+    game_every: int = 1  # evaluate the Shapley game every this many steps (if a method needs it)
 
 
 #: Balancing methods by name: ``factory(model, seed, device) -> BalancingMethod``.
@@ -147,6 +148,7 @@ def _sge(**kw):
 
 #: PaSE's Shapley-based equilibrium: the default rule, and variants measured on the suite.
 METHODS["sge"] = _sge()
+METHODS["sge-beta0"] = _sge(beta=0.0)
 METHODS["sge-beta1"] = _sge(beta=1.0)
 METHODS["sge-w0.5"] = _sge(weight=0.5)
 METHODS["sge-paper"] = _sge(rule="pase")
@@ -180,6 +182,7 @@ def build(
     device: str | torch.device = "cpu",
     amp: str | None = None,
     seed: int = 0,
+    game_every: int = 1,
 ) -> Parts:
     """Model (optionally with your own encoders), DDP wrapper, optimizer, schedule, game, methods.
 
@@ -214,6 +217,7 @@ def build(
         methods=balancing,
         device=device,
         amp=amp,
+        game_every=game_every,
     )
 
 
@@ -249,7 +253,8 @@ def train_step(parts: Parts, batch: Mapping[str, Any], phase: int) -> dict[str, 
     with autocast(parts):
         out, losses = parts.train_model(batch, phase)
     out = out._replace(step=parts.step)
-    if phase == 2 and any(m.needs_game for m in parts.methods):
+    wants_game = any(m.needs_game for m in parts.methods)
+    if phase == 2 and wants_game and parts.step % parts.game_every == 0:
         feats = {m: f.detach().float() for m, f in out.features.items()}
         out = out._replace(game=parts.game(feats, out.target))
     for method in parts.methods:
