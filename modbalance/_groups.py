@@ -13,6 +13,8 @@ from modbalance._checks import ModbalanceError
 def parse_groups(
     groups: Mapping[str, nn.Module | Iterable[nn.Parameter]],
 ) -> tuple[tuple[str, ...], list[list[nn.Parameter]]]:
+    if isinstance(groups, nn.ModuleDict):  # a ModuleDict is not a collections.abc.Mapping
+        groups = dict(groups.items())
     if not isinstance(groups, Mapping):
         raise TypeError(
             "`groups` must be a mapping {modality: nn.Module or iterable of parameters}, got "

@@ -254,8 +254,6 @@ class CGGM(BalancingMethod):
         eps: float = 1e-8,
     ) -> None:
         super().__init__()
-        if isinstance(groups, nn.ModuleDict):
-            groups = dict(groups.items())
         names, params = parse_groups(groups)
         self.modalities: tuple[str, ...] = names
         self._group_params: list[list[nn.Parameter]] = params

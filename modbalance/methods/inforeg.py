@@ -211,8 +211,6 @@ class InfoReg(BalancingMethod):
         window: int = 10,
     ) -> None:
         super().__init__()
-        if isinstance(groups, nn.ModuleDict):
-            groups = dict(groups.items())
         names, params = parse_groups(groups)
         self.modalities: tuple[str, ...] = names
         self._group_params: list[list[nn.Parameter]] = params
