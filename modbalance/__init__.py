@@ -2,10 +2,13 @@
 
 The four PaSE components (:class:`PrototypeCalibrator`, :class:`SinkhornAligner`,
 :class:`PrototypeGatedFusion`, :class:`ShapleyGradModulator`) each work alone inside any backbone;
-together they form the PaSE reference model in ``examples/``.
+together they form the PaSE reference model in ``examples/``. Every balancing method — PaSE's
+:class:`ShapleyEquilibrium`, the modulators and the field's methods (:mod:`modbalance.methods`) —
+follows one interface, :class:`BalancingMethod`.
 """
 
 from modbalance._checks import ModbalanceError, value_checks, value_checks_enabled
+from modbalance.balancing import BalancingMethod, StepOutput, combine_losses, task_loss
 from modbalance.data import (
     CompetitionData,
     MultimodalDataset,
@@ -14,7 +17,18 @@ from modbalance.data import (
     load_mult,
     make_competition_data,
 )
+from modbalance.equilibrium import ShapleyEquilibrium
 from modbalance.fusion import FusionOutput, PrototypeGatedFusion
+from modbalance.methods import (
+    AGM,
+    CGGM,
+    MLA,
+    PMR,
+    GBlending,
+    InfoReg,
+    MMPareto,
+    UnimodalLoss,
+)
 from modbalance.metrics import (
     iemocap_metrics,
     imbalance_index,
@@ -59,13 +73,21 @@ from modbalance.shapley import (
 __version__ = "0.1.0"
 
 __all__ = [
+    "AGM",
+    "CGGM",
+    "MLA",
+    "PMR",
     "AlignmentResult",
+    "BalancingMethod",
     "CalibrationOutput",
     "ClassMeans",
     "CompetitionData",
     "DualPhaseSchedule",
     "FusionOutput",
+    "GBlending",
     "GameResult",
+    "InfoReg",
+    "MMPareto",
     "ModalityGame",
     "ModbalanceError",
     "ModulatorHandle",
@@ -74,14 +96,18 @@ __all__ = [
     "PairwiseAlignment",
     "PrototypeCalibrator",
     "PrototypeGatedFusion",
+    "ShapleyEquilibrium",
     "ShapleyGradModulator",
     "ShapleyResult",
     "SinkhornAligner",
     "SinkhornResult",
+    "StepOutput",
+    "UnimodalLoss",
     "__version__",
     "class_means",
     "coalition_masks",
     "collate_multimodal",
+    "combine_losses",
     "iemocap_metrics",
     "imbalance_index",
     "interactions_from_table",
@@ -99,6 +125,10 @@ __all__ = [
     "shapley_values",
     "sims_regression_metrics",
     "sinkhorn",
+    "task_loss",
     "value_checks",
     "value_checks_enabled",
 ]
+
+#: Submodules with their own page in the API reference.
+_documented_modules = ("modbalance.balancing", "modbalance.equilibrium", "modbalance.methods")
