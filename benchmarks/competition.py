@@ -519,6 +519,49 @@ def to_markdown(summary: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def to_rst(summary: dict[str, Any]) -> str:
+    """The Markdown table of :func:`to_markdown` as an RST list-table (included by the docs)."""
+    md = [ln for ln in to_markdown(summary).splitlines() if ln.startswith("|")]
+    rows = [[c.strip() for c in ln.strip("|").split("|")] for ln in md if not ln.startswith("|---")]
+    lines = [f".. list-table:: {summary['task']}", "   :header-rows: 1", ""]
+    for row in rows:
+        lines.append(f"   * - {row[0]}")
+        lines += [f"     - {c}" for c in row[1:]]
+    intro = to_markdown(summary).split("\n\n")[1]  # the competition line
+    return intro.replace("→", " → ").replace("  ", " ") + "\n\n" + "\n".join(lines) + "\n"
+
+
+def leaderboard(summaries: Sequence[dict[str, Any]]) -> str:
+    """Every method x every task: fused metric, paired delta vs joint, weak gap closed, s/run."""
+    names = list(dict.fromkeys(n for s in summaries for n in s["methods"] if n != "alone"))
+    head = ["method"]
+    for s in summaries:
+        t = s["task"]
+        head += [
+            f"{t}: fused {s['primary']} %",
+            f"{t}: Δ vs joint",
+            f"{t}: gap closed",
+            f"{t}: s/run",
+        ]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for name in names:
+        cells = [name]
+        for s in summaries:
+            row = s["methods"].get(name)
+            if row is None:
+                cells += ["–"] * 4
+                continue
+            gc = row["gap_closed"]
+            cells += [
+                _ms(row["fused"], 100),
+                _ms(row["delta_fused"], 100, signed=True),
+                "–" if math.isnan(gc) else f"{gc * 100:.0f} %",
+                f"{row['time_s']:.1f}",
+            ]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
 def validation_table(result: dict[str, Any]) -> str:
     """Mean ± std of each method's fused metric on the *validation* split (for tuning)."""
     primary = result["primary"]
@@ -569,12 +612,26 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     p.add_argument("--jobs", type=int, default=1, help="parallel worker processes (1 thread each)")
     p.add_argument("--cache", default=str(DEFAULT_CACHE), help="run cache folder ('' disables)")
     p.add_argument("--out", default=str(RESULTS), help="folder for the markdown tables and PNGs")
+    p.add_argument(
+        "--leaderboard",
+        action="store_true",
+        help="only rebuild OUT/leaderboard.md from the saved per-task summaries",
+    )
     args = p.parse_args(argv)
     tasks = TASK_NAMES if args.task == "all" else tuple(args.task.split(","))
     methods = tuple(args.methods.split(",")) if args.methods else DEFAULT_METHODS + REFERENCES
     seeds = tuple(int(s) for s in args.seeds.split(","))
     cache = Path(args.cache) if args.cache else None
     out = Path(args.out)
+    if args.leaderboard:
+        summaries = [
+            json.loads((out / f"competition_{t}.json").read_text())
+            for t in tasks
+            if (out / f"competition_{t}.json").exists()
+        ]
+        (out / "leaderboard.md").write_text(leaderboard(summaries))
+        print(leaderboard(summaries))
+        return []
     results = []
     for name in tasks:
         result = run_task(
@@ -591,6 +648,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
         out.mkdir(parents=True, exist_ok=True)
         (out / f"competition_{name}{suffix}.md").write_text(to_markdown(summary))
         (out / f"competition_{name}{suffix}_validation.md").write_text(validation_table(result))
+        (out / f"competition_{name}{suffix}.rst").write_text(to_rst(summary))
         (out / f"competition_{name}{suffix}.json").write_text(json.dumps(summary, indent=1))
         plot(summary, out / f"competition_{name}{suffix}.png")
         print(to_markdown(summary))

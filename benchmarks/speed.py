@@ -6,7 +6,9 @@ trained by its one ``train_step`` (AdamW, modality game, modulator), on the defa
 audio 5 / vision 20, regression):
 
 * ``plain``: ``baseline=True`` (mean late fusion), no modulator: forward, backward, AdamW step;
-* ``pase``: phase 2 with prototype calibration, OT alignment of the class prototypes of every
+* ``pase``: phase 2 with every PaSE component on (the paper's configuration, an upper bound of
+  the cost; the default PaSE step has no calibration, OT or gate): prototype calibration, OT
+  alignment of the class prototypes of every
   modality pair, the prototype-gated fusion, the exact Shapley game of the fused head on all 2^M
   coalitions (every step) and the Shapley modulator (``apply="update"``).
 
