@@ -519,16 +519,22 @@ def to_markdown(summary: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def to_rst(summary: dict[str, Any]) -> str:
-    """The Markdown table of :func:`to_markdown` as an RST list-table (included by the docs)."""
-    md = [ln for ln in to_markdown(summary).splitlines() if ln.startswith("|")]
+def _rst_table(markdown: str, title: str) -> str:
+    """The first Markdown table of ``markdown`` as an RST list-table."""
+    md = [ln for ln in markdown.splitlines() if ln.startswith("|")]
     rows = [[c.strip() for c in ln.strip("|").split("|")] for ln in md if not ln.startswith("|---")]
-    lines = [f".. list-table:: {summary['task']}", "   :header-rows: 1", ""]
+    lines = [f".. list-table:: {title}", "   :header-rows: 1", ""]
     for row in rows:
         lines.append(f"   * - {row[0]}")
         lines += [f"     - {c}" for c in row[1:]]
-    intro = to_markdown(summary).split("\n\n")[1]  # the competition line
-    return intro.replace("→", " → ").replace("  ", " ") + "\n\n" + "\n".join(lines) + "\n"
+    return "\n".join(lines) + "\n"
+
+
+def to_rst(summary: dict[str, Any]) -> str:
+    """The table of :func:`to_markdown` as RST, with its competition line (included by the docs)."""
+    md = to_markdown(summary)
+    intro = md.split("\n\n")[1].replace("→", " → ").replace("  ", " ")
+    return intro + "\n\n" + _rst_table(md, summary["task"])
 
 
 def leaderboard(summaries: Sequence[dict[str, Any]]) -> str:
@@ -630,6 +636,9 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
             if (out / f"competition_{t}.json").exists()
         ]
         (out / "leaderboard.md").write_text(leaderboard(summaries))
+        (out / "leaderboard.rst").write_text(
+            _rst_table(leaderboard(summaries), "every method x every task (5 seeds)")
+        )
         print(leaderboard(summaries))
         return []
     results = []

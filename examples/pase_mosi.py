@@ -69,6 +69,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         action="store_true",
         help="continue bit-exactly from OUT/last.pt (an error if there is none)",
     )
+    _add_method_args(p)
+    return p.parse_args(argv)
+
+
+def _add_method_args(p: argparse.ArgumentParser) -> None:
+    """The PaSE components, the equilibrium, the decision and the synthetic data's options."""
+    add = p.add_argument
     onoff = argparse.BooleanOptionalAction
     add(
         "--calibration",
@@ -126,7 +133,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     add("--text-strength", type=float, default=None, help="synthetic data: text dominance")
     add("--max-steps-per-epoch", type=int, default=None, help="cap steps per epoch (smoke tests)")
     add("--quiet", action="store_true", help="no progress bars or per-epoch lines")
-    return p.parse_args(argv)
 
 
 class _Formatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
