@@ -199,3 +199,41 @@ def test_summarize_reports_no_gap_closed_without_a_gap():
 def test_unknown_method_is_refused():
     with pytest.raises(SystemExit, match="unknown methods"):
         competition.run_task("cls-synthetic", ("nope",), (0,), quick=True, cache=None)
+
+
+def test_composite_method_names_and_the_default_pase_spec():
+    spec = competition.spec_of("warmup+sge+safecal+res")
+    assert spec.warmup and spec.methods == ("sge",)
+    assert spec.model["calibration"] and spec.model["safe_calibration"]
+    assert spec.model["decision"] == "residual" and not spec.model["alignment"]
+    pase = competition.spec_of("pase")
+    assert pase.warmup and pase.methods == ("sge",) and pase.model["decision"] == "residual"
+    assert (
+        competition.spec_of("cggm").methods == ("cggm",) and not competition.spec_of("cggm").warmup
+    )
+    with pytest.raises(KeyError):
+        competition.spec_of("warmup+nope")
+
+
+def test_leaderboard_lists_every_method_of_every_task():
+    def summary(task, fused):
+        runs = [
+            _run("joint", 0, fused, {"s": 0.9, "w": 0.6}),
+            _run("alone", 0, math.nan, {"s": 0.9, "w": 0.8}),
+            _run("m", 0, fused + 0.02, {"s": 0.9, "w": 0.7}),
+        ]
+        return competition.summarize(
+            {
+                "task": task,
+                "primary": "accuracy",
+                "runs": runs,
+                "meta": {"modalities": ["s", "w"], "weak": ["w"]},
+            }
+        )
+
+    md = competition.leaderboard([summary("a", 0.8), summary("b", 0.7)])
+    assert (
+        "| m | 82.0 ± 0.0 | +2.0 ± 0.0 | 50 % | 1.0 | 72.0 ± 0.0 | +2.0 ± 0.0 | 50 % | 1.0 |" in md
+    )
+    rst = competition._rst_table(md, "x")
+    assert rst.startswith(".. list-table:: x") and "   * - m" in rst
