@@ -66,7 +66,7 @@ TASK_NAMES = ("msa-synthetic", "cls-synthetic", "mfeat")
 SETTINGS: dict[str, dict[str, Any]] = {
     "msa-synthetic": {
         "model": {"dim": 32, "layers": 1, "input_kind": "sequence"},
-        "train": {"epochs": 12, "switch_epoch": 3, "batch_size": 64, "lr": 1e-3},
+        "train": {"epochs": 14, "switch_epoch": 4, "batch_size": 64, "lr": 1e-3},
     },
     "cls-synthetic": {
         "model": {"dim": 32, "input_kind": "vector", "dropout": 0.1},

