@@ -50,8 +50,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     add("--device", default="cpu", help="torch device, e.g. cpu, cuda, cuda:1")
     add("--amp", choices=("bf16",), default=None, help="bf16 autocast (GPU)")
-    add("--epochs", type=int, default=24, help="training epochs, both phases together")
-    add("--switch-epoch", type=int, default=6, help="last epoch of phase 1 (at the latest)")
+    add("--epochs", type=int, default=14, help="training epochs, both phases together")
+    add("--switch-epoch", type=int, default=4, help="last epoch of phase 1 (at the latest)")
     add(
         "--patience",
         type=int,
@@ -60,7 +60,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     add("--batch-size", type=int, default=64, help="samples per step (per rank under torchrun)")
     add("--lr", type=float, default=1e-3, help="AdamW learning rate")
-    add("--dim", type=int, default=64, help="feature width of every encoder")
+    add("--dim", type=int, default=32, help="feature width of every encoder")
     add("--layers", type=int, default=1, help="Transformer layers per encoder")
     add("--seed", type=int, default=0, help="training seed (the synthetic data always uses 0)")
     add("--out", default="runs/pase", help="output directory (checkpoints, logs, plots)")

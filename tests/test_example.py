@@ -473,7 +473,7 @@ def test_help_documents_every_flag_with_defaults(capsys):
     for flag in ("--device", "--epochs", "--lr", "--calibration", "--no-sgm", "--resume"):
         line = next(ln for ln in text.splitlines() if ln.strip().startswith(flag))
         assert len(line.split(flag, 1)[1].strip()) > 0 or flag in text
-    assert "(default: 24)" in text and "(default: 0.001)" in text
+    assert "(default: 14)" in text and "(default: 0.001)" in text
 
 
 # ------------------------------------------------------------------------------------------
