@@ -237,3 +237,12 @@ def test_leaderboard_lists_every_method_of_every_task():
     )
     rst = competition._rst_table(md, "x")
     assert rst.startswith(".. list-table:: x") and "   * - m" in rst
+
+
+def test_main_job_quick_compares_pase_with_its_baseline(tmp_path):
+    from benchmarks import main_job
+
+    result = main_job.main(["--seeds", "0", "--quick", "--out", str(tmp_path)])
+    assert {(r["method"], r["seed"]) for r in result["runs"]} == {("pase", 0), ("baseline", 0)}
+    assert all(r["MAE"] > 0 and r["wall_s"] > 0 for r in result["runs"])
+    assert "PaSE − baseline (paired)" in (tmp_path / "main_job_quick.md").read_text()
