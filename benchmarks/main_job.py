@@ -1,4 +1,4 @@
-"""The main job, PaSE against its baseline: ``examples/pase_mosi.py`` vs ``--baseline``, paired seeds.
+"""The main job against its baseline: ``examples/pase_mosi.py`` vs ``--baseline``, paired seeds.
 
 Runs the example's command-line entry point exactly as a user does (default data, default
 flags) for each seed, once as PaSE and once with ``--baseline`` (plain late fusion, same backbone
