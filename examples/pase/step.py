@@ -173,7 +173,7 @@ def make_methods(
 def build(
     model_config: PaSEConfig,
     *,
-    methods: Sequence[str | BalancingMethod] = ("sgm",),
+    methods: Sequence[str | BalancingMethod] = ("sge",),
     encoders: Mapping[str, nn.Module] | None = None,
     lr: float = 1e-3,
     weight_decay: float = 1e-4,
