@@ -123,6 +123,7 @@ _TOKENS: dict[str, dict[str, Any]] = {
     "gate": {"gate": True},
     "ens": {"decision": "ensemble"},
     "res": {"decision": "residual"},
+    "stack": {"decision": "stack"},
 }
 
 

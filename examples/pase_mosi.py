@@ -106,7 +106,7 @@ def _add_method_args(p: argparse.ArgumentParser) -> None:
     add("--no-sgm", action="store_true", help="ablation: no Shapley equilibrium (= none)")
     add(
         "--decision",
-        choices=("residual", "ensemble", "head"),
+        choices=("residual", "stack", "ensemble", "head"),
         default="residual",
         help="fused output: the fusion head averaged with the detached unimodal heads "
         "('residual'), with the unimodal heads trained by the fused loss too ('ensemble'), or "

@@ -46,7 +46,8 @@ class PaSEConfig:
     input_kind: str = "sequence"  # default encoders: "sequence" (Transformer) or "vector" (MLP)
     safe_calibration: bool = False  # calibration scaled by each modality's separability
     decision: str = "head"  # fused output: "head", or averaged with the unimodal heads'
-    # outputs: "ensemble" (with gradient) or "residual" (detached unimodal outputs)
+    # outputs: "ensemble" (with gradient), "residual" (detached) or "stack" (detached, learned
+    # convex weights)
     momentum: float = 0.98
     temperature: float = 0.1
     epsilon: float = 0.05
@@ -169,6 +170,8 @@ class PaSEModel(nn.Module):
             nn.Dropout(c.dropout),
             nn.Linear(c.dim, c.num_outputs),
         )
+        if c.decision == "stack":  # learned convex weights of (head, unimodal outputs)
+            self.decision_logits = nn.Parameter(torch.zeros(len(c.modalities) + 1))
 
     # ----------------------------------------------------------------------------- pieces
     def encode(
@@ -222,15 +225,19 @@ class PaSEModel(nn.Module):
         ``decision="ensemble"``: the unimodal heads' outputs enter with gradient (the fused loss
         trains them too); ``"residual"``: they enter detached, so the fused head learns what the
         ensemble of unimodal heads misses and cannot pull the unimodal heads toward the strong
-        modality.
+        modality; ``"stack"``: detached too, weighted by learned convex weights (softmax of
+        ``decision_logits``, uniform at the start) over the head and the present modalities.
         """
-        total, count = out, torch.ones_like(out[:, :1])
-        for m in self.modalities:
+        stack = self.config.decision == "stack"
+        w = self.decision_logits.exp().to(out.dtype) if stack else None
+        total = out * (w[0] if stack else 1.0)
+        count = torch.ones_like(out[:, :1]) * (w[0] if stack else 1.0)
+        for i, m in enumerate(self.modalities):
             uni = self.unimodal_heads[m](feats[m])
-            if self.config.decision == "residual":
+            if self.config.decision in ("residual", "stack"):
                 uni = uni.detach()
-            flag = present[m].to(out.dtype).unsqueeze(1)
-            total = total + torch.where(flag > 0, uni, torch.zeros_like(uni))
+            flag = present[m].to(out.dtype).unsqueeze(1) * (w[i + 1] if stack else 1.0)
+            total = total + torch.where(flag > 0, flag * uni, torch.zeros_like(uni))
             count = count + flag
         return total / count
 
