@@ -481,7 +481,7 @@ def test_help_documents_every_flag_with_defaults(capsys):
 # ------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("decision", ["ensemble", "residual"])
+@pytest.mark.parametrize("decision", ["ensemble", "residual", "stack"])
 def test_decision_fusion_averages_the_unimodal_outputs(splits, decision):
     train = splits[0]
     model = PaSEModel(_model_config(train, baseline=True, decision=decision))
@@ -504,8 +504,11 @@ def test_decision_fusion_averages_the_unimodal_outputs(splits, decision):
         losses["task"], list(model.unimodal_heads["audio"].parameters()), allow_unused=True
     )
     reached = any(g is not None and g.abs().sum() > 0 for g in grads)
-    # "residual": the fused loss cannot pull the unimodal heads; "ensemble": it trains them
+    # "residual"/"stack": the fused loss cannot pull the unimodal heads; "ensemble": it trains them
     assert reached == (decision == "ensemble")
+    if decision == "stack":  # the convex weights (uniform at the start) are learned
+        (g,) = torch.autograd.grad(losses["task"], [model.decision_logits])
+        assert g.abs().sum() > 0
 
 
 def test_gblending_trains_with_a_holdout_of_the_training_split(splits):
