@@ -569,6 +569,31 @@ def leaderboard(summaries: Sequence[dict[str, Any]]) -> str:
     return "\n".join(lines) + "\n"
 
 
+#: The README's headline rows.
+HEADLINE = ("joint", "warmup", "ogm-ge", "sgm", "pase-paper", "unimodal", "mmpareto", "mla", "pase",
+            "alone-ensemble")  # fmt: skip
+
+
+def headline(summaries: Sequence[dict[str, Any]], methods: Sequence[str] = HEADLINE) -> str:
+    """Compact table for the README: fused metric (Δ vs joint) and weak gap closed per task."""
+    head = ["method"] + [f"{s['task']}: {s['primary']} % (Δ) · gap closed" for s in summaries]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for name in methods:
+        cells = [f"**{name}**" if name == "pase" else name]
+        for s in summaries:
+            row = s["methods"].get(name)
+            if row is None:
+                cells.append("–")
+                continue
+            gc = row["gap_closed"]
+            delta = "" if name == "joint" else f" ({row['delta_fused'][0] * 100:+.1f})"
+            extra = f", MAE {row['MAE'][0]:.3f}" if "MAE" in row else ""
+            gap = "–" if math.isnan(gc) else f"{gc * 100:.0f} %"
+            cells.append(f"{row['fused'][0] * 100:.1f}{delta}{extra} · {gap}")
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
 def validation_table(result: dict[str, Any]) -> str:
     """Mean ± std of each method's fused metric on the *validation* split (for tuning)."""
     primary = result["primary"]
@@ -637,6 +662,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
             if (out / f"competition_{t}.json").exists()
         ]
         (out / "leaderboard.md").write_text(leaderboard(summaries))
+        (out / "headline.md").write_text(headline(summaries))
         (out / "leaderboard.rst").write_text(
             _rst_table(leaderboard(summaries), "every method x every task (5 seeds)")
         )
