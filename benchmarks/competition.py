@@ -559,8 +559,11 @@ def leaderboard(summaries: Sequence[dict[str, Any]]) -> str:
                 cells += ["–"] * 4
                 continue
             gc = row["gap_closed"]
+            fused = _ms(row["fused"], 100)
+            if "MAE" in row:  # regression: the MAE beside the accuracy
+                fused += f" (MAE {_ms(row['MAE'], 1, 3)})"
             cells += [
-                _ms(row["fused"], 100),
+                fused,
                 _ms(row["delta_fused"], 100, signed=True),
                 "–" if math.isnan(gc) else f"{gc * 100:.0f} %",
                 f"{row['time_s']:.1f}",
@@ -571,7 +574,7 @@ def leaderboard(summaries: Sequence[dict[str, Any]]) -> str:
 
 #: The README's headline rows.
 HEADLINE = ("joint", "warmup", "ogm-ge", "sgm", "pase-paper", "unimodal", "mmpareto", "mla", "pase",
-            "alone-ensemble")  # fmt: skip
+            "alone-ensemble", "alone-probe")  # fmt: skip
 
 
 def headline(summaries: Sequence[dict[str, Any]], methods: Sequence[str] = HEADLINE) -> str:
