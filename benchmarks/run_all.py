@@ -93,7 +93,7 @@ def run_benchmark(
         return speed.write(speed.run(quick=quick, device=device, amp=amp), out, "speed" + sfx)
     if name == "competition":
         competition.main(["--quick", "--seeds", "0", "--cache", "", "--out", str(out)])
-        return out / "competition_mfeat_quick.md"
+        return out / "competition_cls-synthetic_quick.md"
     if name == "ot_speed":
         rows = ot_speed.run(quick=quick, device=device)
         png = _plot_ot_speed(rows, out / f"ot_speed{sfx}.png")
