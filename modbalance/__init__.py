@@ -133,6 +133,3 @@ __all__ = [
     "value_checks",
     "value_checks_enabled",
 ]
-
-#: Submodules with their own page in the API reference.
-_documented_modules = ("modbalance.balancing", "modbalance.equilibrium", "modbalance.methods")
