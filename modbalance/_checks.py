@@ -346,6 +346,29 @@ def check_choice(value: Any, name: str, choices: Iterable[Any]) -> Any:
     return value
 
 
+def check_modality_names(
+    modalities: Any, name: str = "modalities", *, minimum: int = 1
+) -> tuple[str, ...]:
+    """Check a sequence of distinct modality names; return them as a tuple.
+
+    Raises:
+        TypeError: Not a sequence of names (a bare string included).
+        ModbalanceError: Fewer than ``minimum`` names, non-strings or duplicates.
+    """
+    if isinstance(modalities, str) or not isinstance(modalities, Iterable):
+        raise TypeError(
+            f"`{name}` must be a sequence of modality names such as ['text', 'audio'], got "
+            f"{modalities!r}."
+        )
+    names = tuple(modalities)
+    if len(names) < minimum:
+        what = "one modality" if minimum == 1 else f"{minimum} modalities"
+        raise ModbalanceError(f"`{name}` must name at least {what}, got {names!r}.")
+    if any(not isinstance(n, str) for n in names) or len(set(names)) != len(names):
+        raise ModbalanceError(f"`{name}` must be distinct strings, got {names!r}.")
+    return names
+
+
 def check_modality_keys(
     mapping: Any, name: str, modalities: Sequence[str], *, hint: str = ""
 ) -> None:

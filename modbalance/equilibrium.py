@@ -27,7 +27,7 @@ from typing import Any, Literal
 import torch
 from torch import Tensor, nn
 
-from modbalance._checks import ModbalanceError, check_choice, check_real
+from modbalance._checks import ModbalanceError, check_choice, check_modality_names, check_real
 from modbalance.balancing import BalancingMethod, StepOutput
 from modbalance.methods.unimodal import unimodal_task_loss
 from modbalance.modulation import ShapleyGradModulator, pase_shares
@@ -95,11 +95,7 @@ class ShapleyEquilibrium(BalancingMethod):
         phases: Iterable[int] = (2,),
     ) -> None:
         super().__init__()
-        names = tuple(modalities)
-        if len(names) < 2 or len(set(names)) != len(names):
-            raise ModbalanceError(
-                f"`modalities` must name at least two distinct modalities, got {names!r}."
-            )
+        names = check_modality_names(modalities, minimum=2)
         self.modalities = names
         self.rule = check_choice(rule, "rule", ("unimodal", "pase"))
         self.weight = check_real(weight, "weight", low=0.0)

@@ -41,6 +41,7 @@ from modbalance._checks import (
     check_choice,
     check_finite,
     check_int,
+    check_modality_names,
     check_real,
     check_same_size,
     check_tensor,
@@ -665,16 +666,7 @@ class ModalityGame:
     ) -> None:
         if not callable(head):
             raise TypeError(f"`head` must be callable, got {type(head).__name__}.")
-        if isinstance(modalities, str) or not isinstance(modalities, Sequence):
-            raise TypeError(
-                f"`modalities` must be a sequence of names such as ['text', 'audio'], got "
-                f"{modalities!r}."
-            )
-        names = tuple(modalities)
-        if not names:
-            raise ModbalanceError("`modalities` must name at least one modality, got none.")
-        if any(not isinstance(n, str) for n in names) or len(set(names)) != len(names):
-            raise ModbalanceError(f"`modalities` must be distinct strings, got {names!r}.")
+        names = check_modality_names(modalities)
         _check_num_players(len(names), "len(modalities)")
         self.head = head
         self.modalities = names

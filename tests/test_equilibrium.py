@@ -102,7 +102,7 @@ def test_paper_rule_scales_the_dominant_update(setup):
 
 
 def test_errors():
-    with pytest.raises(ModbalanceError, match="at least two distinct"):
+    with pytest.raises(ModbalanceError, match="at least 2 modalities"):
         ShapleyEquilibrium(["text"])
     with pytest.raises(ModbalanceError, match="rule"):
         ShapleyEquilibrium(MODS, rule="boost")

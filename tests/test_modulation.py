@@ -325,9 +325,9 @@ def test_plain_step_equals_attach(device, apply):
     twin_mod.load_state_dict(mod.state_dict())
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
     twin_opt = torch.optim.AdamW(twin.parameters(), lr=1e-2)
-    handle = twin_mod.attach(twin_opt)
     with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
+        warnings.simplefilter("ignore")  # apply="grad" under AdamW warns, as it should
+        handle = twin_mod.attach(twin_opt)
         for step in range(3):
             xt, xa, y = batch(device, step)
             for m, o in ((model, opt), (twin, twin_opt)):

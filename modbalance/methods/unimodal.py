@@ -18,6 +18,7 @@ from modbalance._checks import (
     check_choice,
     check_int,
     check_modality_keys,
+    check_modality_names,
     check_real,
 )
 from modbalance.balancing import BalancingMethod, StepOutput, task_loss
@@ -68,17 +69,7 @@ def unimodal_task_loss(
 
 
 def _check_names(modalities: Sequence[str], name: str = "modalities") -> tuple[str, ...]:
-    if isinstance(modalities, str) or not isinstance(modalities, Iterable):
-        raise TypeError(
-            f"`{name}` must be a sequence of modality names such as ['text', 'audio'], got "
-            f"{modalities!r}."
-        )
-    names = tuple(modalities)
-    if not names:
-        raise ModbalanceError(f"`{name}` must name at least one modality, got none.")
-    if any(not isinstance(n, str) for n in names) or len(set(names)) != len(names):
-        raise ModbalanceError(f"`{name}` must be distinct strings, got {names!r}.")
-    return names
+    return check_modality_names(modalities, name)
 
 
 def _check_phases(phases: Iterable[int]) -> tuple[int, ...]:
