@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from torch import nn
 
 from modbalance._checks import ModbalanceError
@@ -162,3 +164,23 @@ def test_adaptive_calibration_turns_on_for_separable_features_and_reaches_them()
 def test_adaptive_must_be_a_bool():
     with pytest.raises(TypeError, match="`adaptive` must be a bool"):
         PrototypeCalibrator(4, 8, adaptive="yes")
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    shapley=st.lists(st.floats(-1.0, 5.0), min_size=2, max_size=6),
+    beta=st.floats(0.0, 3.0),
+    weight=st.floats(0.0, 2.0),
+)
+def test_weights_are_non_negative_and_average_to_lambda_without_clamping(shapley, beta, weight):
+    names = tuple(f"m{i}" for i in range(len(shapley)))
+    eq = ShapleyEquilibrium(names, beta=beta, weight=weight, momentum=0.0)
+    shares = eq.observe(_game(shapley, names))
+    w = torch.tensor(list(eq.weights.values()))
+    assert bool((w >= 0).all())
+    m = len(names)
+    if beta == 0 or float(shares.max()) <= (1 + beta) / (beta * m):  # no weight clamped at 0
+        assert float(w.mean()) == pytest.approx(weight, abs=1e-5)
+    # a smaller share never gets a smaller weight
+    order = torch.argsort(shares)
+    assert bool((w[order][1:] <= w[order][:-1] + 1e-6).all())
