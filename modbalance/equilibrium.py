@@ -59,7 +59,8 @@ class ShapleyEquilibrium(BalancingMethod):
         weight: :math:`\lambda \ge 0`, the unimodal loss weight.
         beta: :math:`\beta \ge 0`, how strongly the shares tilt the weights (0: equal weights;
             1, the default, measured best on the validation split of the suite's
-            ``cls-synthetic`` task: 98.4 ± 0.2 % vs 98.3 ± 0.1 % for 0, 3 seeds).
+            ``cls-synthetic`` task: 98.4 ± 0.2 % vs 98.3 ± 0.1 % for 0, 3 seeds;
+            ``benchmarks/results/tuning_cls-synthetic.md``).
         momentum: :math:`\mu \in [0, 1)` of the shares' moving average.
         groups: ``{modality: module or parameters}``, only for ``rule="pase"``.
         replace: Loss terms the unimodal losses replace (the detached read-out).
