@@ -8,7 +8,14 @@ follows one interface, :class:`BalancingMethod`.
 """
 
 from modbalance._checks import ModbalanceError, value_checks, value_checks_enabled
-from modbalance.balancing import BalancingMethod, StepOutput, combine_losses, task_loss
+from modbalance.balancing import (
+    BalancingMethod,
+    StepOutput,
+    balanced_step,
+    check_phases,
+    combine_losses,
+    task_loss,
+)
 from modbalance.data import (
     ClassificationCompetitionData,
     CompetitionData,
@@ -19,6 +26,7 @@ from modbalance.data import (
     make_classification_competition,
     make_competition_data,
 )
+from modbalance.decision import Decision
 from modbalance.equilibrium import ShapleyEquilibrium
 from modbalance.fusion import FusionOutput, PrototypeGatedFusion
 from modbalance.methods import (
@@ -64,6 +72,7 @@ from modbalance.prototypes import (
 from modbalance.schedule import DualPhaseSchedule
 from modbalance.shapley import (
     GameResult,
+    InputMaskingGame,
     ModalityGame,
     ShapleyResult,
     coalition_masks,
@@ -85,11 +94,13 @@ __all__ = [
     "ClassMeans",
     "ClassificationCompetitionData",
     "CompetitionData",
+    "Decision",
     "DualPhaseSchedule",
     "FusionOutput",
     "GBlending",
     "GameResult",
     "InfoReg",
+    "InputMaskingGame",
     "MMPareto",
     "ModalityGame",
     "ModbalanceError",
@@ -107,6 +118,8 @@ __all__ = [
     "StepOutput",
     "UnimodalLoss",
     "__version__",
+    "balanced_step",
+    "check_phases",
     "class_means",
     "coalition_masks",
     "collate_multimodal",

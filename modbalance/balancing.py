@@ -17,16 +17,18 @@ each a method of :class:`BalancingMethod` with a do-nothing default:
 3. **epoch end** — :meth:`BalancingMethod.epoch_end` lets a method re-measure itself once an
    epoch (G-Blending's overfitting-to-generalisation ratios).
 
-The training step calls them in this order (``examples/pase``'s ``train_step`` is the reference)::
+Every method declares the phases of the dual-phase schedule it acts in
+(:attr:`~BalancingMethod.phases`, phase 2 by default: after the warm-up).
+:func:`balanced_step` is the one step a training loop calls; it checks the phases once
+and runs, for the methods active in ``out.phase``::
 
-    out = model_forward(batch)                     # StepOutput, one encoder pass
-    losses = base_losses(out)                      # {"task": ..., "unimodal": ...}
-    for m in methods: losses = m.losses(out, losses)
-    if not any(m.backward(out, losses) for m in methods):   # at most one may take over
-        sum(losses.values()).backward()
-    with ExitStack() as stack:
-        for m in methods: stack.enter_context(m.around_step(out, optimizer))
-        optimizer.step()
+    losses = m.losses(out, losses) for every method, in order   # conflicts refused
+    the one method that takes over the backward, else sum(losses).backward()
+    with m.around_step(out, optimizer) for every method: optimizer.step()
+
+Two methods that write the same loss term, or two that take over the backward pass, are an
+error naming both (:class:`~modbalance.ModbalanceError`): their effects would silently overwrite
+each other.
 
 Inputs are always matched by modality **name**: features, predictions and masks are
 ``{name: tensor}`` mappings and methods hold their own tuple of names.
@@ -48,13 +50,54 @@ Example:
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor, nn
 
-__all__ = ["BalancingMethod", "StepOutput", "combine_losses", "task_loss"]
+from modbalance._checks import ModbalanceError, check_int
+
+__all__ = [
+    "BalancingMethod",
+    "StepOutput",
+    "balanced_step",
+    "check_phases",
+    "combine_losses",
+    "task_loss",
+]
+
+PHASES = (1, 2)
+
+
+def check_phases(phases: Any, name: str = "phases") -> tuple[int, ...]:
+    """Check a collection of dual-phase schedule phases (``1`` warm-up, ``2`` joint).
+
+    An int is one phase; strings are refused (``"2"`` would be the character ``'2'``).
+
+    Example:
+        >>> from modbalance.balancing import check_phases
+        >>> check_phases(2), check_phases([1, 2])
+        ((2,), (1, 2))
+    """
+    if isinstance(phases, bool) or isinstance(phases, (str, bytes)):
+        raise TypeError(
+            f"`{name}` must be phase numbers such as (2,) or (1, 2), got {phases!r} "
+            f"({type(phases).__name__})."
+        )
+    if isinstance(phases, int):
+        phases = (phases,)
+    if not isinstance(phases, Iterable):
+        raise TypeError(f"`{name}` must be phase numbers such as (2,) or (1, 2), got {phases!r}.")
+    out = tuple(check_int(p, name) for p in phases)
+    if not out:
+        raise ModbalanceError(f"`{name}` must list at least one phase of the schedule, got none.")
+    bad = [p for p in out if p not in PHASES]
+    if bad:
+        raise ModbalanceError(
+            f"`{name}` must contain phases of the dual-phase schedule {PHASES}, got {bad[0]!r}."
+        )
+    return out
 
 
 class StepOutput(NamedTuple):
@@ -103,9 +146,15 @@ class BalancingMethod(nn.Module):
         needs_game: Set to ``True`` when :meth:`around_step` or :meth:`losses` reads
             :attr:`StepOutput.game`; the training step then evaluates the Shapley game of the
             batch (one batched, no-grad head pass) and passes it in.
+        takes_backward: Set to ``True`` when :meth:`backward` runs the backward pass itself
+            (MMPareto); :func:`balanced_step` refuses two such methods before running either.
+        phases: The phases of the dual-phase schedule in which the method acts (``(2,)``: after
+            the warm-up). :func:`balanced_step` skips the method in other phases.
     """
 
     needs_game: bool = False
+    takes_backward: bool = False
+    phases: tuple[int, ...] = (2,)
 
     def losses(self, out: StepOutput, losses: Mapping[str, Tensor]) -> dict[str, Tensor]:
         """Return the step's loss terms, with this method's terms added or re-weighted.
@@ -123,8 +172,8 @@ class BalancingMethod(nn.Module):
     def backward(self, out: StepOutput, losses: Mapping[str, Tensor]) -> bool:
         """Optionally run the backward pass yourself; return ``True`` if you did.
 
-        The default returns ``False`` and the step calls ``sum(losses).backward()``. At most one
-        method of a step may return ``True``.
+        The default returns ``False`` and the step calls ``sum(losses).backward()``. A method
+        that overrides this sets :attr:`takes_backward`; at most one such method may be active.
         """
         return False
 
@@ -184,3 +233,149 @@ def task_loss(pred: Tensor, target: Tensor, task: str, reduction: str = "mean") 
     if task == "classification":
         return nn.functional.cross_entropy(pred.float(), target.long(), reduction=reduction)
     raise ValueError(f"`task` must be 'regression' or 'classification', got {task!r}.")
+
+
+def _label(method: BalancingMethod, index: int) -> str:
+    return f"{type(method).__name__} (methods[{index}])"
+
+
+def _apply_losses(
+    out: StepOutput, losses: Mapping[str, Tensor], methods: Sequence[tuple[int, BalancingMethod]]
+) -> dict[str, Tensor]:
+    """Run every method's :meth:`~BalancingMethod.losses`, refusing two writers of one term.
+
+    A term *written* by a method is one it adds, replaces or removes. The model's own terms
+    (``losses`` as passed in) may be replaced or removed by one method; a term another method has
+    already written may not.
+    """
+    current = dict(losses)
+    owner: dict[str, str] = {}
+    for i, method in methods:
+        new = method.losses(out, current)
+        if not isinstance(new, Mapping):
+            raise TypeError(
+                f"{_label(method, i)}.losses must return a mapping of named loss terms, got "
+                f"{type(new).__name__}."
+            )
+        for key in [*current, *(k for k in new if k not in current)]:
+            if key in current and key in new and new[key] is current[key]:
+                continue
+            if key in owner:
+                verb = "removes" if key not in new else "writes"
+                raise ModbalanceError(
+                    f"{_label(method, i)} {verb} the loss term {key!r} that {owner[key]} already "
+                    "wrote: one would silently overwrite the other. Use one of them, or give one "
+                    "different term names (e.g. its `replace`/`weight` options)."
+                )
+            owner[key] = _label(method, i)
+        current = dict(new)
+    return current
+
+
+def balanced_step(
+    out: StepOutput,
+    losses: Mapping[str, Tensor],
+    methods: Sequence[BalancingMethod],
+    optimizer: torch.optim.Optimizer,
+    *,
+    game: Callable[[Mapping[str, Tensor], Tensor], Any] | None = None,
+    game_every: int = 1,
+    zero_grad: bool = True,
+) -> dict[str, Tensor]:
+    r"""The one training step: methods' losses, one backward, ``around_step``, ``optimizer.step()``.
+
+    Call it after your model's forward pass with the step's outputs and your own loss terms
+    (:meth:`DualPhaseSchedule.base_losses <modbalance.schedule.DualPhaseSchedule.base_losses>`
+    gives the warm-up's and the joint phase's). For the methods whose
+    :attr:`~BalancingMethod.phases` contain ``out.phase``, in order:
+
+    1. the Shapley game of the batch, when one of them ``needs_game`` and ``out.game`` is
+       ``None``: ``game(detached features, target)`` every ``game_every`` steps
+       (:class:`~modbalance.shapley.ModalityGame` or
+       :class:`~modbalance.shapley.InputMaskingGame` bound to your model);
+    2. ``losses = method.losses(out, losses)``; two methods writing one term is an error;
+    3. ``optimizer.zero_grad()`` (unless ``zero_grad=False``), then the backward pass of
+       :math:`\sum_k \mathcal L_k`, or of the one method with ``takes_backward``;
+    4. ``optimizer.step()`` inside every method's :meth:`~BalancingMethod.around_step`.
+
+    No host synchronisation happens here: the returned loss terms stay on the device.
+
+    Args:
+        out: The step's outputs (``out.phase`` selects the active methods).
+        losses: Your model's named loss terms (scalars with gradient).
+        methods: Balancing methods, applied in this order.
+        optimizer: The optimizer over the model's (and the methods') parameters.
+        game: Callable ``(features, target) -> GameResult`` for methods that need a game.
+        game_every: Evaluate the game every this many steps (``out.step % game_every == 0``).
+        zero_grad: Zero the gradients before the backward pass.
+
+    Returns:
+        The final named loss terms, detached.
+
+    Raises:
+        ModbalanceError: Two methods write the same loss term or both take over the backward
+            pass; a method needs a game and neither ``out.game`` nor ``game`` is given.
+
+    Example:
+        >>> import torch
+        >>> from torch import nn
+        >>> from modbalance import StepOutput, UnimodalLoss, balanced_step
+        >>> enc = nn.ModuleDict({"text": nn.Linear(4, 2), "audio": nn.Linear(3, 2)})
+        >>> heads = nn.ModuleDict({m: nn.Linear(2, 1) for m in enc})
+        >>> opt = torch.optim.SGD([*enc.parameters(), *heads.parameters()], lr=0.1)
+        >>> x = {"text": torch.randn(8, 4), "audio": torch.randn(8, 3)}
+        >>> feats = {m: enc[m](x[m]) for m in enc}
+        >>> uni = {m: heads[m](feats[m]).squeeze(-1) for m in enc}
+        >>> fused = (uni["text"] + uni["audio"]) / 2
+        >>> out = StepOutput(feats, uni, fused, {m: torch.ones(8, dtype=torch.bool) for m in enc},
+        ...                  torch.randn(8), "regression", phase=2)
+        >>> terms = balanced_step(out, {"task": (fused - out.target).abs().mean()},
+        ...                       [UnimodalLoss(["text", "audio"])], opt)
+        >>> sorted(terms)
+        ['task', 'unimodal_audio', 'unimodal_text']
+    """
+    if not isinstance(out, StepOutput):
+        raise TypeError(f"`out` must be a StepOutput, got {type(out).__name__}.")
+    if isinstance(out.phase, bool) or not isinstance(out.phase, int) or out.phase not in PHASES:
+        raise ModbalanceError(
+            f"`out.phase` must be the int 1 (warm-up) or 2 (joint), got {out.phase!r}."
+        )
+    if isinstance(methods, BalancingMethod) or not isinstance(methods, Sequence):
+        raise TypeError(
+            "`methods` must be a list of BalancingMethod instances (possibly empty), got "
+            f"{type(methods).__name__}."
+        )
+    for i, method in enumerate(methods):
+        if not isinstance(method, BalancingMethod):
+            raise TypeError(
+                f"`methods[{i}]` must be a BalancingMethod, got {type(method).__name__}."
+            )
+    game_every = check_int(game_every, "game_every", low=1)
+    active = [(i, m) for i, m in enumerate(methods) if out.phase in check_phases(m.phases)]
+    takers = [(i, m) for i, m in active if m.takes_backward]
+    if len(takers) > 1:
+        names = " and ".join(_label(m, i) for i, m in takers)
+        raise ModbalanceError(
+            f"{names} both take over the backward pass; only one gradient-combining method can "
+            "be active in a phase (give them disjoint `phases`, or use one)."
+        )
+    wanting = [(i, m) for i, m in active if m.needs_game]
+    if wanting and out.game is None and out.step % game_every == 0:
+        if game is None:
+            raise ModbalanceError(
+                f"{_label(wanting[0][1], wanting[0][0])} needs the batch's Shapley game: pass "
+                "`game=` (a ModalityGame or InputMaskingGame bound to your model) or set "
+                "`out.game`."
+            )
+        feats = {m: f.detach().float() for m, f in out.features.items()}
+        out = out._replace(game=game(feats, out.target))
+    losses = _apply_losses(out, losses, active)
+    if zero_grad:
+        optimizer.zero_grad(set_to_none=True)
+    if not (takers and takers[0][1].backward(out, losses)):
+        combine_losses(losses).backward()
+    with contextlib.ExitStack() as stack:
+        for _, method in active:
+            stack.enter_context(method.around_step(out, optimizer))
+        optimizer.step()
+    return {k: v.detach() for k, v in losses.items()}

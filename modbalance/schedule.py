@@ -3,28 +3,41 @@
 from __future__ import annotations
 
 import math
-from typing import Any, Literal
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any, Literal
 
 from modbalance._checks import ModbalanceError, check_choice, check_int, check_real
+
+if TYPE_CHECKING:
+    from torch import Tensor
+
+    from modbalance.balancing import StepOutput
 
 __all__ = ["DualPhaseSchedule"]
 
 
 class DualPhaseSchedule:
-    r"""Decide when training moves from phase 1 (unimodal warm-up) to phase 2 (balanced fusion).
+    r"""The warm-up: what phase 1 trains, when phase 2 starts, when model selection may begin.
 
-    PaSE trains in two phases. Phase 1 builds a clear semantic structure in every modality: each
-    encoder learns through its own unimodal head while the prototypes warm up. Phase 2 trains the
-    fusion together with calibration, optimal-transport alignment and Shapley modulation. The
-    switch happens at a fixed epoch, or, when ``patience`` is given, as soon as the validation
-    metric of phase 1 has not improved by more than ``min_delta`` for ``patience`` consecutive
-    epochs (whichever comes first). The switch is one-way.
+    PaSE trains in two phases, and the warm-up gives most of its gain on the competition suite
+    (``benchmarks/results/``). **Phase 1** trains every encoder through its own unimodal head,
+    and only that: the fusion head is not run (:attr:`runs_fusion` is ``False``) and
+    :meth:`base_losses` is the mean unimodal task loss. **Phase 2** trains the fused prediction
+    (:meth:`base_losses`: the fused task loss) together with the balancing methods, which act in
+    phase 2 by default
+    (:attr:`BalancingMethod.phases <modbalance.balancing.BalancingMethod.phases>`).
 
-    Call :meth:`epoch_end` once at the end of every epoch with the *validation* metric (never a
-    test metric); read :attr:`phase` at the start of the next epoch.
+    The switch happens after ``switch_epoch`` epochs, or, when ``patience`` is given, as soon as
+    the phase-1 validation metric has not improved by more than ``min_delta`` for ``patience``
+    consecutive epochs (whichever comes first). The switch is one-way. Feed :meth:`epoch_end` the
+    **mean unimodal validation error** in phase 1 (the fused head is untrained then; a mapping
+    ``{modality: error}`` is averaged for you) — never a test metric. Model selection starts in
+    phase 2: :meth:`select` returns ``True`` when the fused validation metric of a phase-2 epoch
+    is the best so far, and never in phase 1.
 
     Improvement for ``mode="max"`` means :math:`m_t > m^\star + \delta`, and for ``mode="min"``
-    :math:`m_t < m^\star - \delta`, where :math:`m^\star` is the best value seen in phase 1.
+    :math:`m_t < m^\star - \delta`, where :math:`m^\star` is the best value seen (in phase 1
+    for the switch, in phase 2 for :meth:`select`).
 
     Args:
         switch_epoch: Number of phase-1 epochs after which phase 2 starts at the latest
@@ -32,19 +45,34 @@ class DualPhaseSchedule:
         patience: Number of consecutive phase-1 epochs without improvement that trigger the
             switch (``None`` disables the plateau rule).
         min_delta: Minimum change that counts as an improvement.
-        mode: ``"max"`` if a larger validation metric is better, ``"min"`` otherwise.
+        mode: ``"max"`` if a larger validation metric is better, ``"min"`` for errors.
         min_phase1_epochs: Phase 1 lasts at least this many epochs even on a plateau.
 
     Raises:
         ModbalanceError: If both rules are disabled or an argument is out of range.
 
     Example:
+        A user's loop (``evaluate`` returns validation errors, lower is better)::
+
+            schedule = DualPhaseSchedule(switch_epoch=4, mode="min")
+            for epoch in range(epochs):
+                phase = schedule.phase
+                for batch in loader:
+                    out = my_step_output(batch, phase, fuse=schedule.runs_fusion)
+                    balanced_step(out, schedule.base_losses(out), methods, optimizer)
+                val = evaluate(model)                  # {"fused": e, "text": e_t, ...}
+                if schedule.select(val["fused"]):
+                    best = copy.deepcopy(model.state_dict())
+                schedule.epoch_end({m: val[m] for m in modalities})
+
         >>> from modbalance import DualPhaseSchedule
         >>> schedule = DualPhaseSchedule(switch_epoch=10, patience=2, mode="max")
         >>> for val in [0.50, 0.60, 0.59, 0.60]:
         ...     phase = schedule.epoch_end(val)
         >>> schedule.phase, schedule.switched_at
         (2, 4)
+        >>> schedule.select(0.7), schedule.select(0.65), schedule.select(0.8)
+        (True, False, True)
     """
 
     def __init__(
@@ -72,23 +100,84 @@ class DualPhaseSchedule:
         self.switched_at: int | None = 0 if self.switch_epoch == 0 else None
         self.best = -math.inf if mode == "max" else math.inf
         self.bad_epochs = 0
+        self.best_selected = -math.inf if mode == "max" else math.inf
 
     @property
     def phase(self) -> int:
         """The phase of the epoch about to run: ``1`` or ``2``."""
         return 1 if self.switched_at is None else 2
 
-    def _improved(self, value: float) -> bool:
-        if self.mode == "max":
-            return value > self.best + self.min_delta
-        return value < self.best - self.min_delta
+    @property
+    def runs_fusion(self) -> bool:
+        """Whether the fusion head runs this epoch: only in phase 2.
 
-    def epoch_end(self, metric: float | None = None) -> int:
+        The warm-up trains the encoders through their own heads.
+        """
+        return self.phase == 2
+
+    def _improved(self, value: float, best: float | None = None) -> bool:
+        best = self.best if best is None else best
+        if self.mode == "max":
+            return value > best + self.min_delta
+        return value < best - self.min_delta
+
+    def base_losses(self, out: StepOutput) -> dict[str, Tensor]:
+        r"""The model's own loss terms in ``out.phase``, before any balancing method.
+
+        Phase 1: ``{"unimodal": mean_m L_m}``, each encoder trained through its own head (over
+        the samples that have the modality); the fused prediction is not used. Phase 2:
+        ``{"task": L(out.fused, target)}``. :math:`L` is L1 for regression and the
+        cross-entropy for classification
+        (:func:`~modbalance.balancing.task_loss`).
+
+        Raises:
+            ModbalanceError: Phase 2 without a fused prediction, or phase 1 without unimodal
+                predictions.
+        """
+        from modbalance.balancing import task_loss
+        from modbalance.methods.unimodal import unimodal_task_loss
+
+        if out.phase == 1:
+            if not out.unimodal:
+                raise ModbalanceError(
+                    "the warm-up (phase 1) trains each encoder through its own head: "
+                    "`out.unimodal` is empty; give the model one head per modality."
+                )
+            terms = [
+                unimodal_task_loss(pred, out.target, out.task, out.present.get(m))
+                for m, pred in out.unimodal.items()
+            ]
+            total = terms[0]
+            for t in terms[1:]:
+                total = total + t
+            return {"unimodal": total / len(terms)}
+        if out.fused is None:
+            raise ModbalanceError(
+                "phase 2 trains the fused prediction: `out.fused` is None; run the fusion head "
+                "when `schedule.runs_fusion` is True."
+            )
+        return {"task": task_loss(out.fused, out.target, out.task)}
+
+    def select(self, metric: float) -> bool:
+        """Whether the epoch that just ended is the best for model selection so far.
+
+        Always ``False`` in phase 1 (the fused head is untrained during the warm-up); in phase 2
+        ``True`` when the *validation* ``metric`` of the fused prediction improves on the best
+        phase-2 value (``mode`` as for the switch). Call it before :meth:`epoch_end`.
+        """
+        value = check_real(metric, "metric")
+        if self.phase != 2 or not self._improved(value, self.best_selected):
+            return False
+        self.best_selected = value
+        return True
+
+    def epoch_end(self, metric: float | Mapping[str, float] | None = None) -> int:
         """Record the end of an epoch and return the phase of the next one.
 
         Args:
-            metric: Validation metric of the epoch that just ended. Required during phase 1 when
-                the plateau rule is active; ignored in phase 2.
+            metric: Validation metric of the epoch that just ended: in phase 1 the mean unimodal
+                validation error (a mapping ``{modality: error}`` is averaged). Required during
+                phase 1 when the plateau rule is active; ignored in phase 2.
 
         Returns:
             The phase (``1`` or ``2``) of the next epoch.
@@ -105,6 +194,14 @@ class DualPhaseSchedule:
                 raise ModbalanceError(
                     "`metric` is required by DualPhaseSchedule.epoch_end during phase 1 when "
                     "`patience` is set; pass the validation metric of the epoch."
+                )
+            if isinstance(metric, Mapping):
+                if not metric:
+                    raise ModbalanceError(
+                        "`metric` is an empty mapping: give one error per modality."
+                    )
+                metric = sum(check_real(v, f"metric[{k!r}]") for k, v in metric.items()) / len(
+                    metric
                 )
             value = check_real(metric, "metric")
             if self._improved(value):
@@ -130,6 +227,7 @@ class DualPhaseSchedule:
             "switched_at": self.switched_at,
             "best": self.best,
             "bad_epochs": self.bad_epochs,
+            "best_selected": self.best_selected,
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -138,6 +236,7 @@ class DualPhaseSchedule:
         Raises:
             ModbalanceError: If keys are missing.
         """
+        state = {"best_selected": self.best_selected, **state}  # checkpoints before `select`
         missing = set(self.state_dict()) - set(state)
         if missing:
             raise ModbalanceError(

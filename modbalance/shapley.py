@@ -15,7 +15,9 @@ The Shapley value of player :math:`m` (Shapley, 1953) is
 a fixed linear map of the table: :func:`shapley_from_table` applies it as one matrix product with
 a cached :math:`(2^M, M)` weight matrix. For many players, :func:`shapley_values` samples
 permutations instead. :class:`ModalityGame` builds the table of a multimodal model from features
-computed once by the encoders and a single batched pass of the fusion head over all coalitions.
+computed once by the encoders and a single batched pass of the fusion head over all coalitions;
+:class:`InputMaskingGame` builds it for a model without a feature-level fusion head by masking
+each absent modality's inputs and running the whole model once per coalition.
 
 References:
     L. S. Shapley, "A value for n-person games", *Contributions to the Theory of Games II*, 1953.
@@ -28,6 +30,7 @@ References:
 from __future__ import annotations
 
 import functools
+import inspect
 import math
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Literal, NamedTuple
@@ -41,6 +44,7 @@ from modbalance._checks import (
     check_choice,
     check_finite,
     check_int,
+    check_modality_keys,
     check_modality_names,
     check_real,
     check_same_size,
@@ -51,6 +55,7 @@ from modbalance.distributed import all_reduce_sum, is_distributed
 
 __all__ = [
     "GameResult",
+    "InputMaskingGame",
     "ModalityGame",
     "ShapleyResult",
     "coalition_masks",
@@ -204,7 +209,10 @@ def _t_quantile(p: float, df: int) -> float:
 
 
 class GameResult(NamedTuple):
-    """Output of :class:`ModalityGame`: ``(table, shapley, interactions, modalities)``."""
+    """Output of :class:`ModalityGame` and :class:`InputMaskingGame`.
+
+    The fields are ``(table, shapley, interactions, modalities)``.
+    """
 
     #: ``(2^M,)`` coalition values, indexed as in :func:`coalition_masks`.
     table: Tensor
@@ -587,6 +595,131 @@ class _EvalMode:
             mod.training = flag
 
 
+_VALUES = ("neg_loss", "accuracy", "neg_mae")
+_TASKS = ("regression", "classification")
+
+
+def _check_value_task(value: str, task: str) -> tuple[str, str]:
+    """Validate the ``value``/``task`` pair shared by the games."""
+    value = check_choice(value, "value", _VALUES)
+    task = check_choice(task, "task", _TASKS)
+    if task == "classification" and value == "neg_mae":
+        raise ModbalanceError(
+            "`value='neg_mae'` needs task='regression'; for classification use 'neg_loss' "
+            "or 'accuracy'."
+        )
+    return value, task
+
+
+def _game_modules(fn: object, modules: Iterable[nn.Module] | None) -> list[nn.Module]:
+    """Modules to put in eval mode: ``fn`` itself (or its bound module) and ``modules``."""
+    mods: list[nn.Module] = []
+    if isinstance(fn, nn.Module):
+        mods.append(fn)
+    elif isinstance(getattr(fn, "__self__", None), nn.Module):
+        mods.append(fn.__self__)  # type: ignore[attr-defined]
+    for extra in modules or ():
+        if not isinstance(extra, nn.Module):
+            raise TypeError(f"`modules` must hold nn.Module objects, got {type(extra).__name__}.")
+        mods.append(extra)
+    return mods
+
+
+def _check_target(target: Tensor, task: str, ref: Tensor, ref_name: str) -> Tensor:
+    """Check a ``(N,)``/``(N, 1)`` target against ``task`` and ``ref``'s batch size; return (N,)."""
+    check_tensor(target, "target", nonempty=True)
+    if target.ndim == 2 and target.shape[1] == 1:
+        target = target[:, 0]
+    if target.ndim != 1:
+        raise ModbalanceError(f"`target` must have shape (N,), got shape {tuple(target.shape)}.")
+    check_same_size(target, "target", 0, ref, ref_name, 0)
+    if task == "classification":
+        if target.is_floating_point() or target.is_complex() or target.dtype == torch.bool:
+            raise TypeError(
+                f"`target` must hold integer class indices for task='classification', got "
+                f"dtype {target.dtype}; pass task='regression' for continuous targets or "
+                "`target.long()` for class indices."
+            )
+    else:
+        if not target.is_floating_point():
+            raise TypeError(
+                f"`target` must be a floating tensor for task='regression', got dtype "
+                f"{target.dtype}; pass task='classification' for integer class labels or a "
+                "float target (`target.float()`) for regression."
+            )
+        check_finite(target, "target")
+    return target
+
+
+def _value_sums(
+    out: Tensor, target: Tensor, n: int, c: int, *, task: str, value: str, source: str
+) -> tuple[Tensor, Tensor]:
+    """``(c N, ...)`` predictions of ``c`` coalitions -> ``(c,)`` value sums and ``(c,)`` counts.
+
+    ``source`` names the callable that produced ``out`` in error messages (``"head"``).
+    """
+    rows = c * n
+    if task == "regression":
+        if out.shape == (rows, 1):
+            out = out[:, 0]
+        if out.shape != (rows,):
+            raise ModbalanceError(
+                f"a regression `{source}` must return shape (B,) or (B, 1); for B={rows} it "
+                f"returned shape {tuple(out.shape)}."
+            )
+        pred = out.view(c, n)
+        if not pred.is_floating_point():
+            raise ModbalanceError(f"`{source}` must return a floating tensor, got {pred.dtype}.")
+        pred = pred.float() if pred.dtype in (torch.float16, torch.bfloat16) else pred
+        y = target.to(pred.dtype).unsqueeze(0)
+        if value == "neg_loss":
+            sums = -(pred - y).square().sum(1)
+            counts = torch.full_like(sums, float(n))
+        elif value == "neg_mae":
+            sums = -(pred - y).abs().sum(1)
+            counts = torch.full_like(sums, float(n))
+        else:
+            nonzero = (y != 0).to(pred.dtype)
+            agree = ((pred > 0) == (y > 0)).to(pred.dtype) * nonzero
+            sums = agree.sum(1)
+            counts = nonzero.sum(1).expand(c).clone()
+        return sums, counts
+    if out.ndim != 2 or out.shape[0] != rows:
+        raise ModbalanceError(
+            f"a classification `{source}` must return logits of shape (B, C); for B={rows} it "
+            f"returned shape {tuple(out.shape)}."
+        )
+    logits = out.float() if out.dtype in (torch.float16, torch.bfloat16) else out
+    num_classes = logits.shape[1]
+    if value_checks_enabled():
+        bad = (target < 0) | (target >= num_classes)
+        if bool(bad.any()):
+            raise ModbalanceError(
+                f"`target` must hold class indices in [0, {num_classes - 1}] (the {source} "
+                f"returns {num_classes} logits per sample), got {int(bad.sum())} value(s) "
+                f"outside, e.g. {int(target[bad][0])}; check the labels or the {source}'s "
+                "number of classes."
+            )
+    y = target.repeat(c)
+    if value == "neg_loss":
+        per = -F.cross_entropy(logits, y, reduction="none")
+    else:
+        per = (logits.argmax(1) == y).to(logits.dtype)
+    sums = per.view(c, n).sum(1)
+    return sums, torch.full_like(sums, float(n))
+
+
+def _finish_values(sums: list[Tensor], counts: list[Tensor], ref: Tensor) -> Tensor:
+    """Concatenate per-chunk sums/counts, all-reduce them under DDP, return the mean values."""
+    empty = ref.new_zeros(0, dtype=ref.dtype if ref.is_floating_point() else torch.float32)
+    total = torch.cat(sums) if sums else empty
+    count = torch.cat(counts) if counts else empty
+    if is_distributed():
+        packed = all_reduce_sum(torch.stack([total, count]))
+        total, count = packed[0], packed[1]
+    return total / count.clamp_min(1.0)
+
+
 class ModalityGame:
     r"""The cooperative game of a multimodal model's modalities, evaluated in one batched pass.
 
@@ -671,13 +804,7 @@ class ModalityGame:
         self.head = head
         self.modalities = names
         self.masking = check_choice(masking, "masking", ("zero", "mean", "learned", "present"))
-        self.value = check_choice(value, "value", ("neg_loss", "accuracy", "neg_mae"))
-        self.task = check_choice(task, "task", ("regression", "classification"))
-        if self.task == "classification" and self.value == "neg_mae":
-            raise ModbalanceError(
-                "`value='neg_mae'` needs task='regression'; for classification use 'neg_loss' "
-                "or 'accuracy'."
-            )
+        self.value, self.task = _check_value_task(value, task)
         self.chunk_size = None if chunk_size is None else check_int(chunk_size, "chunk_size", low=1)
         if self.masking == "learned":
             if absent_embeddings is None:
@@ -700,18 +827,7 @@ class ModalityGame:
             )
         else:
             self.absent_embeddings = None
-        mods: list[nn.Module] = []
-        if isinstance(head, nn.Module):
-            mods.append(head)
-        elif isinstance(getattr(head, "__self__", None), nn.Module):
-            mods.append(head.__self__)  # type: ignore[attr-defined]
-        for extra in modules or ():
-            if not isinstance(extra, nn.Module):
-                raise TypeError(
-                    f"`modules` must hold nn.Module objects, got {type(extra).__name__}."
-                )
-            mods.append(extra)
-        self._modules = mods
+        self._modules = _game_modules(head, modules)
 
     def __repr__(self) -> str:
         return (
@@ -746,29 +862,7 @@ class ModalityGame:
                 )
             check_same_size(x, f"features[{name!r}]", 0, features[first], f"features[{first!r}]", 0)
             check_finite(x, f"features[{name!r}]")
-        check_tensor(target, "target", nonempty=True)
-        if target.ndim == 2 and target.shape[1] == 1:
-            target = target[:, 0]
-        if target.ndim != 1:
-            raise ModbalanceError(
-                f"`target` must have shape (N,), got shape {tuple(target.shape)}."
-            )
-        check_same_size(target, "target", 0, features[first], f"features[{first!r}]", 0)
-        if self.task == "classification":
-            if target.is_floating_point() or target.is_complex() or target.dtype == torch.bool:
-                raise TypeError(
-                    f"`target` must hold integer class indices for task='classification', got "
-                    f"dtype {target.dtype}; pass task='regression' for continuous targets or "
-                    "`target.long()` for class indices."
-                )
-        else:
-            if not target.is_floating_point():
-                raise TypeError(
-                    f"`target` must be a floating tensor for task='regression', got dtype "
-                    f"{target.dtype}; pass task='classification' for integer class labels or a "
-                    "float target (`target.float()`) for regression."
-                )
-            check_finite(target, "target")
+        target = _check_target(target, self.task, features[first], f"features[{first!r}]")
         if self.masking == "learned":
             assert self.absent_embeddings is not None
             for name in self.modalities:
@@ -807,55 +901,7 @@ class ModalityGame:
         self, out: Tensor, target: Tensor, n: int, c: int
     ) -> tuple[Tensor, Tensor]:
         """(c, N) head output -> (c,) value sums and (c,) counts."""
-        rows = c * n
-        if self.task == "regression":
-            if out.shape == (rows, 1):
-                out = out[:, 0]
-            if out.shape != (rows,):
-                raise ModbalanceError(
-                    f"a regression `head` must return shape (B,) or (B, 1); for B={rows} it "
-                    f"returned shape {tuple(out.shape)}."
-                )
-            pred = out.view(c, n)
-            if not pred.is_floating_point():
-                raise ModbalanceError(f"`head` must return a floating tensor, got {pred.dtype}.")
-            pred = pred.float() if pred.dtype in (torch.float16, torch.bfloat16) else pred
-            y = target.to(pred.dtype).unsqueeze(0)
-            if self.value == "neg_loss":
-                sums = -(pred - y).square().sum(1)
-                counts = torch.full_like(sums, float(n))
-            elif self.value == "neg_mae":
-                sums = -(pred - y).abs().sum(1)
-                counts = torch.full_like(sums, float(n))
-            else:
-                nonzero = (y != 0).to(pred.dtype)
-                agree = ((pred > 0) == (y > 0)).to(pred.dtype) * nonzero
-                sums = agree.sum(1)
-                counts = nonzero.sum(1).expand(c).clone()
-            return sums, counts
-        if out.ndim != 2 or out.shape[0] != rows:
-            raise ModbalanceError(
-                f"a classification `head` must return logits of shape (B, C); for B={rows} it "
-                f"returned shape {tuple(out.shape)}."
-            )
-        logits = out.float() if out.dtype in (torch.float16, torch.bfloat16) else out
-        num_classes = logits.shape[1]
-        if value_checks_enabled():
-            bad = (target < 0) | (target >= num_classes)
-            if bool(bad.any()):
-                raise ModbalanceError(
-                    f"`target` must hold class indices in [0, {num_classes - 1}] (the head "
-                    f"returns {num_classes} logits per sample), got {int(bad.sum())} value(s) "
-                    f"outside, e.g. {int(target[bad][0])}; check the labels or the head's number "
-                    "of classes."
-                )
-        y = target.repeat(c)
-        if self.value == "neg_loss":
-            per = -F.cross_entropy(logits, y, reduction="none")
-        else:
-            per = (logits.argmax(1) == y).to(logits.dtype)
-        sums = per.view(c, n).sum(1)
-        return sums, torch.full_like(sums, float(n))
+        return _value_sums(out, target, n, c, task=self.task, value=self.value, source="head")
 
     def coalition_values(
         self, features: Mapping[str, Tensor], target: Tensor, coalitions: Tensor
@@ -907,12 +953,7 @@ class ModalityGame:
                 s, k = self._per_sample_values(out, target, n, c)
                 sums.append(s)
                 counts.append(k)
-            total = torch.cat(sums) if sums else ref.new_zeros(0)
-            count = torch.cat(counts) if counts else ref.new_zeros(0)
-            if is_distributed():
-                packed = all_reduce_sum(torch.stack([total, count]))
-                total, count = packed[0], packed[1]
-            return total / count.clamp_min(1.0)
+            return _finish_values(sums, counts, ref)
 
     def __call__(self, features: Mapping[str, Tensor], target: Tensor) -> GameResult:
         """Evaluate every coalition and return the table, Shapley values and interactions.
@@ -937,6 +978,419 @@ class ModalityGame:
         """
         masks = coalition_masks(self.num_players)  # moved to the features' device
         table = self.coalition_values(features, target, masks)
+        return GameResult(
+            table,
+            shapley_from_table(table),
+            interactions_from_table(table),
+            self.modalities,
+        )
+
+
+# --------------------------------------------------------------------------------------------
+# input-masking game (whole models without a feature-level fusion head)
+# --------------------------------------------------------------------------------------------
+
+_MAX_INPUT_GAME_PLAYERS = 8
+
+ModelFn = Callable[..., Tensor]
+
+
+def _accepts_masks(fn: object) -> bool | None:
+    """Whether ``fn`` accepts ``fn(inputs, masks)``; ``None`` if its signature is unreadable."""
+    target = fn.forward if isinstance(fn, nn.Module) else fn
+    try:
+        sig = inspect.signature(target)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        return None
+    try:
+        sig.bind(object(), object())
+    except TypeError:
+        return False
+    return True
+
+
+class InputMaskingGame:
+    r"""The game of a model's modalities played by masking its **inputs** and running it whole.
+
+    Published multimodal sentiment models (early fusion, tensor fusion, cross-modal attention
+    such as MulT) go from raw inputs to the prediction in one ``forward`` and expose no
+    feature-level fusion head ``fuse(features, present)`` for :class:`ModalityGame`. This game
+    replaces an absent modality's *inputs* and runs the user's whole model once per coalition
+    (under :func:`torch.no_grad`, with the model's modules in eval mode and each submodule's
+    training flag restored afterwards, also when the model raises).
+
+    For a coalition :math:`S` sample :math:`i` enters the model as :math:`\tilde x^S_i` with
+
+    .. math::
+
+        \tilde x^S_{i,m} = \begin{cases} x_{i,m} & m \in S \\ b_m & m \notin S \end{cases},
+        \qquad
+        v(S) = \frac{1}{N} \sum_{i=1}^{N} u\bigl(f(\tilde x^S_i), y_i\bigr),
+
+    where :math:`f` is the model, :math:`u` the per-sample utility of ``value`` (exactly as in
+    :class:`ModalityGame`: minus the squared error or cross-entropy for ``"neg_loss"``, minus the
+    absolute error for ``"neg_mae"``, the accuracy, MMSA's "Non0 Acc-2" for regression, for
+    ``"accuracy"``), and :math:`b_m` the replacement of ``masking``:
+
+    * ``"zero"``: :math:`b_m = 0`. Right when the inputs are standardised (0 is the mean) or the
+      model was trained with modality dropout that zeroes inputs; for integer inputs (token
+      ids) 0 is usually the padding id.
+    * ``"mean"`` (default): the batch mean of the modality per feature and time step,
+      :math:`b_{m,t} = \sum_i \mu_{i,t}\,x_{i,m,t} / \sum_i \mu_{i,t}`, over the valid positions
+      :math:`\mu_{i,t} = 1` of the modality's mask when ``masks`` holds one (positions no sample
+      fills become 0). The safest choice for unnormalised inputs: it keeps every feature on its
+      own scale. Floating inputs only. Under ``torch.distributed`` it is each rank's own batch
+      mean (padded lengths often differ between ranks); the value sums are all-reduced as in
+      :class:`ModalityGame`.
+    * ``"baseline"``: a reference you pass per modality (``baseline[name]``, e.g. the
+      training-set mean, or a ``[PAD]`` token sequence), broadcast to the batch.
+
+    The Shapley values and pairwise interactions then follow from the :math:`2^M` table,
+
+    .. math::
+
+        \phi_m = \sum_{S \subseteq N \setminus \{m\}}
+            \frac{|S|!\,(M - |S| - 1)!}{M!}\,\bigl(v(S \cup \{m\}) - v(S)\bigr),
+        \qquad \sum_m \phi_m = v(N) - v(\emptyset),
+
+    (:func:`shapley_from_table`, :func:`interactions_from_table`), in the same
+    :class:`GameResult` as :class:`ModalityGame`, so
+    :meth:`ShapleyGradModulator.observe <modbalance.modulation.ShapleyGradModulator.observe>` and
+    :meth:`ShapleyEquilibrium.observe <modbalance.equilibrium.ShapleyEquilibrium.observe>` take
+    it as it is.
+
+    **Caveat.** A model never trained with missing modalities sees off-distribution inputs in
+    every coalition but the full one, so the values measure how it reacts to the replacement as
+    much as what the modality contributes: read them as *relative* shares (compare modalities,
+    follow them over training), not as absolute worth. When the model has a feature-level fusion
+    head, prefer :class:`ModalityGame` (``masking="present"`` through a head that honours the
+    presence flags, or its cheaper single batched head pass).
+
+    **Cost.** :math:`2^M` forward passes of the whole model per call (``chunk_size=1``), which is
+    fine for :math:`M \le 4` (16 passes). :meth:`__call__` refuses :math:`M > 8` (more than 256
+    passes); sample instead with :func:`shapley_values` (``method="permutation"``) over
+    :meth:`coalition_values`. ``chunk_size > 1`` concatenates that many coalitions along the
+    batch dimension per forward (fewer, larger passes); it needs a model whose outputs do not
+    depend on the other samples of the batch in eval mode, and inputs other than the modalities
+    (lengths, speaker ids) cannot be closed over in ``model_fn`` then, since the batch grows.
+
+    **Masks.** ``masks[name]`` (optional, any subset of the modalities) marks valid positions
+    with ``True``/1, shape a prefix of the input's, e.g. ``(N, T)`` for ``(N, T, D)`` inputs
+    (convert a padding mask, ``True`` = pad, in ``model_fn``). They are passed to the model
+    unchanged, except that ``mask_absent=True`` sets an absent modality's mask to all-``False``
+    (many models cannot handle an all-padding sequence, hence the default ``False``).
+
+    Args:
+        model_fn: The whole model, called as ``model_fn(inputs, masks)`` or ``model_fn(inputs)``
+            with ``inputs[name]`` of shape ``(B, *X_m)`` (``B = N`` with ``chunk_size=1``);
+            returns ``(B,)`` or ``(B, 1)`` predictions (regression) or ``(B, C)`` logits
+            (classification). Wrap a model that returns a tuple (``lambda x, m: net(x, m)[0]``).
+            An ``nn.Module`` or a bound method of one is put in eval mode during the game.
+        modalities: Modality names, in player order (at least one, distinct).
+        masking: ``"zero"``, ``"mean"`` or ``"baseline"``.
+        value: ``"neg_loss"``, ``"accuracy"`` or ``"neg_mae"`` (regression only).
+        task: ``"regression"`` or ``"classification"``.
+        baseline: For ``masking="baseline"``, one tensor per modality that broadcasts to the
+            modality's input shape ``(N, *X_m)`` (typically shape ``X_m``).
+        mask_absent: Set an absent modality's mask to all-``False`` (only where ``masks`` has
+            one).
+        takes_masks: Whether to call ``model_fn(inputs, masks)`` (``True``) or
+            ``model_fn(inputs)`` (``False``). ``None`` detects it from the signature (of
+            ``forward`` for a module): two positional arguments accepted means ``True``; with an
+            unreadable signature, ``masks`` are passed when given.
+        chunk_size: Coalitions per forward pass; ``1`` (default) runs one pass per coalition,
+            ``None`` all :math:`2^M` in one pass.
+        modules: Further modules to put in eval mode (when ``model_fn`` is a plain function
+            that calls them).
+
+    Raises:
+        TypeError: If ``model_fn`` is not callable or ``modules`` holds a non-module.
+        ModbalanceError: On an unknown ``masking``, ``value`` or ``task``, ``neg_mae`` with
+            classification, ``baseline`` missing (or given without ``masking="baseline"``), or
+            non-finite baseline values.
+
+    Example:
+        >>> import torch
+        >>> from modbalance.shapley import InputMaskingGame
+        >>> def model(inputs):  # early fusion: no feature-level head to mask
+        ...     return inputs["text"].mean((1, 2)) + 0.5 * inputs["audio"].mean((1, 2))
+        >>> game = InputMaskingGame(model, ["text", "audio"], masking="zero", value="neg_mae")
+        >>> x = {"text": torch.ones(4, 5, 3), "audio": torch.ones(4, 7, 2)}
+        >>> res = game(x, torch.full((4,), 2.5))  # 4 forward passes
+        >>> res.table
+        tensor([-2.5000, -1.5000, -2.0000, -1.0000])
+        >>> res.shapley, res.modalities
+        (tensor([1.0000, 0.5000]), ('text', 'audio'))
+    """
+
+    def __init__(
+        self,
+        model_fn: ModelFn,
+        modalities: Sequence[str],
+        *,
+        masking: Literal["zero", "mean", "baseline"] = "mean",
+        value: Literal["neg_loss", "accuracy", "neg_mae"] = "neg_loss",
+        task: Literal["regression", "classification"] = "regression",
+        baseline: Mapping[str, Tensor] | None = None,
+        mask_absent: bool = False,
+        takes_masks: bool | None = None,
+        chunk_size: int | None = 1,
+        modules: Iterable[nn.Module] | None = None,
+    ) -> None:
+        if not callable(model_fn):
+            raise TypeError(f"`model_fn` must be callable, got {type(model_fn).__name__}.")
+        names = check_modality_names(modalities)
+        _check_num_players(len(names), "len(modalities)")
+        self.model_fn = model_fn
+        self.modalities = names
+        self.masking = check_choice(masking, "masking", ("zero", "mean", "baseline"))
+        self.value, self.task = _check_value_task(value, task)
+        if not isinstance(mask_absent, bool):
+            raise TypeError(f"`mask_absent` must be a bool, got {type(mask_absent).__name__}.")
+        self.mask_absent = mask_absent
+        if takes_masks is not None and not isinstance(takes_masks, bool):
+            raise TypeError(
+                f"`takes_masks` must be True, False or None, got {type(takes_masks).__name__}."
+            )
+        self.takes_masks = takes_masks
+        self._signature_masks = _accepts_masks(model_fn)
+        self.chunk_size = None if chunk_size is None else check_int(chunk_size, "chunk_size", low=1)
+        if self.masking == "baseline":
+            if baseline is None:
+                raise ModbalanceError(
+                    "`masking='baseline'` needs `baseline`, one reference tensor per modality "
+                    "(e.g. the training-set mean of each input); or use masking='mean'."
+                )
+            check_modality_keys(baseline, "baseline", names)
+            for key in names:
+                ref = check_tensor(baseline[key], f"baseline[{key!r}]", dtype="numeric")
+                check_finite(ref, f"baseline[{key!r}]")
+            self.baseline: dict[str, Tensor] | None = {k: baseline[k] for k in names}
+        elif baseline is not None:
+            raise ModbalanceError(
+                f"`baseline` is only used with masking='baseline', got masking={self.masking!r}."
+            )
+        else:
+            self.baseline = None
+        self._modules = _game_modules(model_fn, modules)
+
+    def __repr__(self) -> str:
+        return (
+            f"InputMaskingGame(modalities={self.modalities!r}, masking={self.masking!r}, "
+            f"value={self.value!r}, task={self.task!r}, mask_absent={self.mask_absent!r}, "
+            f"chunk_size={self.chunk_size!r})"
+        )
+
+    @property
+    def num_players(self) -> int:
+        """Number of modalities :math:`M`."""
+        return len(self.modalities)
+
+    # ----------------------------------------------------------------------------------------
+
+    def _check_inputs(
+        self,
+        inputs: Mapping[str, Tensor],
+        target: Tensor,
+        masks: Mapping[str, Tensor] | None,
+    ) -> tuple[Tensor, int]:
+        check_modality_keys(inputs, "inputs", self.modalities)
+        first = self.modalities[0]
+        for name in self.modalities:
+            x = check_tensor(inputs[name], f"inputs[{name!r}]", dtype="numeric")
+            if x.ndim < 1:
+                raise ModbalanceError(
+                    f"`inputs[{name!r}]` must have a batch dimension, shape (N, ...), got a scalar."
+                )
+            check_same_size(x, f"inputs[{name!r}]", 0, inputs[first], f"inputs[{first!r}]", 0)
+            if self.masking == "mean" and not x.is_floating_point():
+                raise ModbalanceError(
+                    f"masking='mean' needs floating inputs, but `inputs[{name!r}]` has dtype "
+                    f"{x.dtype} (token ids?); use masking='baseline' with a reference such as "
+                    "the padding id, or masking='zero'."
+                )
+            check_finite(x, f"inputs[{name!r}]")
+            if self.baseline is not None:
+                ref = self.baseline[name]
+                try:
+                    ok = torch.broadcast_shapes(ref.shape, x.shape) == x.shape
+                except RuntimeError:
+                    ok = False
+                if not ok:
+                    raise ModbalanceError(
+                        f"`baseline[{name!r}]` must broadcast to the input shape "
+                        f"{tuple(x.shape)} (typically shape {tuple(x.shape[1:])}), got shape "
+                        f"{tuple(ref.shape)}."
+                    )
+        if masks is not None:
+            if not isinstance(masks, Mapping):
+                raise TypeError(
+                    f"`masks` must be a mapping from modality name to mask, got "
+                    f"{type(masks).__name__}."
+                )
+            unknown = [k for k in masks if k not in self.modalities]
+            if unknown:
+                raise ModbalanceError(
+                    f"`masks` has unknown modality {unknown[0]!r}; expected a subset of the "
+                    f"modalities {list(self.modalities)}."
+                )
+            for name, mask in masks.items():
+                check_tensor(mask, f"masks[{name!r}]")
+                x = inputs[name]
+                if mask.ndim < 1 or tuple(mask.shape) != tuple(x.shape[: mask.ndim]):
+                    raise ModbalanceError(
+                        f"`masks[{name!r}]` must have a prefix of the input shape "
+                        f"{tuple(x.shape)} such as {tuple(x.shape[:2])} (True/1 = valid), got "
+                        f"shape {tuple(mask.shape)}."
+                    )
+        elif self.mask_absent:
+            raise ModbalanceError(
+                "`mask_absent=True` sets an absent modality's mask to all-False, but no `masks` "
+                "were given; pass masks to the call or mask_absent=False."
+            )
+        target = _check_target(target, self.task, inputs[first], f"inputs[{first!r}]")
+        return target, inputs[first].shape[0]
+
+    def _fill_values(
+        self, inputs: Mapping[str, Tensor], masks: Mapping[str, Tensor] | None
+    ) -> dict[str, Tensor]:
+        """Per-modality replacement for absent inputs, broadcastable to (N, *X_m)."""
+        fill: dict[str, Tensor] = {}
+        for name in self.modalities:
+            x = inputs[name]
+            if self.masking == "zero":
+                fill[name] = x.new_zeros(())
+            elif self.masking == "mean":
+                mask = None if masks is None else masks.get(name)
+                if mask is None:
+                    fill[name] = x.mean(0)
+                else:
+                    w = (mask != 0).to(x.dtype)
+                    w = w.view(*w.shape, *([1] * (x.ndim - w.ndim)))
+                    fill[name] = (x * w).sum(0) / w.sum(0).clamp_min(1.0)
+            else:
+                assert self.baseline is not None
+                fill[name] = self.baseline[name].detach().to(device=x.device, dtype=x.dtype)
+        return fill
+
+    def _forward(self, inputs: dict[str, Tensor], masks: dict[str, Tensor] | None) -> Tensor:
+        takes = self.takes_masks
+        if takes is None:  # from the signature; unreadable: pass masks when given
+            takes = masks is not None if self._signature_masks is None else self._signature_masks
+        out = self.model_fn(inputs, masks) if takes else self.model_fn(inputs)
+        call = "model_fn(inputs, masks)" if takes else "model_fn(inputs)"
+        if not isinstance(out, Tensor):
+            raise TypeError(
+                f"`{call}` must return the prediction tensor, got {type(out).__name__}; wrap a "
+                "model that returns several outputs, e.g. `lambda x, m: net(x, m)[0]`."
+            )
+        check_finite(out, call)
+        return out
+
+    def coalition_values(
+        self,
+        inputs: Mapping[str, Tensor],
+        target: Tensor,
+        coalitions: Tensor,
+        masks: Mapping[str, Tensor] | None = None,
+    ) -> Tensor:
+        """Values of the given coalitions, one forward pass of the model per chunk.
+
+        A value function for :func:`shapley_values` (any :math:`M`; e.g. permutation sampling
+        for many modalities): ``shapley_values(partial(game.coalition_values, x, y), M)``.
+
+        Args:
+            inputs: ``name -> (N, *X_m)`` model inputs.
+            target: ``(N,)`` (or ``(N, 1)``) regression targets (floating) or class indices
+                (integer).
+            coalitions: ``(C, M)`` boolean masks, player order = ``modalities``.
+            masks: Optional ``name -> (N, ...)`` validity masks (a prefix of the input shape).
+
+        Returns:
+            ``(C,)`` coalition values (at least float32).
+        """
+        target, n = self._check_inputs(inputs, target, masks)
+        check_tensor(coalitions, "coalitions", ndim=2, dtype="bool")
+        if coalitions.shape[1] != self.num_players:
+            raise ModbalanceError(
+                f"`coalitions` must have shape (C, {self.num_players}), got "
+                f"{tuple(coalitions.shape)}."
+            )
+        ref = inputs[self.modalities[0]]
+        coalitions = coalitions.to(ref.device)
+        total_c = coalitions.shape[0]
+        step = self.chunk_size or max(total_c, 1)
+        index = {name: j for j, name in enumerate(self.modalities)}
+        sums, counts = [], []
+        with torch.no_grad(), _EvalMode(self._modules):
+            fill = self._fill_values(inputs, masks)
+            for start in range(0, total_c, step):
+                chunk = coalitions[start : start + step]
+                c = chunk.shape[0]
+                batch: dict[str, Tensor] = {}
+                for j, name in enumerate(self.modalities):
+                    x = inputs[name]
+                    keep = chunk[:, j].view(c, *([1] * x.ndim))  # (c, 1, ...)
+                    rep = torch.where(keep, x.unsqueeze(0), fill[name])  # (c, N, *X)
+                    batch[name] = rep.reshape(c * n, *x.shape[1:])
+                batch_masks: dict[str, Tensor] | None = None
+                if masks is not None:
+                    batch_masks = {}
+                    for name, mask in masks.items():
+                        rep = mask.unsqueeze(0).expand(c, *mask.shape)
+                        if self.mask_absent:
+                            keep = chunk[:, index[name]].view(c, *([1] * mask.ndim))
+                            rep = torch.where(keep, rep, torch.zeros_like(mask))
+                        batch_masks[name] = rep.reshape(c * n, *mask.shape[1:])
+                out = self._forward(batch, batch_masks)
+                s, k = _value_sums(
+                    out, target, n, c, task=self.task, value=self.value, source="model_fn"
+                )
+                sums.append(s)
+                counts.append(k)
+            return _finish_values(sums, counts, ref)
+
+    def __call__(
+        self,
+        inputs: Mapping[str, Tensor],
+        target: Tensor,
+        masks: Mapping[str, Tensor] | None = None,
+    ) -> GameResult:
+        """Run the model on every coalition and return the table, Shapley values, interactions.
+
+        Args:
+            inputs: ``name -> (N, *X_m)`` inputs of the model, one entry per modality (floating,
+                or integer token ids with ``masking="zero"``/``"baseline"``).
+            target: ``(N,)`` (or ``(N, 1)``) regression targets or integer class indices.
+            masks: Optional ``name -> (N, ...)`` validity masks (``True``/1 = valid, shape a
+                prefix of the input's, any subset of the modalities); passed to the model and
+                used by ``masking="mean"``.
+
+        Returns:
+            :class:`GameResult` with ``table`` ``(2^M,)``, ``shapley`` ``(M,)``,
+            ``interactions`` ``(M, M)`` and ``modalities``.
+
+        Raises:
+            TypeError: If an input or mask is not a tensor, ``target``'s dtype does not fit
+                ``task``, or the model returns no tensor.
+            ModbalanceError: For :math:`M > 8` (:math:`2^M` whole-model passes), on
+                missing/unknown modalities, mismatched sample counts or mask shapes, a baseline
+                that does not broadcast, ``masking="mean"`` on integer inputs,
+                ``mask_absent=True`` without masks, a model output of the wrong shape, class
+                indices outside ``[0, C - 1]``, or NaN/inf in the inputs, the target or the
+                model's output (value checks, see :func:`modbalance.value_checks`).
+        """
+        m = self.num_players
+        if m > _MAX_INPUT_GAME_PLAYERS:
+            raise ModbalanceError(
+                f"InputMaskingGame enumerates all 2^M coalitions, each a forward pass of the "
+                f"whole model: M={m} modalities would take {2**m} passes per call, so exact "
+                f"enumeration is limited to M <= {_MAX_INPUT_GAME_PLAYERS}. Use ModalityGame if "
+                "the model has a feature-level fusion head (one batched head pass), or sample: "
+                "shapley_values(functools.partial(game.coalition_values, inputs, target), "
+                f"{m}, method='permutation', players=game.modalities)."
+            )
+        table = self.coalition_values(inputs, target, coalition_masks(m), masks)
         return GameResult(
             table,
             shapley_from_table(table),

@@ -39,7 +39,7 @@ def setup():
 
 def test_default_rule_adds_unimodal_losses_that_reach_every_encoder(setup):
     enc, x, y = setup
-    eq = ShapleyEquilibrium(MODS, beta=0.0)
+    eq = ShapleyEquilibrium(MODS, beta=0.0, replace=("readout",), learnable_margin=None)
     assert not eq.needs_game  # beta = 0: equal weights, no game needed
     assert ShapleyEquilibrium(MODS).needs_game  # the default tilts the weights by the shares
     terms = eq.losses(_out(enc, x, y), {"task": torch.tensor(0.0), "readout": torch.tensor(1.0)})
@@ -53,7 +53,7 @@ def test_default_rule_adds_unimodal_losses_that_reach_every_encoder(setup):
 
 def test_shares_tilt_the_weights_by_name_not_position(setup):
     enc, x, y = setup
-    eq = ShapleyEquilibrium(MODS, beta=1.0, momentum=0.0)
+    eq = ShapleyEquilibrium(MODS, beta=1.0, momentum=0.0, learnable_margin=None)
     assert eq.needs_game
     # the game lists the players in another order than the method
     game = _game([0.1, 0.0, 0.9], names=("audio", "vision", "text"))
@@ -66,13 +66,13 @@ def test_shares_tilt_the_weights_by_name_not_position(setup):
 
 
 def test_shares_are_smoothed(setup):
-    eq = ShapleyEquilibrium(MODS, beta=1.0, momentum=0.5)
+    eq = ShapleyEquilibrium(MODS, beta=1.0, momentum=0.5, learnable_margin=None)
     eq.observe(_game([1.0, 1.0, 1.0]))
     torch.testing.assert_close(eq.shares, torch.full((3,), 1 / 3))
     eq.observe(_game([1.0, 0.0, 0.0]))
     torch.testing.assert_close(eq.shares, torch.tensor([2 / 3, 1 / 6, 1 / 6]))
     state = eq.state_dict()
-    fresh = ShapleyEquilibrium(MODS, beta=1.0, momentum=0.5)
+    fresh = ShapleyEquilibrium(MODS, beta=1.0, momentum=0.5, learnable_margin=None)
     fresh.load_state_dict(state)
     assert torch.equal(fresh.shares, eq.shares) and bool(fresh.initialized)
 
@@ -112,7 +112,7 @@ def test_errors():
         ShapleyEquilibrium(MODS, rule="pase")
     with pytest.raises(ModbalanceError, match="beta"):
         ShapleyEquilibrium(MODS, beta=-1.0)
-    eq = ShapleyEquilibrium(MODS, beta=1.0)
+    eq = ShapleyEquilibrium(MODS, beta=1.0, learnable_margin=None)
     with pytest.raises(ModbalanceError, match="GameResult over the modalities"):
         eq.observe(_game([1.0, 2.0], names=("text", "audio")))
     enc = {m: nn.Linear(3, 2) for m in MODS}
@@ -174,7 +174,7 @@ def test_adaptive_must_be_a_bool():
 )
 def test_weights_are_non_negative_and_average_to_lambda_without_clamping(shapley, beta, weight):
     names = tuple(f"m{i}" for i in range(len(shapley)))
-    eq = ShapleyEquilibrium(names, beta=beta, weight=weight, momentum=0.0)
+    eq = ShapleyEquilibrium(names, beta=beta, weight=weight, momentum=0.0, learnable_margin=None)
     shares = eq.observe(_game(shapley, names))
     w = torch.tensor(list(eq.weights.values()))
     assert bool((w >= 0).all())
@@ -184,3 +184,113 @@ def test_weights_are_non_negative_and_average_to_lambda_without_clamping(shapley
     # a smaller share never gets a smaller weight
     order = torch.argsort(shares)
     assert bool((w[order][1:] <= w[order][:-1] + 1e-6).all())
+
+
+# ------------------------------------------------------------------------------------------
+# learnability: a modality with nothing to learn is not fed unimodal signal
+# ------------------------------------------------------------------------------------------
+
+
+def _noise_task(seed, n=768):
+    """Regression: a strong linear view, a weak view whose signal needs a product, pure noise."""
+    g = torch.Generator().manual_seed(seed)
+    z = torch.randn(n, 3, generator=g)
+    y = 2.0 * z[:, 0] + 1.0 * z[:, 1] * z[:, 2].sign()
+    x = {
+        "strong": torch.cat([z[:, :1], 0.5 * torch.randn(n, 3, generator=g)], 1),
+        "weak": torch.cat([z[:, 1:], 0.3 * torch.randn(n, 2, generator=g)], 1),
+        "noise": torch.randn(n, 4, generator=g),
+    }
+    return x, y
+
+
+def _train_recipe(seed, names, learnable_margin=0.02, epochs=12, switch=4):
+    from modbalance import DualPhaseSchedule, ModalityGame, balanced_step
+
+    x, y = _noise_task(seed)
+    xv, yv = _noise_task(seed + 1000, n=256)
+    torch.manual_seed(seed)
+    enc = nn.ModuleDict(
+        {m: nn.Sequential(nn.Linear(4, 32), nn.ReLU(), nn.Linear(32, 8)) for m in names}
+    )
+    heads = nn.ModuleDict({m: nn.Linear(8, 1) for m in names})
+    head = nn.Sequential(nn.Linear(8 * len(names), 32), nn.ReLU(), nn.Linear(32, 1))
+
+    def fuse(feats, present):  # concatenation; an absent modality's features are zeroed
+        h = [feats[m] * present[m].unsqueeze(1).to(feats[m].dtype) for m in names]
+        return head(torch.cat(h, 1)).squeeze(-1)
+
+    params = [*enc.parameters(), *heads.parameters(), *head.parameters()]
+    opt = torch.optim.AdamW(params, lr=3e-3)
+    schedule = DualPhaseSchedule(switch_epoch=switch, mode="min")
+    eq = ShapleyEquilibrium(names, learnable_margin=learnable_margin, patience=30)
+    game = ModalityGame(fuse, names, masking="present", value="neg_mae", task="regression")
+    step = 0
+    for _ in range(epochs):
+        phase = schedule.phase
+        perm = torch.randperm(y.shape[0], generator=torch.Generator().manual_seed(step))
+        for idx in perm.split(64):
+            feats = {m: enc[m](x[m][idx]) for m in names}
+            uni = {m: heads[m](feats[m]).squeeze(-1) for m in names}
+            present = {m: torch.ones(len(idx), dtype=torch.bool) for m in names}
+            fused = fuse(feats, present) if schedule.runs_fusion else None
+            out = StepOutput(feats, uni, fused, present, y[idx], "regression", phase, step=step)
+            balanced_step(out, schedule.base_losses(out), [eq], opt, game=game)
+            step += 1
+        with torch.no_grad():
+            feats = {m: enc[m](xv[m]) for m in names}
+            ones = {m: torch.ones(yv.shape[0], dtype=torch.bool) for m in names}
+            mae = float((fuse(feats, ones) - yv).abs().mean())
+            uni_err = {m: float((heads[m](feats[m]).squeeze(-1) - yv).abs().mean()) for m in names}
+        schedule.select(mae)
+        schedule.epoch_end(uni_err)
+    return eq, schedule.best_selected
+
+
+@pytest.mark.slow
+def test_a_pure_noise_modality_gets_no_more_weight_than_an_informative_weak_one():
+    names = ("strong", "weak", "noise")
+    eq, _ = _train_recipe(0, names)
+    gain, weights = eq.gain, eq.weights
+    assert gain["weak"] > 0.02 and gain["noise"] < 0.02, gain
+    assert weights["noise"] <= weights["weak"], weights
+    assert eq.learnability["noise"] == 0.0 and eq.learnability["weak"] == 1.0
+    # without the learnability factor the noise modality got the largest weight (share ~0)
+    old, _ = _train_recipe(0, names, learnable_margin=None)
+    assert old.weights["noise"] >= old.weights["weak"], old.weights
+
+
+@pytest.mark.slow
+def test_a_pure_noise_modality_does_not_cost_more_than_the_seed_spread():
+    with_noise = [_train_recipe(s, ("strong", "weak", "noise"))[1] for s in range(3)]
+    without = [_train_recipe(s, ("strong", "weak"))[1] for s in range(3)]
+    spread = max(torch.tensor(without).std().item(), torch.tensor(with_noise).std().item())
+    diff = sum(with_noise) / 3 - sum(without) / 3
+    assert diff <= spread, (with_noise, without)
+
+
+def test_missing_unimodal_prediction_and_bad_options_are_clear_errors(setup):
+    enc, x, y = setup
+    eq = ShapleyEquilibrium(MODS, beta=0.0)
+    out = _out(enc, x, y)
+    out = out._replace(unimodal={m: out.unimodal[m] for m in ("text", "audio")})
+    with pytest.raises(ModbalanceError, match="`out.unimodal` is missing 'vision'"):
+        eq.losses(out, {"task": torch.tensor(0.0)})
+    with pytest.raises(ModbalanceError, match="learnable_margin"):
+        ShapleyEquilibrium(MODS, learnable_margin=0.0)
+    with pytest.raises(ModbalanceError, match="patience"):
+        ShapleyEquilibrium(MODS, patience=0)
+    with pytest.raises(TypeError, match="loss-term names"):
+        ShapleyEquilibrium(MODS, replace=[1])
+    assert ShapleyEquilibrium(MODS, replace="readout").replace == ("readout",)
+
+
+def test_learnability_state_round_trips(setup):
+    enc, x, y = setup
+    eq = ShapleyEquilibrium(MODS, beta=0.0, patience=2)
+    for _ in range(5):
+        eq.losses(_out(enc, x, y), {"task": torch.tensor(0.0)})
+    fresh = ShapleyEquilibrium(MODS, beta=0.0, patience=2)
+    fresh.load_state_dict(eq.state_dict())
+    assert fresh.learnability == eq.learnability and fresh.gain == pytest.approx(eq.gain)
+    assert set(eq.state_dict()) >= {"unimodal_loss", "constant_loss", "stalled_steps"}

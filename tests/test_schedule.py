@@ -75,3 +75,65 @@ def test_errors():
         s.epoch_end(math.nan)
     with pytest.raises(ModbalanceError, match="missing key"):
         s.load_state_dict({"epoch": 1})
+
+
+# ------------------------------------------------------------------------------------------
+# the warm-up rules: what each phase trains, selection, what epoch_end is fed
+# ------------------------------------------------------------------------------------------
+
+
+def _step_output(phase, fused=True):
+    import torch
+
+    from modbalance import StepOutput
+
+    torch.manual_seed(0)
+    y = torch.randn(6)
+    uni = {m: torch.randn(6, requires_grad=True) for m in ("text", "audio")}
+    present = {"text": torch.ones(6, dtype=torch.bool), "audio": torch.arange(6) < 3}
+    f = torch.randn(6, requires_grad=True) if fused else None
+    return StepOutput({}, uni, f, present, y, "regression", phase=phase)
+
+
+def test_base_losses_train_each_encoder_in_phase_1_and_the_fusion_in_phase_2():
+    schedule = DualPhaseSchedule(switch_epoch=1)
+    assert schedule.phase == 1 and not schedule.runs_fusion
+    out = _step_output(1, fused=False)
+    terms = schedule.base_losses(out)
+    text = (out.unimodal["text"] - out.target).abs().mean()
+    audio = (out.unimodal["audio"] - out.target).abs()[:3].mean()  # only the samples present
+    assert set(terms) == {"unimodal"}
+    assert abs(float(terms["unimodal"]) - float((text + audio) / 2)) < 1e-6
+    schedule.epoch_end(0.5)
+    assert schedule.phase == 2 and schedule.runs_fusion
+    out = _step_output(2)
+    terms = schedule.base_losses(out)
+    assert set(terms) == {"task"}
+    assert abs(float(terms["task"]) - float((out.fused - out.target).abs().mean())) < 1e-6
+    with pytest.raises(ModbalanceError, match="`out.fused` is None"):
+        schedule.base_losses(_step_output(2, fused=False))
+    with pytest.raises(ModbalanceError, match="`out.unimodal` is empty"):
+        schedule.base_losses(_step_output(1)._replace(unimodal={}))
+
+
+def test_selection_starts_in_phase_2_only():
+    schedule = DualPhaseSchedule(switch_epoch=2, mode="min")
+    assert not schedule.select(0.1)  # warm-up: never selected, however good
+    schedule.epoch_end({"text": 0.4, "audio": 0.8})
+    assert not schedule.select(0.1)
+    schedule.epoch_end({"text": 0.4, "audio": 0.8})
+    assert schedule.select(0.9) and not schedule.select(0.95) and schedule.select(0.5)
+    state = schedule.state_dict()
+    fresh = DualPhaseSchedule(switch_epoch=2, mode="min")
+    fresh.load_state_dict(state)
+    assert not fresh.select(0.6) and fresh.select(0.4)
+
+
+def test_epoch_end_averages_a_mapping_of_unimodal_errors():
+    schedule = DualPhaseSchedule(switch_epoch=None, patience=1, mode="min")
+    schedule.epoch_end({"text": 0.2, "audio": 1.0})  # mean 0.6
+    assert schedule.best == pytest.approx(0.6)
+    with pytest.raises(ModbalanceError, match="empty mapping"):
+        schedule.epoch_end({})
+    with pytest.raises(ModbalanceError, match=r"metric\['audio'\]"):
+        schedule.epoch_end({"text": 0.2, "audio": float("nan")})

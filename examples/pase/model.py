@@ -17,6 +17,7 @@ import torch
 from torch import Tensor, nn
 
 from modbalance.balancing import StepOutput, task_loss
+from modbalance.decision import Decision
 from modbalance.fusion import PrototypeGatedFusion
 from modbalance.ot import SinkhornAligner
 from modbalance.prototypes import PrototypeCalibrator, sentiment_classes
@@ -45,9 +46,9 @@ class PaSEConfig:
     baseline: bool = False
     input_kind: str = "sequence"  # default encoders: "sequence" (Transformer) or "vector" (MLP)
     safe_calibration: bool = False  # calibration scaled by each modality's separability
-    decision: str = "head"  # fused output: "head", or averaged with the unimodal heads'
-    # outputs: "ensemble" (with gradient), "residual" (detached) or "stack" (detached, learned
-    # convex weights)
+    decision: str = "head"  # the rule of modbalance.Decision: "head", "residual", "ensemble",
+    # "stack", "gate", "precision" (regression) or "auto" (residual for classification, head for
+    # regression)
     momentum: float = 0.98
     temperature: float = 0.1
     epsilon: float = 0.05
@@ -125,8 +126,9 @@ class PaSEModel(nn.Module):
         self.config = c = config
         self.modalities = c.modalities
         if encoders is not None:
-            if not isinstance(encoders, Mapping) or set(encoders) != set(c.modalities):
-                got = sorted(encoders) if isinstance(encoders, Mapping) else type(encoders)
+            is_mapping = isinstance(encoders, (Mapping, nn.ModuleDict))
+            if not is_mapping or set(encoders.keys()) != set(c.modalities):
+                got = sorted(encoders.keys()) if is_mapping else type(encoders)
                 raise ValueError(
                     f"`encoders` must map exactly the modalities {list(c.modalities)} to "
                     f"nn.Module encoders, got {got}."
@@ -170,8 +172,7 @@ class PaSEModel(nn.Module):
             nn.Dropout(c.dropout),
             nn.Linear(c.dim, c.num_outputs),
         )
-        if c.decision == "stack":  # learned convex weights of (head, unimodal outputs)
-            self.decision_logits = nn.Parameter(torch.zeros(len(c.modalities) + 1))
+        self.decision = Decision(c.modalities, c.task, rule=c.decision, num_outputs=c.num_outputs)
 
     # ----------------------------------------------------------------------------- pieces
     def encode(
@@ -204,6 +205,21 @@ class PaSEModel(nn.Module):
 
         This is also the head of the Shapley game: coalitions are expressed through ``present``.
         """
+        return self._decide(self.head_output(feats, present), feats, present)
+
+    def _decide(self, head: Tensor, feats: Mapping[str, Tensor], present) -> Tensor:
+        """The library's :class:`~modbalance.decision.Decision` after the fusion head."""
+        if self.decision.rule == "head":
+            return self._out(head)
+        raw = {m: self.unimodal_heads[m](feats[m]) for m in self.modalities}
+        return self._out(self.decision(head, raw, present))
+
+    def head_output(self, feats: Mapping[str, Tensor], present: Mapping[str, Tensor]) -> Tensor:
+        """The fusion head's raw output ``(N, num_outputs)`` before the decision.
+
+        Backbones with another fusion (tensor, low-rank, cross-modal attention) override this
+        method; the decision and everything else stay the same.
+        """
         if self.fusion is not None:
             conf = {m: self.calibrators[m].confidence(feats[m]) for m in self.modalities}
             fused = self.fusion(feats, conf, present).fused
@@ -214,32 +230,7 @@ class PaSEModel(nn.Module):
             h = torch.stack([feats[m] for m in self.modalities], 1)
             h = torch.where(w.unsqueeze(-1) > 0, h, torch.zeros_like(h))
             fused = h.sum(1) / w.sum(1, keepdim=True).clamp_min(1.0)
-        out = self.head(fused)
-        if self.config.decision != "head":
-            out = self._with_unimodal(out, feats, present)
-        return self._out(out)
-
-    def _with_unimodal(self, out: Tensor, feats: Mapping[str, Tensor], present) -> Tensor:
-        """Average the head's output with the present modalities' unimodal outputs.
-
-        ``decision="ensemble"``: the unimodal heads' outputs enter with gradient (the fused loss
-        trains them too); ``"residual"``: they enter detached, so the fused head learns what the
-        ensemble of unimodal heads misses and cannot pull the unimodal heads toward the strong
-        modality; ``"stack"``: detached too, weighted by learned convex weights (softmax of
-        ``decision_logits``, uniform at the start) over the head and the present modalities.
-        """
-        stack = self.config.decision == "stack"
-        w = self.decision_logits.exp().to(out.dtype) if stack else None
-        total = out * (w[0] if stack else 1.0)
-        count = torch.ones_like(out[:, :1]) * (w[0] if stack else 1.0)
-        for i, m in enumerate(self.modalities):
-            uni = self.unimodal_heads[m](feats[m])
-            if self.config.decision in ("residual", "stack"):
-                uni = uni.detach()
-            flag = present[m].to(out.dtype).unsqueeze(1) * (w[i + 1] if stack else 1.0)
-            total = total + torch.where(flag > 0, flag * uni, torch.zeros_like(uni))
-            count = count + flag
-        return total / count
+        return self.head(fused)
 
     def target(self, label: Tensor) -> Tensor:
         """Training target: the sentiment (regression) or a class index (classification).
@@ -297,7 +288,10 @@ class PaSEModel(nn.Module):
         else:
             readout = self.unimodal({m: f.detach() for m, f in feats.items()})
             losses["readout"] = self._mean_unimodal_loss(readout, target)
-            fused = self.fuse(feats, present)
+            head = self.head_output(feats, present)
+            fused = self._decide(head, feats, present)
+            if self.decision.rule == "precision":
+                self.decision.observe(self._out(head), uni, present, target)
             losses["task"] = task_loss(fused, target, c.task)
             if self.aligner is not None:
                 means = {m: cal_outputs[m].class_means for m in self.modalities}

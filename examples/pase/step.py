@@ -1,18 +1,16 @@
 """The one training step of the repository, and :func:`build`, which assembles its parts.
 
 ``train_step(parts, batch, phase)`` is used by the example's loop, every benchmark and the CUDA
-checks. It follows the method interface of :mod:`modbalance.balancing`::
+checks: the model's forward pass, then the library's
+:func:`~modbalance.balancing.balanced_step` (the methods' losses, one backward pass,
+the methods' step contexts, ``optimizer.step()``)::
 
     out, losses = model(batch, phase)                      # one encoder pass
-    game = ModalityGame(...)(out.features, out.target)     # only if a method needs it
-    losses = method.losses(out, losses)                    # for every method, in order
-    sum(losses).backward()                                 # or a method's own backward
-    with method.around_step(out, optimizer): optimizer.step()
+    balanced_step(out, losses, methods, optimizer, game=game)
 """
 
 from __future__ import annotations
 
-import contextlib
 import inspect
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -22,7 +20,7 @@ import torch
 from torch import Tensor, nn
 
 from modbalance import distributed as mbdist
-from modbalance.balancing import BalancingMethod, StepOutput, combine_losses
+from modbalance.balancing import BalancingMethod, balanced_step
 from modbalance.modulation import OGMGEModulator, ShapleyGradModulator
 from modbalance.schedule import DualPhaseSchedule
 from modbalance.shapley import ModalityGame
@@ -141,7 +139,9 @@ def _sge(**kw):
     def factory(model: PaSEModel, seed: int, device: torch.device) -> BalancingMethod:
         from modbalance.equilibrium import ShapleyEquilibrium
 
-        return ShapleyEquilibrium(model.modalities, groups=model.modality_groups(), **kw)
+        return ShapleyEquilibrium(
+            model.modalities, groups=model.modality_groups(), replace=("readout",), **kw
+        )
 
     return factory
 
@@ -152,6 +152,7 @@ METHODS["sge-beta0"] = _sge(beta=0.0)
 METHODS["sge-beta1"] = _sge(beta=1.0)
 METHODS["sge-w0.5"] = _sge(weight=0.5)
 METHODS["sge-paper"] = _sge(rule="pase")
+METHODS["sge-nolearn"] = _sge(learnable_margin=None)  # without the learnability factor
 
 
 def make_methods(
@@ -183,14 +184,21 @@ def build(
     amp: str | None = None,
     seed: int = 0,
     game_every: int = 1,
+    model: nn.Module | None = None,
 ) -> Parts:
     """Model (optionally with your own encoders), DDP wrapper, optimizer, schedule, game, methods.
 
     The baseline (``model_config.baseline``) starts in phase 2; otherwise phase 1 lasts up to
-    ``switch_epoch`` epochs (or until the validation plateau of ``patience`` epochs).
+    ``switch_epoch`` epochs (or until the validation plateau of ``patience`` epochs). ``model``
+    replaces :class:`PaSEModel` by another backbone with the same interface (a subclass that
+    overrides :meth:`PaSEModel.head_output`, as the suite's ``tfn``/``lmf``/``mult`` backbones do).
     """
     device = torch.device(device)
-    model = PaSEModel(model_config, encoders).to(device)
+    if model is None:
+        model = PaSEModel(model_config, encoders)
+    elif encoders is not None:
+        raise ValueError("pass `encoders` or a ready `model`, not both")
+    model = model.to(device)
     balancing = make_methods(methods, model, seed, device)
     # methods with parameters of their own (CGGM's classifiers, MLA's shared head) train too
     params = [*model.parameters(), *(p for m in balancing for p in m.parameters())]
@@ -249,29 +257,11 @@ def train_step(parts: Parts, batch: Mapping[str, Any], phase: int) -> dict[str, 
     No host synchronisation: the returned scalars stay on the device.
     """
     batch = to_device(batch, parts.device)
-    parts.optimizer.zero_grad(set_to_none=True)
     with autocast(parts):
         out, losses = parts.train_model(batch, phase)
     out = out._replace(step=parts.step)
-    wants_game = any(m.needs_game for m in parts.methods)
-    if phase == 2 and wants_game and parts.step % parts.game_every == 0:
-        feats = {m: f.detach().float() for m, f in out.features.items()}
-        out = out._replace(game=parts.game(feats, out.target))
-    for method in parts.methods:
-        losses = method.losses(out, losses)
-    _backward(parts.methods, out, losses)
-    with contextlib.ExitStack() as stack:
-        for method in parts.methods:
-            stack.enter_context(method.around_step(out, parts.optimizer))
-        parts.optimizer.step()
+    terms = balanced_step(
+        out, losses, parts.methods, parts.optimizer, game=parts.game, game_every=parts.game_every
+    )
     parts.step += 1
-    return {k: v.detach() for k, v in losses.items()}
-
-
-def _backward(methods: Sequence[BalancingMethod], out: StepOutput, losses: dict) -> None:
-    took_over = [m for m in methods if m.backward(out, losses)]
-    if len(took_over) > 1:
-        names = [type(m).__name__ for m in took_over]
-        raise RuntimeError(f"at most one method may run the backward pass itself, got {names}")
-    if not took_over:
-        combine_losses(losses).backward()
+    return terms

@@ -175,6 +175,8 @@ class MMPareto(BalancingMethod):
         (torch.Size([4, 3]), True)
     """
 
+    takes_backward = True
+
     def __init__(
         self,
         groups: Mapping[str, nn.Module | Iterable[nn.Parameter]],

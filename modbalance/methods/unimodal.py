@@ -16,12 +16,11 @@ from torch import Tensor
 from modbalance._checks import (
     ModbalanceError,
     check_choice,
-    check_int,
     check_modality_keys,
     check_modality_names,
     check_real,
 )
-from modbalance.balancing import BalancingMethod, StepOutput, task_loss
+from modbalance.balancing import BalancingMethod, StepOutput, check_phases, task_loss
 
 __all__ = ["UnimodalLoss", "unimodal_task_loss"]
 
@@ -73,12 +72,7 @@ def _check_names(modalities: Sequence[str], name: str = "modalities") -> tuple[s
 
 
 def _check_phases(phases: Iterable[int]) -> tuple[int, ...]:
-    if isinstance(phases, int):
-        phases = (phases,)
-    out = tuple(check_int(p, "phases", low=1) for p in phases)
-    if not out:
-        raise ModbalanceError("`phases` must list at least one phase of the schedule, got none.")
-    return out
+    return check_phases(phases)
 
 
 def _check_replace(replace: Iterable[str]) -> tuple[str, ...]:
