@@ -247,3 +247,20 @@ def test_main_job_quick_compares_pase_with_its_baseline(tmp_path):
     assert {(r["method"], r["seed"]) for r in result["runs"]} == {("pase", 0), ("baseline", 0)}
     assert all(r["MAE"] > 0 and r["wall_s"] > 0 for r in result["runs"])
     assert "PaSE − baseline (paired)" in (tmp_path / "main_job_quick.md").read_text()
+
+
+def test_loading_quick_reads_the_file_once_and_writes_its_table(tmp_path):
+    from benchmarks import loading
+
+    out = loading.main(["--quick", "--out", str(tmp_path / "res"), "--tmp", str(tmp_path)])
+    assert out == tmp_path / "res" / "loading.md"
+    text = out.read_text()
+    assert text.startswith("# Loading a MOSEI-sized data file") and "|---" in text
+    assert "`pickle.load` calls per `build_datasets`: 1." in text
+    rows = [line for line in text.splitlines() if line.startswith(("| 0.25 |", "| 1 |"))]
+    assert len(rows) == 2, text
+    for row in rows:
+        cells = [c.strip() for c in row.strip("|").split("|")]
+        assert float(cells[2].replace(",", "")) > 0  # file MB
+        assert float(cells[4]) > 0 and float(cells[11]) > 0  # load s, epoch s
+    assert [p.name for p in tmp_path.iterdir()] == ["res"]  # the data files were removed

@@ -644,3 +644,117 @@ def test_empty_split_is_a_clear_error(tmp_path, fmt):
         pickle.dump({"train": d, "valid": d, "test": d}, f)
     with pytest.raises(ModbalanceError, match=r"split 'valid' is empty"):
         loader(path, split="valid")
+
+
+# ----------------------------------------------------------------------------------------------
+# one read of a data file for every split
+# ----------------------------------------------------------------------------------------------
+
+
+def _count_reads(monkeypatch, path):
+    """Count ``pickle.load`` calls and ``open`` calls on ``path`` (wrapping the real ones)."""
+    import builtins
+    import os
+
+    calls = {"pickle.load": 0, "open": 0}
+    real_load, real_open = pickle.load, builtins.open
+    target = os.path.realpath(path)
+
+    def load(*args, **kwargs):
+        calls["pickle.load"] += 1
+        return real_load(*args, **kwargs)
+
+    def open_(file, *args, **kwargs):
+        if isinstance(file, (str, bytes, os.PathLike)) and os.path.realpath(file) == target:
+            calls["open"] += 1
+        return real_open(file, *args, **kwargs)
+
+    monkeypatch.setattr(pickle, "load", load)
+    monkeypatch.setattr(builtins, "open", open_)
+    return calls
+
+
+def test_build_datasets_reads_the_file_once(mmsa_aligned, monkeypatch):
+    from examples.pase import build_datasets, detect_format
+
+    path, _ = mmsa_aligned
+    calls = _count_reads(monkeypatch, path)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        train, valid, test, info = build_datasets(path)
+    assert calls == {"pickle.load": 1, "open": 1}
+    assert info["source"].endswith("(mmsa)")
+    test.unlock()
+    for ds, split in ((train, "train"), (valid, "valid"), (test._dataset, "test")):
+        ref = _load_quiet(load_mmsa, path, split=split)
+        assert ds.split == split and ds.ids == ref.ids
+        torch.testing.assert_close(ds.labels, ref.labels)
+        for m in ref.modalities:
+            torch.testing.assert_close(ds.padded(m), ref.padded(m))
+            torch.testing.assert_close(ds.lengths(m), ref.lengths(m))
+    calls.update({"pickle.load": 0, "open": 0})
+    assert detect_format(path) == "mmsa"  # the public detector still reads the file itself
+    assert calls == {"pickle.load": 1, "open": 1}
+
+
+@pytest.mark.parametrize("loader", [load_mmsa, load_mult])
+def test_loaders_accept_the_loaded_content(tmp_path, loader):
+    rng = np.random.default_rng(0)
+    if loader is load_mmsa:
+        data = {s: _mmsa_split(rng) for s in ("train", "valid", "test")}
+    else:
+        data = {s: _mult_split(rng, np.zeros((4, 1, 1), np.float32)) for s in ("train", "valid")}
+        data["test"] = data["valid"]
+    path = _write(tmp_path, data)
+    before = {k: v.copy() for k, v in data["train"].items() if isinstance(v, np.ndarray)}
+    for split in ("train", "valid", "test"):
+        a = _load_quiet(loader, path, split=split)
+        b = _load_quiet(loader, data, split=split)
+        assert a.ids == b.ids and a.dims == b.dims
+        torch.testing.assert_close(a.labels, b.labels)
+        for m in a.modalities:
+            torch.testing.assert_close(a.padded(m), b.padded(m))
+    for k, v in before.items():  # repairs (NaN/inf -> 0) are made on copies
+        np.testing.assert_array_equal(data["train"][k], v)
+    with pytest.warns(RuntimeWarning, match="of the loaded data: set non-finite"):
+        loader(data, split="train")
+    with pytest.raises(ModbalanceError, match="the loaded data has no split 'valid'"):
+        loader({"train": data["train"]}, split="valid")
+
+
+def test_loaded_float32_features_are_shared_not_copied(tmp_path):
+    rng = np.random.default_rng(0)
+    d = _mmsa_split(rng)
+    d["audio"] = np.nan_to_num(d["audio"], nan=0.0, neginf=0.0)  # clean: nothing to repair
+    d["vision"] = np.nan_to_num(d["vision"], nan=0.0)
+    ds = load_mmsa({"train": d}, split="train")
+    for m in ("text", "audio", "vision"):
+        assert ds.padded(m).data_ptr() == d[m].ctypes.data, m
+
+
+def test_chunked_whole_array_passes_match_the_plain_ones(monkeypatch):
+    """Frame detection and finite checks run in chunks (small temporaries): same results."""
+    from modbalance.data import mmsa
+
+    rng = np.random.default_rng(0)
+    x = _frames(rng, 9, 6, 4)
+    for i, (a, b) in enumerate(((0, 2), (3, 6), (1, 5), (0, 0), (2, 3), (0, 6), (4, 6), (0, 1))):
+        x[i, :a] = 0
+        x[i, b:] = 0
+    t = torch.from_numpy(x)
+    plain = (t != 0).any(-1)
+    monkeypatch.setattr(mmsa, "_CHUNK_BYTES", x[0].nbytes * 2)  # 2 samples per chunk
+    assert torch.equal(mmsa._frame_nonzero(t), plain)
+    assert torch.equal(mmsa._frame_nonzero(t.to(torch.bfloat16)), plain)  # the torch path
+    assert mmsa._frame_nonzero(t[:0]).shape == (0, 6)
+    assert mmsa._all_finite(x)
+    x[8, 5, 3] = np.inf  # in the last chunk
+    assert not mmsa._all_finite(x)
+    with pytest.raises(ModbalanceError, match=r"got 0 NaN and 1 infinite"):
+        MultimodalDataset({"a": torch.from_numpy(x)}, torch.zeros(9))
+    x[0, 0, 0] = np.nan
+    with pytest.raises(ModbalanceError, match=r"got 1 NaN and 1 infinite"):
+        MultimodalDataset({"a": torch.from_numpy(x).to(torch.bfloat16)}, torch.zeros(9))
+    ds = _load_quiet(load_mmsa, {"train": {**_mmsa_split(rng), "text": x[:4, :5]}})
+    assert torch.isfinite(ds.padded("text")).all()
+    assert np.isnan(x[0, 0, 0])  # repaired on a copy

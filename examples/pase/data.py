@@ -67,14 +67,28 @@ def detect_format(path: str | os.PathLike) -> str:
     Raises:
         DataError: Missing or unreadable file, or neither layout.
     """
+    return _format_of(_read(path), path)
+
+
+def _read(path: str | os.PathLike) -> Any:
+    """The unpickled content of ``path`` (read once; a DataError names the file)."""
     path = Path(path)
     if not path.is_file():
         raise DataError(f"--data {path}: no such file.")
-    try:
+    try:  # pickles run code when loaded: only pass files you trust
         with open(path, "rb") as fh:
-            data = pickle.load(fh)  # pickles run code when loaded: only pass files you trust
+            try:
+                return pickle.load(fh)
+            except UnicodeDecodeError:  # written by Python 2, as the loaders accept
+                fh.seek(0)
+                return pickle.load(fh, encoding="latin1")
     except Exception as err:  # truncated, not a pickle, missing module...
         raise DataError(f"--data {path}: cannot read it as a pickle ({err!r}).") from None
+
+
+def _format_of(data: Any, path: str | os.PathLike) -> str:
+    """``"mmsa"`` or ``"mult"`` from a loaded file's content (its train split's keys)."""
+    path = Path(path)
     split = data.get("train") if isinstance(data, Mapping) else None
     if not isinstance(split, Mapping):
         top = sorted(map(str, data)) if isinstance(data, Mapping) else type(data).__name__
@@ -100,6 +114,7 @@ def build_datasets(
     """Train/valid/test from an MMSA or MulT pickle, or the synthetic default generated in memory.
 
     Returns the three splits (test guarded) and an info dict (source, ground truth if synthetic).
+    The file is read once: its format and all three splits come from the same loaded content.
     The loader's own error is reported for a broken file, with the file's name.
     """
     info: dict[str, Any] = {}
@@ -109,13 +124,22 @@ def build_datasets(
         info["ground_truth"] = {str(k): float(v) for k, v in generated.ground_truth.items()}
         splits = [generated.dataset(s) for s in ("train", "valid", "test")]
     else:
-        fmt = detect_format(data)
+        content = _read(data)
+        fmt = _format_of(content, data)
         loader = load_mmsa if fmt == "mmsa" else load_mult
         info["source"] = f"{data} ({fmt})"
+        names, splits = ("train", "valid", "test"), []
         try:
-            splits = [loader(data, split=s) for s in ("train", "valid", "test")]
+            missing = [s for s in names if s not in content]
+            if missing:  # the loader's own message, naming the splits the file has
+                loader(content, split=missing[0])
+            for s in names:
+                splits.append(loader(content, split=s))
+                if isinstance(content, dict):  # free what the split did not keep (float64
+                    content.pop(s)  # originals of float32 features) before the next one
         except ValueError as err:
             raise DataError(f"--data {data} ({fmt} layout): {err}") from None
+        del content
         _check_label_range(splits[0], data)
     return splits[0], splits[1], GuardedDataset(splits[2]), info
 

@@ -24,6 +24,11 @@ from modbalance.distributed import all_reduce_sum
 __all__ = ["InfoReg", "inforeg_beta", "inforeg_window_k"]
 
 
+def _forget_anchored_host(module: nn.Module, incompatible_keys: Any) -> None:
+    """After ``load_state_dict``: the loaded ``anchored`` flag is decided on the device again."""
+    module._anchored_host = False
+
+
 def inforeg_window_k(traces: Tensor, count: Tensor | int, window: int = 10) -> Tensor:
     r"""InfoReg's relative growth of the Fisher trace over the last ``window`` epochs.
 
@@ -229,6 +234,10 @@ class InfoReg(BalancingMethod):
             for j, p in enumerate(ps):
                 self.register_buffer(f"anchor_{i}_{j}", p.detach().clone())
         self._pending: Tensor | None = None
+        # Host-side "``anchored`` is known to be True" (it never goes back to False during a
+        # run), so that around_step need not read the buffer; reset by ``load_state_dict``.
+        self._anchored_host = False
+        self.register_load_state_dict_post_hook(_forget_anchored_host)
 
     def extra_repr(self) -> str:
         """Hyperparameters shown by ``repr``."""
@@ -247,6 +256,16 @@ class InfoReg(BalancingMethod):
             for a, p in zip(self._anchors(i), ps):
                 a.copy_(p.detach())
         self.anchored.fill_(True)
+        self._anchored_host = True
+
+    @torch.no_grad()
+    def _anchor_if_unanchored(self) -> None:
+        """:meth:`anchor` unless ``anchored`` is set, decided on the device (no host sync)."""
+        for i, ps in enumerate(self._group_params):
+            for a, p in zip(self._anchors(i), ps):
+                a.copy_(torch.where(self.anchored, a, p.detach().to(a)))
+        self.anchored.fill_(True)
+        self._anchored_host = True
 
     def losses(self, out: StepOutput, losses: Mapping[str, Tensor]) -> dict[str, Tensor]:
         """Record this step's unimodal scores (the losses are returned unchanged)."""
@@ -285,8 +304,8 @@ class InfoReg(BalancingMethod):
                 "step; call losses() first."
             )
         with torch.no_grad():
-            if not bool(self.anchored):
-                self.anchor()  # the first epoch starts here
+            if not self._anchored_host:
+                self._anchor_if_unanchored()  # the first epoch starts here
             scores = scores.to(self.scores)
             all_reduce_sum(scores)
             beta = inforeg_beta(scores, self.k, scale=self.scale, threshold=self.threshold)

@@ -397,11 +397,12 @@ class MLA(BalancingMethod):
         kept = {k: v for k, v in losses.items() if k in self.keep}
         return {**kept, f"mla_{name}": loss}
 
-    def _alpha(self) -> float:
+    def _alpha(self) -> float | Tensor:
+        r"""OWM's :math:`\alpha_t`: a 0-dim float64 tensor with ``steps_per_epoch`` (no sync)."""
         if self.steps_per_epoch is None:
             return 0.1
-        b = int(self.batch_in_epoch) % self.steps_per_epoch
-        return 1.0 * 0.1 ** (b / self.steps_per_epoch + 1)
+        b = torch.remainder(self.batch_in_epoch, self.steps_per_epoch)
+        return 1.0 * torch.pow(0.1, b.double() / self.steps_per_epoch + 1)
 
     @torch.no_grad()
     def project_gradient(self, r: Tensor) -> None:
@@ -413,18 +414,22 @@ class MLA(BalancingMethod):
         check_tensor(r, "r", ndim=2, dtype="floating")
         if r.shape != (1, self.dim):
             raise ModbalanceError(f"`r` must have shape (1, {self.dim}), got {tuple(r.shape)}.")
-        if self.project and int(self.updates) != 0:
+        if self.project:
             alpha = self._alpha()
             p = self.projector
             r = r.to(p)
             k = p @ r.t()
             denom = r @ k if self.denominator == "scalar" else k @ r  # (1, 1) or (D, D)
+            if isinstance(alpha, Tensor):
+                alpha = alpha.to(p.dtype)
             p = p - (k @ k.t()) / (alpha + denom)
             p = p / torch.linalg.matrix_norm(p, ord="fro")
-            self.projector.copy_(p)
+            # The first update only counts: selected on the device, never `if updates != 0`.
+            first = self.updates == 0
+            self.projector.copy_(torch.where(first, self.projector, p))
             g = self.head.weight.grad
             if g is not None:
-                g.copy_(g @ p.t().to(g))
+                g.copy_(torch.where(first, g, g @ p.t().to(g)))
         self.updates.add_(1)
         self.batch_in_epoch.add_(1)
 

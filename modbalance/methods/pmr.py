@@ -79,6 +79,11 @@ def pmr_coefficients(scores: Tensor, alpha: float = 1.0) -> Tensor:
     return torch.where(ratio < 1, torch.full_like(scores, alpha), torch.zeros_like(scores))
 
 
+def _refresh_epoch_host(module: nn.Module, incompatible_keys: Any) -> None:
+    """After ``load_state_dict``: read the loaded epoch counter once (outside the step)."""
+    module._epoch_host = int(module.epoch)
+
+
 def _ratio(scores: Tensor) -> Tensor:
     m = scores.shape[-1]
     others = (scores.sum(-1, keepdim=True) - scores) / (m - 1)
@@ -320,6 +325,10 @@ class PMR(BalancingMethod):
         self.register_buffer("ratio", torch.full((m,), float("nan")))
         self.register_buffer("scores", torch.full((m,), float("nan")))
         self.register_buffer("epoch", torch.zeros((), dtype=torch.long))
+        # Host copy of ``epoch`` (set by epoch_end and on load): the step reads it without a
+        # device sync; the buffer is what checkpoints hold.
+        self._epoch_host = 0
+        self.register_load_state_dict_post_hook(_refresh_epoch_host)
 
     def extra_repr(self) -> str:
         """Hyperparameters shown by ``repr``."""
@@ -442,7 +451,7 @@ class PMR(BalancingMethod):
         return (-dist).masked_fill(~calib.initialized, float("-inf"))
 
     def _active(self) -> bool:
-        e = int(self.epoch)
+        e = self._epoch_host  # never ``int(self.epoch)``: that would wait for the device
         return e >= self.start_epoch and (self.end_epoch is None or e <= self.end_epoch)
 
     def losses(self, out: StepOutput, losses: Mapping[str, Tensor]) -> dict[str, Tensor]:
@@ -520,7 +529,7 @@ class PMR(BalancingMethod):
         for j in range(1, len(pce)):
             total = total + pce[j] * coef[j].to(pce[j].dtype)
         result = {**losses, "pmr": total}
-        if self.entropy_weight > 0 and int(self.epoch) < self.entropy_epochs:
+        if self.entropy_weight > 0 and self._epoch_host < self.entropy_epochs:
             dominant = (enough & (ratio > 1)).to(ent[0].dtype)
             reg = ent[0] * dominant[0]
             for j in range(1, len(ent)):
@@ -535,3 +544,4 @@ class PMR(BalancingMethod):
             self.commit()
         with torch.no_grad():
             self.epoch.fill_(epoch + 1)
+        self._epoch_host = epoch + 1
