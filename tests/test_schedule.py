@@ -103,13 +103,16 @@ def test_base_losses_train_each_encoder_in_phase_1_and_the_fusion_in_phase_2():
     text = (out.unimodal["text"] - out.target).abs().mean()
     audio = (out.unimodal["audio"] - out.target).abs()[:3].mean()  # only the samples present
     assert set(terms) == {"unimodal"}
-    assert abs(float(terms["unimodal"]) - float((text + audio) / 2)) < 1e-6
+    assert abs(float(terms["unimodal"].detach()) - float((text + audio).detach() / 2)) < 1e-6
     schedule.epoch_end(0.5)
     assert schedule.phase == 2 and schedule.runs_fusion
     out = _step_output(2)
     terms = schedule.base_losses(out)
     assert set(terms) == {"task"}
-    assert abs(float(terms["task"]) - float((out.fused - out.target).abs().mean())) < 1e-6
+    assert (
+        abs(float(terms["task"].detach()) - float((out.fused - out.target).abs().mean().detach()))
+        < 1e-6
+    )
     with pytest.raises(ModbalanceError, match="`out.fused` is None"):
         schedule.base_losses(_step_output(2, fused=False))
     with pytest.raises(ModbalanceError, match="`out.unimodal` is empty"):
@@ -137,3 +140,27 @@ def test_epoch_end_averages_a_mapping_of_unimodal_errors():
         schedule.epoch_end({})
     with pytest.raises(ModbalanceError, match=r"metric\['audio'\]"):
         schedule.epoch_end({"text": 0.2, "audio": float("nan")})
+
+
+def test_warm_head_trains_the_fusion_head_on_detached_features_during_the_warm_up():
+    import torch
+
+    schedule = DualPhaseSchedule(switch_epoch=1, warm_head=True)
+    assert schedule.phase == 1 and schedule.runs_fusion
+    enc = torch.nn.Linear(3, 2)
+    head = torch.nn.Linear(2, 1)
+    feats = {"text": enc(torch.randn(6, 3))}
+    fused = head(schedule.fusion_inputs(feats)["text"]).squeeze(-1)
+    out = _step_output(1)._replace(fused=fused)
+    terms = schedule.base_losses(out)
+    assert set(terms) == {"unimodal", "task"}
+    grads = torch.autograd.grad(terms["task"], [*head.parameters(), enc.weight], allow_unused=True)
+    assert grads[0] is not None and grads[0].abs().sum() > 0  # the head learns
+    assert grads[-1] is None  # the encoder does not, through the fused loss
+    with pytest.raises(ModbalanceError, match="warm_head=True trains the fusion head"):
+        schedule.base_losses(_step_output(1, fused=False))
+    schedule.epoch_end(0.3)
+    assert schedule.fusion_inputs(feats)["text"].requires_grad  # phase 2: not detached
+    with pytest.raises(TypeError, match="warm_head"):
+        DualPhaseSchedule(warm_head="yes")
+    assert not DualPhaseSchedule().runs_fusion  # off by default: phase 1 has no fusion

@@ -44,6 +44,9 @@ class PaSEConfig:
     alignment: bool = True
     gate: bool = True
     baseline: bool = False
+    # phase 1 also trains the fusion head, on detached features (DualPhaseSchedule.warm_head);
+    # "auto": on for regression (it removes the MAE the warm-up costs), off for classification
+    warm_head: bool | str = "auto"
     input_kind: str = "sequence"  # default encoders: "sequence" (Transformer) or "vector" (MLP)
     safe_calibration: bool = False  # calibration scaled by each modality's separability
     decision: str = "head"  # the rule of modbalance.Decision: "head", "residual", "ensemble",
@@ -60,6 +63,8 @@ class PaSEConfig:
 
     def __post_init__(self) -> None:
         self.modalities = tuple(self.modalities)
+        if self.warm_head == "auto":
+            self.warm_head = self.task == "regression"
         if self.baseline:
             self.calibration = self.alignment = self.gate = False
 
@@ -285,6 +290,10 @@ class PaSEModel(nn.Module):
         fused = None
         if phase == 1:
             losses["unimodal"] = self._mean_unimodal_loss(uni, target)
+            if c.warm_head:  # the head learns while the encoders warm up, without reaching them
+                detached = {m: f.detach() for m, f in feats.items()}
+                head = self._decide(self.head_output(detached, present), detached, present)
+                losses["warm_head"] = task_loss(head, target, c.task)
         else:
             readout = self.unimodal({m: f.detach() for m, f in feats.items()})
             losses["readout"] = self._mean_unimodal_loss(readout, target)

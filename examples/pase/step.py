@@ -207,6 +207,7 @@ def build(
         switch_epoch=0 if model_config.baseline else switch_epoch,
         patience=None if model_config.baseline else patience,
         mode="min",
+        warm_head=bool(model_config.warm_head),
     )
     game = ModalityGame(
         model.fuse,
