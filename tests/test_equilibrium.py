@@ -274,7 +274,7 @@ def test_missing_unimodal_prediction_and_bad_options_are_clear_errors(setup):
     eq = ShapleyEquilibrium(MODS, beta=0.0)
     out = _out(enc, x, y)
     out = out._replace(unimodal={m: out.unimodal[m] for m in ("text", "audio")})
-    with pytest.raises(ModbalanceError, match="`out.unimodal` is missing 'vision'"):
+    with pytest.raises(ModbalanceError, match=r"`out\.unimodal` is missing 'vision'"):
         eq.losses(out, {"task": torch.tensor(0.0)})
     with pytest.raises(ModbalanceError, match="learnable_margin"):
         ShapleyEquilibrium(MODS, learnable_margin=0.0)

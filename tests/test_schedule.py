@@ -113,9 +113,9 @@ def test_base_losses_train_each_encoder_in_phase_1_and_the_fusion_in_phase_2():
         abs(float(terms["task"].detach()) - float((out.fused - out.target).abs().mean().detach()))
         < 1e-6
     )
-    with pytest.raises(ModbalanceError, match="`out.fused` is None"):
+    with pytest.raises(ModbalanceError, match=r"`out\.fused` is None"):
         schedule.base_losses(_step_output(2, fused=False))
-    with pytest.raises(ModbalanceError, match="`out.unimodal` is empty"):
+    with pytest.raises(ModbalanceError, match=r"`out\.unimodal` is empty"):
         schedule.base_losses(_step_output(1)._replace(unimodal={}))
 
 
