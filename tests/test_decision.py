@@ -21,9 +21,9 @@ def _inputs(n=5, c=1, seed=0):
     return fused, uni, present
 
 
-def test_auto_is_residual_for_classification_and_gate_for_regression():
+def test_auto_is_residual_for_classification_and_head_for_regression():
     assert Decision(MODS, "classification").rule == "residual"
-    assert Decision(MODS, "regression").rule == "gate"
+    assert Decision(MODS, "regression").rule == "head"
 
 
 def test_head_returns_the_fused_output_unchanged():

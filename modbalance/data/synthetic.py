@@ -44,6 +44,16 @@ carries) and ``text_unique`` :math:`f` (the part of it only text has): :math:`\r
 larger :math:`\tau`, the less learning signal is left for the weak encoders in joint training and
 the larger the competition gap, while what each weak modality knows alone stays about the same.
 
+**Pooled variant** (``pooled_share`` :math:`\lambda > 0`, default 0). Real acoustic and visual
+features keep part of their signal under averaging over time. With :math:`\lambda > 0` each weak
+modality's term becomes :math:`\tilde z_m = \sqrt{1 - \lambda}\, z_m + \sqrt{\lambda}\, q_m`
+with an independent :math:`q_m \sim \mathcal N(0, 1)` (unit variance still; text shows
+:math:`\tilde z_m` on its covered samples), and the first noise direction of every frame gets the
+constant offset :math:`q_m` on top of its noise: the time-mean of the frames reveals :math:`q_m`
+linearly, up to noise :math:`\text{frame\_noise}_m / \sqrt L`, while the parity part (a share
+:math:`1 - \lambda`) still needs learned per-frame features. At :math:`\lambda = 0` nothing is
+drawn for it and the data are bit-identical to the plain process.
+
 Sequences have a per-sample length :math:`L \in [\lceil T/2 \rceil, T]` shared by the three
 modalities (word-aligned, MOSI ``aligned_50`` style); frames after :math:`L` are zero
 (post-padding) and ``audio_lengths``/``vision_lengths`` record :math:`L`. Given its frames, a weak
@@ -100,6 +110,7 @@ _GT_SAMPLES = 1 << 19  # Monte Carlo sample size of the ground truth
 _GT_CHUNKS = 8
 _GT_GRID = 256  # grid for the posterior draws that rejection sampling leaves
 _GT_SEED = 20261201  # fixed seed of the ground-truth Monte Carlo
+_POOLED_GAIN = 1.0  # offset per unit of q_m on the weak frames' first noise direction
 _VIEWS = ("strong", "weak1", "weak2")
 
 
@@ -254,7 +265,12 @@ def _posterior_draw(
 
 @functools.lru_cache(maxsize=16)
 def _ground_truth_items(
-    rho: tuple[float, float, float], coverage: float, noise: float, t: int
+    rho: tuple[float, float, float],
+    coverage: float,
+    noise: float,
+    t: int,
+    pooled: float = 0.0,
+    pooled_noise: tuple[float, float] = (0.0, 0.0),
 ) -> tuple[tuple[tuple[str, float], ...], float]:
     r"""Monte Carlo estimate of Var(E[y | x_S]) / Var(y) for every modality subset S.
 
@@ -266,6 +282,13 @@ def _ground_truth_items(
     count is drawn as Binomial(L, (1 + r)/2)); unobserved latents keep their prior. The label
     noise and the clipping are integrated in closed form (:func:`_clip_moments`). Common random
     numbers across the subsets; fixed seed; chunked (small memory).
+
+    With ``pooled`` :math:`\lambda > 0` a weak term is :math:`\sqrt{1-\lambda} z_m +
+    \sqrt\lambda q_m`; the frames' sum :math:`S` along the pooled direction is
+    :math:`\mathcal N(L c q_m, L \sigma_m^2)` (``pooled_noise`` :math:`\sigma_m`, gain :math:`c`),
+    so :math:`q_m \mid S` is Gaussian with mean :math:`c S / (\sigma_m^2 + L c^2)` and variance
+    :math:`\sigma_m^2 / (\sigma_m^2 + L c^2)`. Its draws come after the plain ones, only when
+    :math:`\lambda > 0` (the plain estimate is unchanged).
     """
     rng = np.random.default_rng(_GT_SEED)
     keys = ["+".join(x) for x in _SUBSETS]
@@ -286,6 +309,15 @@ def _ground_truth_items(
             post[m] = _posterior_draw(rng, positive, length) * _Z_SCALE
             prior[m] = rng.uniform(-_R_MAX, _R_MAX, chunk) * _Z_SCALE
             covered[m] = rng.random(chunk) < coverage
+            if pooled > 0:
+                sigma2, c = pooled_noise[_WEAK.index(m)] ** 2, _POOLED_GAIN
+                q, xi, q_post, q_prior = rng.standard_normal((4, chunk))
+                total = length * c * q + np.sqrt(length * sigma2) * xi
+                denom = sigma2 + length * c * c
+                q_post = c * total / denom + np.sqrt(sigma2 / denom) * q_post
+                a, b = math.sqrt(1.0 - pooled), math.sqrt(pooled)
+                z[m], post[m] = a * z[m] + b * q, a * post[m] + b * q_post
+                prior[m] = a * prior[m] + b * q_prior
         m1, m2 = _clip_moments(core(u, z["audio"], z["vision"]), var_noise)
         sums["m1"] += float(m1.sum())
         sums["m2"] += float(m2.sum())
@@ -352,6 +384,7 @@ def _make_split(
     noise: float,
     text_noise: float,
     frame_noise: Mapping[str, float],
+    pooled: float = 0.0,
 ) -> dict[str, Any]:
     rank = proj.shape[0]
     u = _randn(g, n)
@@ -361,6 +394,11 @@ def _make_split(
     eps = _randn(g, n)
     lengths = torch.randint(math.ceil(t / 2), t + 1, (n,), generator=g)
     valid = (torch.arange(t)[None, :] < lengths[:, None]).float()  # (n, t)
+    q = None
+    if pooled > 0:  # drawn only for the pooled variant: the plain data stay bit-identical
+        q = {m: _randn(g, n) for m in _WEAK}
+        a, b = math.sqrt(1.0 - pooled), math.sqrt(pooled)
+        z = {m: a * z[m] + b * q[m] for m in _WEAK}
 
     core = _core(u.double(), z["audio"].double(), z["vision"].double(), rho)
     y = (core + noise * eps.double()).clamp(-3.0, 3.0).float().numpy()
@@ -379,6 +417,8 @@ def _make_split(
     def weak(m: str) -> torch.Tensor:
         w = _parity_frames(g, r[m], t)  # (n, t, 3)
         rest = frame_noise[m] * _randn(g, n, t, dims[m] - _ORDER)
+        if q is not None:  # the part of the signal that survives the time-mean
+            rest[..., 0] += _POOLED_GAIN * q[m][:, None]
         return (torch.cat([w, rest], -1) @ bases[m].T) * valid[:, :, None]
 
     audio = weak("audio")
@@ -420,6 +460,7 @@ def make_competition_data(
     noise: float = 0.3,
     text_noise: float = 0.3,
     frame_noise: float | Mapping[str, float] | None = None,
+    pooled_share: float = 0.0,
 ) -> CompetitionData:
     r"""Generate the synthetic competition dataset (MMSA layout, MOSI shapes by default).
 
@@ -462,6 +503,11 @@ def make_competition_data(
             ``D_m - 3`` label-free directions: a number, or ``{"audio": ..., "vision": ...}``.
             Default ``{"audio": 2.5, "vision": 0.5}``: audio has only two such directions, so a
             larger noise there keeps its signal as slow to find as vision's.
+        pooled_share: Share :math:`\lambda` in [0, 1) of each weak modality's signal that is
+            linear in the time-mean of its frames (module docstring, "pooled variant"); the
+            rest stays in the per-frame parity. 0 (the default) is the plain process,
+            bit-identical to the data generated before this option existed. With
+            :math:`\lambda > 0` the ground truth also depends on ``frame_noise``.
 
     Returns:
         A :class:`CompetitionData`.
@@ -502,6 +548,7 @@ def make_competition_data(
             f"{sorted(frame_noise)}."
         )
     frame_noise = {m: check_real(frame_noise[m], f"frame_noise[{m!r}]", low=0) for m in _WEAK}
+    pooled_share = check_real(pooled_share, "pooled_share", low=0, high=1, high_inclusive=False)
     dims = dict({"text": 768, "audio": 5, "vision": 20} if dims is None else dims)
     if set(dims) != set(_MODALITIES):
         raise ModbalanceError(
@@ -512,7 +559,13 @@ def make_competition_data(
         dims[m] = check_int(dims[m], f"dims[{m!r}]", low=_ORDER + 1)
 
     rho, coverage = _shares(text_strength, text_unique)
-    items, var_y = _ground_truth_items(rho, coverage, noise, seq_len)
+    if pooled_share > 0:
+        pooled_noise = (frame_noise["audio"], frame_noise["vision"])
+        items, var_y = _ground_truth_items(
+            rho, coverage, noise, seq_len, pooled_share, pooled_noise
+        )
+    else:
+        items, var_y = _ground_truth_items(rho, coverage, noise, seq_len)
 
     g = torch.Generator().manual_seed(seed)
     rank = min(_TEXT_RANK, dims["text"])
@@ -521,13 +574,15 @@ def make_competition_data(
     data = {}
     for split, n in (("train", n_train), ("valid", n_valid), ("test", n_test)):
         data[split] = _make_split(
-            g, split, n, seq_len, dims, proj, bases, rho, coverage, noise, text_noise, frame_noise
-        )
+            g, split, n, seq_len, dims, proj, bases, rho, coverage, noise, text_noise, frame_noise,
+            pooled=pooled_share,
+        )  # fmt: skip
     config = {
         "n_train": n_train, "n_valid": n_valid, "n_test": n_test, "dims": dims,
         "seq_len": seq_len, "seed": seed, "text_strength": text_strength,
         "text_unique": text_unique, "noise": noise, "text_noise": text_noise,
         "frame_noise": frame_noise, "rho": rho, "coverage": coverage,
+        "pooled_share": pooled_share,
     }  # fmt: skip
     return CompetitionData(data=data, ground_truth=dict(items), label_variance=var_y, config=config)
 
