@@ -15,8 +15,11 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
+import tempfile
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
@@ -33,9 +36,71 @@ PASE_METHODS = ("sge",)
 #: ``--equilibrium`` choices: the default rule (Shapley-weighted unimodal losses), the paper's
 #: update modulation, or none.
 EQUILIBRIA = {"unimodal": "sge", "pase": "sgm", "none": None}
+#: What a run writes into ``--out``; the first four mark a folder that holds a run.
+RUN_MARKERS = ("last.pt", "best.pt", "final_metrics.json", "summary.json")
+RUN_FILES = (
+    *RUN_MARKERS,
+    *("last.pt.tmp", "best.pt.tmp", "history.json", "history.csv"),
+    *("shapley_shares.png", "val_scores.png", "coefficients.png", "unimodal_weights.png"),
+    "ot_plan.png",
+)
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+class OutputError(ValueError):
+    """An ``--out`` folder that cannot (or must not) be written, with what to do."""
+
+
+def default_threads() -> int:
+    """torch intra-op threads by default: 1 on machines with few cores, at most 4 otherwise.
+
+    On 2 cores shared with other jobs, 3 epochs took 40-88 s with 1 thread and 156-248 s with 2:
+    torch's threads wait on each other when they do not have the cores to themselves (README).
+    """
+    cores = os.cpu_count() or 1
+    return 1 if cores <= 4 else min(4, cores // 2)
+
+
+def _at_least(low: int, what: str):
+    """An argparse ``type``: an int >= ``low``; the error names the value and the bound."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(
+                f"expected an integer ({what}), got {text!r}"
+            ) from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"must be an integer >= {low} ({what}), got {value}")
+        return value
+
+    parse.__name__ = f"int>={low}"
+    return parse
+
+
+def _real(what: str, *, positive: bool, high: float | None = None):
+    """An argparse ``type``: a finite float, > 0 (``positive``) or >= 0, and < ``high``."""
+
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a number ({what}), got {text!r}") from None
+        low_ok = value > 0 if positive else value >= 0
+        if not math.isfinite(value) or not low_ok or (high is not None and value >= high):
+            bound = "> 0" if positive else ">= 0"
+            if high is not None:
+                bound += f" and < {high:g}"
+            raise argparse.ArgumentTypeError(
+                f"must be a finite number {bound} ({what}), got {text}"
+            )
+        return value
+
+    parse.__name__ = "float"
+    return parse
+
+
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         description=__doc__.split("\n\n")[0],
         epilog=__doc__.split("\n\n", 1)[1],
@@ -50,27 +115,162 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     add("--device", default="cpu", help="torch device, e.g. cpu, cuda, cuda:1")
     add("--amp", choices=("bf16",), default=None, help="bf16 autocast (GPU)")
-    add("--epochs", type=int, default=14, help="training epochs, both phases together")
-    add("--switch-epoch", type=int, default=4, help="last epoch of phase 1 (at the latest)")
+    add(
+        "--epochs",
+        type=_at_least(1, "training epochs, e.g. --epochs 14"),
+        default=14,
+        help="training epochs, both phases together",
+    )
+    add(
+        "--switch-epoch",
+        type=_at_least(0, "phase-1 epochs; 0 skips the warm-up"),
+        default=4,
+        help="last epoch of phase 1 (at the latest)",
+    )
     add(
         "--patience",
-        type=int,
+        type=_at_least(1, "phase-1 epochs without validation gain"),
         default=None,
         help="switch to phase 2 earlier after this many phase-1 epochs without validation gain",
     )
-    add("--batch-size", type=int, default=64, help="samples per step (per rank under torchrun)")
-    add("--lr", type=float, default=1e-3, help="AdamW learning rate")
-    add("--dim", type=int, default=32, help="feature width of every encoder")
-    add("--layers", type=int, default=1, help="Transformer layers per encoder")
-    add("--seed", type=int, default=0, help="training seed (the synthetic data always uses 0)")
+    add(
+        "--batch-size",
+        type=_at_least(1, "samples per step, e.g. --batch-size 64"),
+        default=64,
+        help="samples per step (per rank under torchrun)",
+    )
+    add(
+        "--lr",
+        type=_real("the AdamW learning rate, e.g. --lr 1e-3", positive=True),
+        default=1e-3,
+        help="AdamW learning rate",
+    )
+    add(
+        "--weight-decay",
+        type=_real("the AdamW weight decay, e.g. --weight-decay 1e-4", positive=False),
+        default=1e-4,
+        help="AdamW weight decay",
+    )
+    add(
+        "--dim",
+        type=_at_least(1, "feature width, a multiple of the attention heads, e.g. --dim 32"),
+        default=32,
+        help="feature width of every encoder",
+    )
+    add(
+        "--layers",
+        type=_at_least(1, "Transformer layers per encoder, e.g. --layers 1"),
+        default=1,
+        help="Transformer layers per encoder",
+    )
+    add(
+        "--seed",
+        type=_at_least(0, "a non-negative training seed below 2**32, e.g. --seed 0"),
+        default=0,
+        help="training seed (the synthetic data always uses 0)",
+    )
     add("--out", default="runs/pase", help="output directory (checkpoints, logs, plots)")
     add(
         "--resume",
         action="store_true",
         help="continue bit-exactly from OUT/last.pt (an error if there is none)",
     )
+    add(
+        "--overwrite",
+        action="store_true",
+        help="replace the run already in OUT (its checkpoints, logs and plots); without it (or "
+        "--resume) a folder that holds a run is refused",
+    )
+    add(
+        "--threads",
+        type=_at_least(1, "torch intra-op CPU threads, e.g. --threads 1"),
+        default=default_threads(),
+        help="torch intra-op CPU threads (torch.set_num_threads); 1 is fastest on a few cores "
+        "shared with other processes",
+    )
     _add_method_args(p)
-    return p.parse_args(argv)
+    return p
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """Parse and check the command line; a bad value exits with status 2 and names the flag."""
+    p = build_parser()
+    args = p.parse_args(argv)
+    problems = _problems(args)
+    if problems:
+        p.error("\n".join(problems))
+    return args
+
+
+def _problems(args: argparse.Namespace) -> list[str]:
+    """What is wrong with a parsed command line beyond each flag's own type (nothing: [])."""
+    problems = []
+    if args.seed >= 2**32:
+        problems.append(
+            f"argument --seed: must be below 2**32 (numpy's seed range), got {args.seed}"
+        )
+    heads = getattr(PaSEConfig, "heads", 4)
+    if args.dim % heads:
+        problems.append(
+            f"argument --dim: the Transformer encoders split the feature width over {heads} "
+            f"attention heads, so it must be a multiple of {heads}, got {args.dim}; e.g. --dim "
+            f"{max(heads, args.dim - args.dim % heads)}"
+        )
+    if args.data is not None:
+        data = Path(args.data)
+        if data.is_dir():
+            pickles = sorted(q.name for q in data.glob("*.pkl"))[:3]
+            where = (
+                f"e.g. --data {data / pickles[0]} (pickles there: {', '.join(pickles)})"
+                if pickles
+                else "there is no *.pkl in it"
+            )
+            problems.append(
+                f"argument --data: {data} is a folder; pass the pickle file itself, {where}"
+            )
+        for flag, value in (("--n-train", args.n_train), ("--text-strength", args.text_strength)):
+            if value is not None:
+                problems.append(
+                    f"argument {flag}: {flag} {value} only shapes the synthetic data, but --data "
+                    f"{args.data} is given; drop {flag} (or --data)"
+                )
+    problems += _device_problems(args.device)
+    if args.resume and args.overwrite:
+        problems.append(
+            "arguments --resume and --overwrite contradict each other: --resume continues the "
+            f"run in {args.out}, --overwrite replaces it; pass one of them"
+        )
+    if not args.baseline and args.patience is None and args.epochs <= args.switch_epoch:
+        problems.append(
+            f"argument --epochs: --epochs {args.epochs} ends before phase 2 (the fusion) starts "
+            f"after --switch-epoch {args.switch_epoch} epochs of warm-up; pass --epochs "
+            f"{args.switch_epoch + 1} or more, or a smaller --switch-epoch"
+        )
+    return problems
+
+
+def _device_problems(device: str) -> list[str]:
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, ValueError) as err:
+        return [f"argument --device: {device!r} is not a torch device ({err}); e.g. --device cpu"]
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            built = torch.version.cuda is not None
+            why = "none is visible" if built else "this torch build has no CUDA"
+            return [
+                f"argument --device: --device {device} needs a CUDA GPU, but {why} "
+                f"(torch {torch.__version__}); use --device cpu"
+            ]
+        count = torch.cuda.device_count()
+        if dev.index is not None and dev.index >= count:
+            return [
+                f"argument --device: --device {device} asks for GPU {dev.index}, but only {count} "
+                f"GPU(s) are visible (cuda:0 to cuda:{count - 1})"
+            ]
+    if dev.type == "mps" and not torch.backends.mps.is_available():
+        return [f"argument --device: --device {device} is not available here; use --device cpu"]
+    return []
 
 
 def _add_method_args(p: argparse.ArgumentParser) -> None:
@@ -106,11 +306,20 @@ def _add_method_args(p: argparse.ArgumentParser) -> None:
     add("--no-sgm", action="store_true", help="ablation: no Shapley equilibrium (= none)")
     add(
         "--decision",
-        choices=("residual", "stack", "ensemble", "head"),
-        default="residual",
-        help="fused output: the fusion head averaged with the detached unimodal heads "
-        "('residual'), with the unimodal heads trained by the fused loss too ('ensemble'), or "
-        "the fusion head alone ('head', the paper's and the baseline's)",
+        choices=("auto", "residual", "stack", "ensemble", "head", "gate", "precision"),
+        default="auto",
+        help="the rule of modbalance.Decision after the fusion head: 'auto' (the fusion head "
+        "alone for regression, chosen on validation MAE; 'residual' for classification), the "
+        "fusion head averaged with the detached unimodal heads ('residual'), with gradient "
+        "('ensemble'), learned convex weights ('stack'), a learned per-sample gate ('gate'), "
+        "inverse running squared errors ('precision', regression), or 'head'",
+    )
+    add(
+        "--warm-head",
+        choices=("auto", "on", "off"),
+        default="auto",
+        help="also train the fusion head during the warm-up, on detached features: 'auto' is "
+        "on for regression (it removes the MAE the warm-up costs) and off for classification",
     )
     add(
         "--baseline",
@@ -125,13 +334,28 @@ def _add_method_args(p: argparse.ArgumentParser) -> None:
     )
     add(
         "--sgm-every",
-        type=int,
+        type=_at_least(1, "steps between two Shapley games, e.g. --sgm-every 1"),
         default=1,
         help="evaluate the Shapley game (and update the equilibrium) every N steps",
     )
-    add("--n-train", type=int, default=None, help="synthetic data: training samples")
-    add("--text-strength", type=float, default=None, help="synthetic data: text dominance")
-    add("--max-steps-per-epoch", type=int, default=None, help="cap steps per epoch (smoke tests)")
+    add(
+        "--n-train",
+        type=_at_least(1, "synthetic training samples, e.g. --n-train 1284"),
+        default=None,
+        help="synthetic data: training samples",
+    )
+    add(
+        "--text-strength",
+        type=_real("text dominance of the synthetic data", positive=True, high=1.0),
+        default=None,
+        help="synthetic data: text dominance, in (0, 1)",
+    )
+    add(
+        "--max-steps-per-epoch",
+        type=_at_least(1, "a cap on the steps of an epoch; omit it for whole epochs"),
+        default=None,
+        help="cap steps per epoch (smoke tests)",
+    )
     add("--quiet", action="store_true", help="no progress bars or per-epoch lines")
 
 
@@ -166,12 +390,14 @@ def configs(args: argparse.Namespace, train, device: str) -> tuple[PaSEConfig, T
         gate=args.gate,
         safe_calibration=True,
         decision="head" if args.baseline else args.decision,
+        warm_head={"auto": "auto", "on": True, "off": False}[args.warm_head],
         baseline=args.baseline,
     )
     config = TrainConfig(
         epochs=args.epochs,
         batch_size=args.batch_size,
         lr=args.lr,
+        weight_decay=args.weight_decay,
         seed=args.seed,
         switch_epoch=args.switch_epoch,
         patience=args.patience,
@@ -207,9 +433,76 @@ def write_outputs(trainer: Trainer, final: dict, info: dict, args, out: Path) ->
         with torch.no_grad():
             res = model.aligner(model.calibrators[a].prototypes, model.calibrators[b].prototypes)
         plot_plan(res.plan, (a, b), out)
-    summary = {"wall_time_s": trainer.elapsed_s, "info": info, "final": final, "args": vars(args)}
-    (out / "summary.json").write_text(json.dumps(summary, indent=1))
+    # what ran: the flags, the training options, the optimiser's own values and, on resume,
+    # the checkpoint's options and what this session changed
+    groups = trainer.parts.optimizer.param_groups
+    summary = {
+        "wall_time_s": trainer.elapsed_s,
+        "info": info,
+        "final": final,
+        "args": vars(args),
+        "train_config": asdict(trainer.config),
+        "optimizer": {k: groups[0][k] for k in ("lr", "weight_decay") if k in groups[0]},
+        "threads": torch.get_num_threads(),
+        "resumed": trainer.resumed,
+    }
+    (out / "summary.json").write_text(json.dumps(summary, indent=1, default=str))
     print(f"\ntraining time {trainer.elapsed_s:.1f}s; outputs in {out}/")
+
+
+def prepare_out(args: argparse.Namespace, *, remove_old: bool = True) -> Path:
+    """Check ``--out`` before anything is trained; with ``--overwrite``, remove the old run.
+
+    Raises:
+        OutputError: ``--out`` is a file, cannot be created or written, or holds a run and
+            neither ``--resume`` nor ``--overwrite`` is given.
+        CheckpointError: ``--resume`` without ``OUT/last.pt``.
+    """
+    out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise OutputError(
+            f"--out {out} is a file, not a folder; pass a folder for the run's checkpoints, logs "
+            f"and plots, e.g. --out {out.with_suffix('')}_run"
+        )
+    if args.resume:
+        if not (out / "last.pt").is_file():
+            raise CheckpointError(
+                f"--resume: {out / 'last.pt'} does not exist; drop --resume to start a new run."
+            )
+    elif out.is_dir():
+        found = [name for name in RUN_MARKERS if (out / name).exists()]
+        suffix = "_baseline" if args.baseline else "_2"
+        if found and not args.overwrite:
+            raise OutputError(
+                f"--out {out} already holds a run ({', '.join(found)}{_run_label(out)}); a new "
+                f"run would overwrite it. Pass --resume to continue that run, --overwrite to "
+                f"replace it, or another --out, e.g. --out {out.parent / (out.name + suffix)}."
+            )
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=out, prefix=".write-test-"):
+            pass
+    except OSError as err:
+        raise OutputError(
+            f"--out {out} cannot be written ({type(err).__name__}: {err}); pass "
+            "a folder you can write to."
+        ) from None
+    if args.overwrite and remove_old:
+        for name in RUN_FILES:
+            (out / name).unlink(missing_ok=True)
+    return out
+
+
+def _run_label(out: Path) -> str:
+    """``'; a finished --baseline run, seed 0'`` from the run's summary.json ('' if unreadable)."""
+    try:
+        old = json.loads((out / "summary.json").read_text()).get("args", {})
+    except (OSError, ValueError, AttributeError):
+        return ""
+    if not isinstance(old, dict):
+        return ""
+    kind = "--baseline" if old.get("baseline") else f"--equilibrium {old.get('equilibrium')}"
+    return f"; a finished {kind} run, seed {old.get('seed')}"
 
 
 def _init_distributed(device: str) -> tuple[bool, str]:
@@ -223,7 +516,33 @@ def _init_distributed(device: str) -> tuple[bool, str]:
 
 
 def main(argv: list[str] | None = None) -> dict:
+    """Run the example; Ctrl-C stops it with one line and exit status 130."""
     args = parse_args(argv)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(args.threads)
+    out = Path(args.out)
+    try:
+        return _main(args)
+    except KeyboardInterrupt:
+        if (out / "last.pt").is_file():
+            instead = " instead of --overwrite" if args.overwrite else ""
+            hint = (
+                f"rerun the same command with --resume{instead} (same --out {out}) to continue "
+                f"from {out / 'last.pt'}, the last finished epoch."
+            )
+        else:
+            hint = f"no epoch finished, so there is no {out / 'last.pt'} to resume from."
+        if int(os.environ.get("RANK", "0")) == 0:  # torchrun interrupts every rank
+            print(f"\ninterrupted (Ctrl-C): the run stopped; {hint}", file=sys.stderr)
+        raise SystemExit(130) from None
+    finally:
+        torch.set_num_threads(threads)  # main() may run inside another program (benchmarks)
+
+
+def _main(args: argparse.Namespace) -> dict:
+    # every rank checks --out (so that all of them stop on a bad one); rank 0 alone removes
+    # an old run for --overwrite
+    out = prepare_out(args, remove_old=int(os.environ.get("RANK", "0")) == 0)
     distributed, device = _init_distributed(args.device)
     synthetic = {
         k: v
@@ -232,7 +551,6 @@ def main(argv: list[str] | None = None) -> dict:
     }
     train, valid, test, info = build_datasets(args.data, seed=0, synthetic=synthetic)
     model_config, config = configs(args, train, device)
-    out = Path(args.out)
     trainer = Trainer(model_config, config, train, valid, test, out_dir=out)
     if args.resume:
         if not trainer.resume():
@@ -258,6 +576,6 @@ def main(argv: list[str] | None = None) -> dict:
 if __name__ == "__main__":
     try:
         main()
-    except (DataError, CheckpointError) as err:
+    except (DataError, CheckpointError, OutputError) as err:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(2)

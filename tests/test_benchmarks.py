@@ -264,3 +264,34 @@ def test_loading_quick_reads_the_file_once_and_writes_its_table(tmp_path):
         assert float(cells[2].replace(",", "")) > 0  # file MB
         assert float(cells[4]) > 0 and float(cells[11]) > 0  # load s, epoch s
     assert [p.name for p in tmp_path.iterdir()] == ["res"]  # the data files were removed
+
+
+def test_the_prepared_device_script_names_only_what_exists():
+    """`benchmarks/device_check.sh` runs on a lent GPU only: check here what it calls exists."""
+    import importlib
+    import re
+    import subprocess
+    from pathlib import Path
+
+    from examples import pase_mosi
+
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "device_check.sh"
+    assert subprocess.run(["bash", "-n", str(script)], check=False).returncode == 0
+    text = script.read_text()
+    modules = set(re.findall(r"python -m (benchmarks\.\w+)", text))
+    assert modules == {"benchmarks.cuda_sync_check", "benchmarks.speed"}
+    for name in modules:
+        assert callable(importlib.import_module(name).main)
+    flags = set(re.findall(r"examples/pase_mosi\.py[^\n]*\n?[^\n]*", text))
+    used = {f for line in flags for f in re.findall(r"(--[a-z-]+)", line)}
+    help_text = pase_mosi.build_parser().format_help() if hasattr(pase_mosi, "build_parser") else ""
+    if not help_text:
+        import contextlib
+        import io
+
+        buf = io.StringIO()
+        with contextlib.redirect_stdout(buf), contextlib.suppress(SystemExit):
+            pase_mosi.parse_args(["--help"])
+        help_text = buf.getvalue()
+    missing = [f for f in used if f not in help_text]
+    assert not missing, missing
