@@ -9,6 +9,11 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+
+# ------------------------------------------------------------------------------------------
+# obviously-correct references, written out by hand
+# ------------------------------------------------------------------------------------------
+from _reference import brute_force_shapley
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
@@ -24,28 +29,6 @@ from modbalance.shapley import (
     coalition_masks,
     shapley_values,
 )
-
-# ------------------------------------------------------------------------------------------
-# obviously-correct references, written out by hand
-# ------------------------------------------------------------------------------------------
-
-
-def code_of(players) -> int:
-    return sum(1 << p for p in players)
-
-
-def brute_force_shapley(table: torch.Tensor) -> torch.Tensor:
-    """Average marginal contribution over all M! orderings."""
-    m = table.numel().bit_length() - 1
-    phi = torch.zeros(m, dtype=torch.float64)
-    perms = list(itertools.permutations(range(m)))
-    for perm in perms:
-        prefix: list[int] = []
-        for player in perm:
-            before = table[code_of(prefix)].double()
-            prefix.append(player)
-            phi[player] += table[code_of(prefix)].double() - before
-    return phi / len(perms)
 
 
 def masked_mean(x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:

@@ -11,6 +11,11 @@ import socket
 import pytest
 import torch
 import torch.nn.functional as F
+
+# ------------------------------------------------------------------------------------------
+# obviously-correct references
+# ------------------------------------------------------------------------------------------
+from _reference import brute_force_shapley, code_of
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
@@ -26,28 +31,6 @@ from modbalance.shapley import (
     shapley_from_table,
     shapley_values,
 )
-
-# ------------------------------------------------------------------------------------------
-# obviously-correct references
-# ------------------------------------------------------------------------------------------
-
-
-def code_of(players) -> int:
-    return sum(1 << p for p in players)
-
-
-def brute_force_shapley(table: torch.Tensor) -> torch.Tensor:
-    """Average marginal contribution over all M! orderings."""
-    m = table.numel().bit_length() - 1
-    phi = torch.zeros(m, dtype=torch.float64)
-    perms = list(itertools.permutations(range(m)))
-    for perm in perms:
-        prefix: list[int] = []
-        for player in perm:
-            before = table[code_of(prefix)]
-            prefix.append(player)
-            phi[player] += table[code_of(prefix)] - before
-    return phi / len(perms)
 
 
 def brute_force_interactions(table: torch.Tensor) -> torch.Tensor:
