@@ -18,7 +18,8 @@ from __future__ import annotations
 import contextlib
 import math
 import threading
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, KeysView, Mapping, Sequence
+from collections.abc import Set as AbstractSet
 from typing import Any
 
 import torch
@@ -349,13 +350,40 @@ def check_choice(value: Any, name: str, choices: Iterable[Any]) -> Any:
 def check_modality_names(
     modalities: Any, name: str = "modalities", *, minimum: int = 1
 ) -> tuple[str, ...]:
-    """Check a sequence of distinct modality names; return them as a tuple.
+    """Check an ordered collection of distinct modality names; return them as a tuple.
+
+    Per-modality state (coefficients, Shapley values, gates, EMA buffers) is stored by position
+    in this order, so the collection must have a fixed order: a list, a tuple, a mapping or its
+    keys (insertion order). A ``set``/``frozenset`` is refused (its order can change between runs
+    and interpreters), and so is a bare string (``"text"`` would be split into letters).
 
     Raises:
-        TypeError: Not a sequence of names (a bare string included).
+        TypeError: A bare string, an unordered set or not a collection of names at all.
         ModbalanceError: Fewer than ``minimum`` names, non-strings or duplicates.
+
+    Example:
+        >>> from modbalance._checks import check_modality_names
+        >>> check_modality_names(["text", "audio"])
+        ('text', 'audio')
+        >>> check_modality_names({"text", "audio"})
+        Traceback (most recent call last):
+            ...
+        TypeError: `modalities` must be an ordered collection of modality names ...
     """
-    if isinstance(modalities, str) or not isinstance(modalities, Iterable):
+    if isinstance(modalities, (str, bytes)):
+        raise TypeError(
+            f"`{name}` must be a sequence of modality names such as ['text', 'audio'], got the "
+            f"single string {modalities!r}; a string would be split into its letters. Pass "
+            f"[{modalities!r}] for one modality."
+        )
+    if isinstance(modalities, AbstractSet) and not isinstance(modalities, KeysView):
+        raise TypeError(
+            f"`{name}` must be an ordered collection of modality names (a list or tuple), got a "
+            f"{type(modalities).__name__} {modalities!r}: order matters because per-modality "
+            f"state is stored by position, and a set's order is arbitrary. Pass a list or tuple, "
+            f"e.g. {sorted(map(str, modalities))!r} in the order your model uses."
+        )
+    if not isinstance(modalities, Iterable):
         raise TypeError(
             f"`{name}` must be a sequence of modality names such as ['text', 'audio'], got "
             f"{modalities!r}."

@@ -629,3 +629,51 @@ def test_every_public_name_of_the_owned_modules_is_covered():
     assert owned <= covered, sorted(owned - covered)
     kinds = {case[1] for case in CASES}
     assert {"shape", "nan", "inf", "empty", "dtype", "range", "device", "keys"} <= kinds
+
+
+# ----------------------------------------------------------------------------------------------
+# modality names: an ordered collection, never a set or a bare string
+# ----------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "names", [{"text", "audio"}, frozenset({"text", "audio"})], ids=["set", "frozenset"]
+)
+def test_modality_names_refuse_an_unordered_set(names):
+    from modbalance import ShapleyEquilibrium
+    from modbalance._checks import check_modality_names
+
+    pattern = (
+        r"`modalities` must be an ordered collection of modality names \(a list or tuple\), got "
+        r"a (frozen)?set .*order matters because per-modality state is stored by position.*"
+        r"Pass a list or tuple"
+    )
+    with pytest.raises(TypeError, match=pattern):
+        check_modality_names(names)
+    # the public components that take modality names refuse it the same way
+    with pytest.raises(TypeError, match="order matters"):
+        ModalityGame(lin_head(), names)
+    with pytest.raises(TypeError, match="order matters"):
+        ShapleyEquilibrium(names)
+
+
+def test_modality_names_refuse_a_bare_string():
+    from modbalance._checks import check_modality_names
+
+    with pytest.raises(
+        TypeError,
+        match=r"single string 'text'; a string would be split into its letters.*\['text'\]",
+    ):
+        check_modality_names("text")
+    with pytest.raises(TypeError, match="split into its letters"):
+        ModalityGame(lin_head(), "text")
+
+
+def test_modality_names_accept_ordered_collections():
+    from modbalance._checks import check_modality_names
+
+    assert check_modality_names(["text", "audio"]) == ("text", "audio")
+    assert check_modality_names(("audio", "text")) == ("audio", "text")
+    assert check_modality_names({"text": 1, "audio": 2}) == ("text", "audio")
+    assert check_modality_names({"text": 1, "audio": 2}.keys()) == ("text", "audio")
+    assert check_modality_names(m for m in ("vision", "text")) == ("vision", "text")

@@ -208,7 +208,12 @@ def test_composite_method_names_and_the_default_pase_spec():
     assert spec.model["calibration"] and spec.model["safe_calibration"]
     assert spec.model["decision"] == "residual" and not spec.model["alignment"]
     pase = competition.spec_of("pase")
-    assert pase.warmup and pase.methods == ("sge",) and pase.model["decision"] == "residual"
+    assert pase.warmup and pase.methods == ("sge",) and pase.model["decision"] == "auto"
+    assert competition.spec_of("warmup+nowarmhead+sge+dgate").model == {
+        **competition._PLAIN,
+        "warm_head": False,
+        "decision": "gate",
+    }
     assert (
         competition.spec_of("cggm").methods == ("cggm",) and not competition.spec_of("cggm").warmup
     )
@@ -295,3 +300,51 @@ def test_the_prepared_device_script_names_only_what_exists():
         help_text = buf.getvalue()
     missing = [f for f in used if f not in help_text]
     assert not missing, missing
+
+
+# ------------------------------------------------------------------------------------------
+# speed: the default recipe, the M x batch grid and the sampled game's accuracy
+# ------------------------------------------------------------------------------------------
+
+
+def test_speed_default_recipe_is_the_example_command():
+    from examples import pase_mosi
+
+    args = pase_mosi.parse_args([])
+    dims = {"text": 6, "audio": 3}
+    config, methods, game_every = speed.example_recipe(dims)
+    assert config.dim == args.dim and methods == pase_mosi.methods_from(args)
+    assert game_every == args.sgm_every and not config.baseline
+    plain, _, _ = speed.example_recipe(dims, baseline=True)
+    assert plain.baseline and plain.dim == args.dim
+    parts = speed.build(True, dims, "cpu", recipe="default")
+    assert [type(m).__name__ for m in parts.methods] == ["ShapleyEquilibrium"]
+    assert speed.build(False, dims, "cpu", recipe="default").methods == []
+    with pytest.raises(ValueError, match="unknown recipe"):
+        speed.build(True, dims, "cpu", recipe="fast")
+
+
+def test_speed_quick_grid_and_sampled_accuracy(quick_results):
+    out, _ = quick_results
+    result = json.loads((out / "speed.json").read_text())
+    grid = result["grid"]
+    assert {r["recipe"] for r in grid} == {"default", "paper"}
+    assert len(grid) == 2 * len({(r["M"], r["batch"]) for r in grid})
+    for r in grid:
+        assert r["ratio"] == pytest.approx(r["pase_ms"] / r["plain_ms"])
+        m = r["M"]
+        assert r["game_ms"] > 0 and r["game_exact"] == (m <= 6)
+        assert r["coalitions"] == (2**m if m <= 6 else 2 * m + 2 + m * (m - 3))
+    assert [r["value"] for r in result["sweep"] if r["axis"] == "M"] == sorted(
+        {r["M"] for r in grid}
+    )
+    acc = result["accuracy"]
+    assert {r["recipe"] for r in acc} == {"default", "paper"}
+    for r in acc:
+        assert 0 <= r["share_err_mean"] <= r["share_err_p95"] + 1e-12 <= 1 + 1e-12
+        assert r["phi_rel_err_mean"] >= 0 and r["exact_share_spread"] >= 0
+        assert r["coalitions"] < 2 ** r["M"]
+    text = (out / "speed.md").read_text()
+    for heading in ("## Scaling with the number of modalities", "## Accuracy of the sampled game"):
+        assert heading in text
+    assert "default recipe" in text and "Target <= 1.20x" in text

@@ -381,6 +381,25 @@ def test_user_encoders_must_cover_every_modality():
         PaSEModel(config, {"a": _MLP(7, 16)})
     with pytest.raises(TypeError, match=r"must be an nn\.Module"):
         PaSEModel(config, {"a": _MLP(7, 16), "b": lambda x: x})
+    # an nn.ModuleDict is accepted like any mapping of modules
+    encoders = nn.ModuleDict({"a": _MLP(7, 16), "b": _MLP(5, 16)})
+    assert PaSEModel(config, encoders).encoders["b"] is encoders["b"]
+    with pytest.raises(ValueError, match="must map exactly the modalities"):
+        PaSEModel(config, nn.ModuleDict({"a": _MLP(7, 16)}))
+
+
+def test_the_example_step_is_the_librarys():
+    """`examples/pase` holds no backward pass, no method contexts and no decision logic."""
+    import inspect
+
+    from examples.pase import model as model_module
+    from examples.pase import step as step_module
+
+    step_src = inspect.getsource(step_module)
+    for needle in (".backward(", "around_step", "ExitStack"):
+        assert needle not in step_src, needle
+    model_src = inspect.getsource(model_module)
+    assert "detach()" not in model_src.split("def _decide")[1].split("def head_output")[0]
 
 
 # ------------------------------------------------------------------------------------------
@@ -507,7 +526,7 @@ def test_decision_fusion_averages_the_unimodal_outputs(splits, decision):
     # "residual"/"stack": the fused loss cannot pull the unimodal heads; "ensemble": it trains them
     assert reached == (decision == "ensemble")
     if decision == "stack":  # the convex weights (uniform at the start) are learned
-        (g,) = torch.autograd.grad(losses["task"], [model.decision_logits])
+        (g,) = torch.autograd.grad(losses["task"], [model.decision.logits])
         assert g.abs().sum() > 0
 
 
@@ -527,3 +546,258 @@ def test_gblending_trains_with_a_holdout_of_the_training_split(splits):
     t.run()
     (gb,) = t.methods
     assert int(gb.num_estimates) >= 1 and sum(gb.weights.values()) == pytest.approx(1.0, abs=1e-3)
+
+
+# ------------------------------------------------------------------------------------------
+# the command line: display flags, resume, --out, numbers, Ctrl-C, threads
+# ------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("max_steps", [None, 2])
+def test_progress_bars_do_not_change_the_results(splits, capsys, max_steps):
+    """--quiet is a display flag: with and without progress bars every bit is the same.
+
+    The bar used to wrap the loader, and tqdm.auto's class iterates what it wraps in its
+    constructor: that extra iter() drew from the loader's seeded generator and changed the
+    batch order.
+    """
+    runs = []
+    for progress in (True, False):
+        train, valid, test = _fresh_test(splits)
+        config = _train_config(progress=progress, max_steps_per_epoch=max_steps)
+        trainer = Trainer(_model_config(train), config, train, valid, test)
+        final = trainer.run()
+        history = [{k: v for k, v in r.items() if k != "time_s"} for r in trainer.history]
+        runs.append((final, history, trainer.model.state_dict(), torch.get_rng_state()))
+    assert "epoch 1/3 (phase 1)" in capsys.readouterr().err  # the bars were drawn
+    (final_a, hist_a, state_a, rng_a), (final_b, hist_b, state_b, rng_b) = runs
+    assert final_a == final_b
+    assert hist_a == hist_b
+    assert [r["steps"] for r in hist_a] == [max_steps or 4] * 3
+    assert state_a.keys() == state_b.keys()
+    for name in state_a:
+        assert torch.equal(state_a[name], state_b[name]), name
+    assert torch.equal(rng_a, rng_b)
+
+
+@pytest.mark.parametrize(
+    ("flags", "match"),
+    [
+        (["--lr", "0.5"], r"--lr 0\.001 in the checkpoint, --lr 0\.5 now.*resume with --lr 0\.001"),
+        (["--weight-decay", "0.01"], r"--weight-decay 0\.0001 in the checkpoint, --weight-decay"),
+        (["--seed", "3"], r"--seed 0 in the checkpoint, --seed 3 now.*resume with --seed 0"),
+        (["--patience", "2"], r"no --patience in the checkpoint, --patience 2 now"),
+        (
+            ["--lr", "0.5", "--switch-epoch", "0"],
+            r"--lr 0\.5 now; --switch-epoch 1 in the checkpoint, --switch-epoch 0 now.*"
+            r"resume with --lr 0\.001 --switch-epoch 1",
+        ),
+    ],
+)
+def test_resume_refuses_optimisation_options_it_cannot_honour(finished_run, flags, match):
+    """The checkpoint restores the optimiser, schedule and RNG: a new --lr would be ignored."""
+    data, out = finished_run
+    before = (out / "last.pt").read_bytes()
+    with pytest.raises(CheckpointError, match=match) as info:
+        pase_mosi.main([*_cli_args(data, out, epochs=2), *flags, "--resume"])
+    assert str(out / "last.pt") in str(info.value) and "another --out" in str(info.value)
+    assert (out / "last.pt").read_bytes() == before
+
+
+def test_resume_records_what_ran(finished_run, tmp_path):
+    import shutil
+
+    data, finished = finished_run
+    out = tmp_path / "copy"
+    shutil.copytree(finished, out)
+    pase_mosi.main([*_cli_args(data, out, epochs=3), "--resume", "--batch-size", "8"])
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["args"]["lr"] == summary["train_config"]["lr"] == 1e-3
+    assert summary["optimizer"] == {"lr": 1e-3, "weight_decay": 1e-4}  # what the optimiser used
+    resumed = summary["resumed"]
+    assert resumed["epoch"] == 2 and resumed["checkpoint"] == str(out / "last.pt")
+    assert resumed["changed"] == {"epochs": [2, 3], "batch_size": [16, 8]}
+
+
+def test_out_holding_a_run_needs_resume_or_overwrite(finished_run, tmp_path, monkeypatch):
+    import shutil
+
+    data, finished = finished_run
+    out = tmp_path / "pase"
+    shutil.copytree(finished, out)
+    (out / "coefficients.png").write_bytes(b"stale plot of the old run")
+    before = (out / "last.pt").read_bytes()
+    with pytest.raises(pase_mosi.OutputError) as info:
+        pase_mosi.main([*_cli_args(data, out, epochs=2), "--baseline"])
+    message = str(info.value)
+    assert f"--out {out} already holds a run" in message
+    assert "--resume to continue" in message and "--overwrite to replace" in message
+    assert f"--out {out}_baseline" in message
+    assert (out / "last.pt").read_bytes() == before  # nothing was touched
+    pase_mosi.main([*_cli_args(data, out, epochs=2), "--baseline", "--overwrite"])
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["args"]["baseline"] and summary["resumed"] is None
+    assert not (out / "coefficients.png").exists()  # the old run's files are gone
+    with pytest.raises(SystemExit) as exit_info:
+        pase_mosi.main([*_cli_args(data, out, epochs=2), "--resume", "--overwrite"])
+    assert exit_info.value.code == 2
+
+
+def test_out_that_cannot_be_written_is_refused_before_training(tmp_path, monkeypatch):
+    import errno
+
+    def no_data(*args, **kwargs):
+        raise AssertionError("--out must be checked before the data are built")
+
+    monkeypatch.setattr(pase_mosi, "build_datasets", no_data)
+    data = tmp_path / "tiny.pkl"
+    data.write_bytes(b"")  # never read
+    a_file = tmp_path / "notes.txt"
+    a_file.write_text("x")
+    with pytest.raises(pase_mosi.OutputError, match=r"notes\.txt is a file, not a folder"):
+        pase_mosi.main(_cli_args(data, a_file, epochs=2))
+    with pytest.raises(pase_mosi.OutputError, match=r"cannot be written \(NotADirectoryError"):
+        pase_mosi.main(_cli_args(data, a_file / "run", epochs=2))
+
+    def read_only(*args, **kwargs):
+        raise PermissionError(errno.EACCES, "Permission denied", str(kwargs.get("dir")))
+
+    monkeypatch.setattr(pase_mosi.tempfile, "TemporaryFile", read_only)  # a read-only folder
+    with pytest.raises(
+        pase_mosi.OutputError, match=r"cannot be written \(PermissionError.*a folder you can write"
+    ):
+        pase_mosi.main(_cli_args(data, tmp_path / "ro", epochs=2))
+
+
+def test_out_errors_exit_with_status_2_from_the_command_line(tmp_path):
+    import subprocess
+
+    a_file = tmp_path / "notes.txt"
+    a_file.write_text("x")
+    cmd = [sys.executable, str(ROOT / "examples" / "pase_mosi.py"), "--out", str(a_file)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert proc.returncode == 2
+    assert proc.stderr.strip() == (
+        f"error: --out {a_file} is a file, not a folder; pass a folder for the run's "
+        f"checkpoints, logs and plots, e.g. --out {tmp_path / 'notes'}_run"
+    )
+
+
+_NUMBER_CASES = [
+    (["--epochs", "0"], r"argument --epochs: must be an integer >= 1 .*e\.g\. --epochs 14.*got 0"),
+    (["--epochs", "3"], r"--epochs 3 ends before phase 2 .*--switch-epoch 4"),
+    (["--dim", "0"], r"argument --dim: must be an integer >= 1 .*got 0"),
+    (["--dim", "30"], r"argument --dim: .*multiple of 4, got 30; e\.g\. --dim 28"),
+    (["--batch-size", "0"], r"argument --batch-size: must be an integer >= 1 .*got 0"),
+    (["--lr", "0"], r"argument --lr: must be a finite number > 0 .*e\.g\. --lr 1e-3.*got 0"),
+    (["--lr", "-0.1"], r"argument --lr: must be a finite number > 0 .*got -0\.1"),
+    (["--lr", "nan"], r"argument --lr: must be a finite number > 0 .*got nan"),
+    (["--lr", "inf"], r"argument --lr: must be a finite number > 0 .*got inf"),
+    (["--weight-decay", "-1"], r"argument --weight-decay: must be a finite number >= 0"),
+    (["--layers", "0"], r"argument --layers: must be an integer >= 1 .*got 0"),
+    (["--seed", "-1"], r"argument --seed: must be an integer >= 0 .*got -1"),
+    (["--seed", str(2**32)], r"argument --seed: must be below 2\*\*32"),
+    (["--sgm-every", "0"], r"argument --sgm-every: must be an integer >= 1 .*got 0"),
+    (["--max-steps-per-epoch", "0"], r"argument --max-steps-per-epoch: .*>= 1 .*got 0"),
+    (["--patience", "0"], r"argument --patience: must be an integer >= 1 .*got 0"),
+    (["--switch-epoch", "-1"], r"argument --switch-epoch: must be an integer >= 0 .*got -1"),
+    (["--threads", "0"], r"argument --threads: must be an integer >= 1 .*got 0"),
+    (["--n-train", "0"], r"argument --n-train: must be an integer >= 1 .*got 0"),
+    (["--text-strength", "1.5"], r"argument --text-strength: .*> 0 and < 1 .*got 1\.5"),
+    (["--epochs", "two"], r"argument --epochs: expected an integer .*got 'two'"),
+    (["--device", "gpu"], r"argument --device: 'gpu' is not a torch device .*--device cpu"),
+    (["--resume", "--overwrite"], r"--resume and --overwrite contradict each other"),
+]
+
+
+@pytest.mark.parametrize(
+    ("argv", "match"), _NUMBER_CASES, ids=[" ".join(c[0]) for c in _NUMBER_CASES]
+)
+def test_bad_command_line_numbers_exit_with_status_2_naming_flag_and_value(argv, match, capsys):
+    import re
+
+    with pytest.raises(SystemExit) as info:
+        pase_mosi.main(argv)
+    assert info.value.code == 2
+    err = capsys.readouterr().err
+    assert re.search(match, err), err
+
+
+def test_data_options_that_do_not_fit_exit_with_status_2(tmp_path, capsys):
+    import re
+
+    data = tmp_path / "aligned_50.pkl"
+    data.write_bytes(b"")
+    for argv, match in [
+        (["--data", str(data), "--n-train", "100"], r"argument --n-train: --n-train 100 only "
+         r"shapes the synthetic data, but --data .* is given; drop --n-train"),
+        (["--data", str(data), "--text-strength", "0.5"], r"drop --text-strength"),
+        (["--data", str(tmp_path)], rf"argument --data: {re.escape(str(tmp_path))} is a folder; "
+         rf"pass the pickle file itself, e\.g\. --data {re.escape(str(data))} \(pickles there: "
+         r"aligned_50\.pkl\)"),
+    ]:  # fmt: skip
+        with pytest.raises(SystemExit) as info:
+            pase_mosi.main(argv)
+        assert info.value.code == 2
+        err = capsys.readouterr().err
+        assert re.search(match, err), err
+
+
+def test_cuda_device_without_a_gpu_is_a_clear_error(capsys):
+    device = f"cuda:{torch.cuda.device_count()}"  # one past the last GPU, or cuda:0 without GPUs
+    with pytest.raises(SystemExit) as info:
+        pase_mosi.main(["--device", device])
+    assert info.value.code == 2
+    err = capsys.readouterr().err
+    if torch.cuda.is_available():
+        assert f"--device {device} asks for GPU" in err, err
+    else:
+        assert f"--device {device} needs a CUDA GPU" in err and "use --device cpu" in err, err
+
+
+@pytest.mark.parametrize("finished_epochs", [1, 0])
+def test_ctrl_c_stops_with_one_line_and_status_130(
+    finished_run, tmp_path, monkeypatch, capsys, finished_epochs
+):
+    data, _ = finished_run
+    original = Trainer.train_epoch
+
+    def interrupted(self):
+        if self.epoch == finished_epochs:
+            raise KeyboardInterrupt
+        return original(self)
+
+    monkeypatch.setattr(Trainer, "train_epoch", interrupted)
+    out = tmp_path / "run"
+    with pytest.raises(SystemExit) as info:
+        pase_mosi.main(_cli_args(data, out, epochs=3))
+    assert info.value.code == 130
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and "the run stopped" in lines[0], lines
+    if finished_epochs:
+        assert "--resume" in lines[0] and f"--out {out}" in lines[0]
+        assert str(out / "last.pt") in lines[0]
+        monkeypatch.undo()
+        final = pase_mosi.main([*_cli_args(data, out, epochs=3), "--resume"])
+        assert final["selected_epoch"] in (2, 3)
+    else:
+        assert "--resume" not in lines[0] and "no epoch finished" in lines[0]
+
+
+def test_threads_flag_sets_torch_threads_and_is_recorded(finished_run, tmp_path, monkeypatch):
+    data, _ = finished_run
+    seen = []
+    original = Trainer.train_epoch
+
+    def spy(self):
+        seen.append(torch.get_num_threads())
+        return original(self)
+
+    monkeypatch.setattr(Trainer, "train_epoch", spy)
+    before = torch.get_num_threads()
+    out = tmp_path / "run"
+    pase_mosi.main([*_cli_args(data, out, epochs=2), "--threads", "1"])
+    assert seen == [1, 1]
+    assert json.loads((out / "summary.json").read_text())["threads"] == 1
+    assert torch.get_num_threads() == before  # restored: main() may run inside another program
+    assert pase_mosi.parse_args([]).threads == pase_mosi.default_threads() >= 1

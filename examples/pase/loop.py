@@ -8,6 +8,7 @@ once, on the selected checkpoint (:meth:`Trainer.finish`).
 from __future__ import annotations
 
 import csv
+import itertools
 import json
 import math
 import os
@@ -55,6 +56,20 @@ class TrainConfig:
     progress: bool = True
 
 
+#: TrainConfig options that a resume cannot honour, with their command-line flags: the
+#: checkpoint restores the optimiser (its learning rate and weight decay), the phase schedule
+#: (switch epoch, patience) and the random state (the seed), so a new value would be silently
+#: ignored. The other options (epochs, batch size, game cadence, device, amp, step cap,
+#: progress) apply from the resumed epoch on and are recorded in :attr:`Trainer.resumed`.
+RESUME_FIXED = {
+    "lr": "--lr",
+    "weight_decay": "--weight-decay",
+    "seed": "--seed",
+    "switch_epoch": "--switch-epoch",
+    "patience": "--patience",
+}
+
+
 def error_of(metrics: Mapping[str, float]) -> float:
     """Lower-is-better score used for selection and the phase switch: MAE or 1 - accuracy."""
     return metrics["MAE"] if "MAE" in metrics else 1.0 - metrics["WA"]
@@ -77,6 +92,12 @@ def _flatten(obj: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
         else:
             flat[f"{prefix}{key}"] = value
     return flat
+
+
+def _as_flag(option: str, value: Any) -> str:
+    """``--lr 0.001`` for a :data:`RESUME_FIXED` option's value; ``no --patience`` for None."""
+    flag = RESUME_FIXED[option]
+    return f"no {flag}" if value is None else f"{flag} {value}"  # str(float): round-trips
 
 
 def _rng_state() -> dict[str, Any]:
@@ -119,6 +140,7 @@ class Trainer:
         out_dir: Where checkpoints, logs and plots go (``None``: nothing is written).
         encoders: Optional ``{modality: nn.Module}`` encoders (default: the Transformer/MLP).
         methods: Balancing methods (names or instances); overrides ``config.methods``.
+        model: A ready model (a :class:`PaSEModel` subclass) forwarded to ``build(model=...)``.
     """
 
     def __init__(
@@ -132,6 +154,7 @@ class Trainer:
         *,
         encoders: Mapping[str, nn.Module] | None = None,
         methods: Sequence[str | BalancingMethod] | None = None,
+        model: nn.Module | None = None,
     ) -> None:
         self.model_config, self.config = model_config, config
         self.out_dir = Path(out_dir) if out_dir is not None else None
@@ -149,6 +172,7 @@ class Trainer:
             amp=config.amp,
             seed=config.seed,
             game_every=config.game_every,
+            model=model,
         )
         self.train_set, self.valid_set, self.test_set = train_set, valid_set, test_set
         self.holdout_set: Dataset | None = None
@@ -161,6 +185,9 @@ class Trainer:
         self.elapsed_s = 0.0  # training wall time over all sessions (resume included)
         self._best_state: dict[str, Tensor] | None = None
         self.last_predictions: dict[str, Any] | None = None
+        #: After :meth:`resume`: the checkpoint, its epoch, its training options and the
+        #: options this run changed (``{name: [checkpoint's, this run's]}``).
+        self.resumed: dict[str, Any] | None = None
 
     @property
     def model(self):
@@ -178,20 +205,32 @@ class Trainer:
         loader = make_loader(
             self.train_set, c.batch_size, train=True, seed=c.seed, epoch=self.epoch
         )
-        iterator = loader
+        n_batches = len(loader)
+        if c.max_steps_per_epoch is not None:
+            n_batches = min(n_batches, c.max_steps_per_epoch)
+        # The progress bar is drawn beside the loop and never wraps the loader: tqdm.auto's
+        # class (tqdm.asyncio) calls iter() on what it wraps in its constructor, and every
+        # iter() of a DataLoader draws a base seed from the loader's seeded generator (under
+        # torchrun, from the global RNG, on rank 0 only); the batch order then depended on
+        # --quiet. A display flag must never touch training randomness.
+        bar = None
         if c.progress and self.is_main:
             from tqdm.auto import tqdm
 
             desc = f"epoch {self.epoch + 1}/{c.epochs} (phase {phase})"
-            iterator = tqdm(loader, desc=desc, leave=False)
+            bar = tqdm(total=n_batches, desc=desc, leave=False)
         sums: dict[str, Tensor] = {}
         n_steps = 0
-        for step, batch in enumerate(iterator):
-            if c.max_steps_per_epoch is not None and step >= c.max_steps_per_epoch:
-                break
-            for k, v in train_step(self.parts, batch, phase).items():
-                sums[k] = sums.get(k, 0.0) + v.float()
-            n_steps += 1
+        try:
+            for batch in itertools.islice(loader, n_batches):
+                for k, v in train_step(self.parts, batch, phase).items():
+                    sums[k] = sums.get(k, 0.0) + v.float()
+                n_steps += 1
+                if bar is not None:
+                    bar.update(1)
+        finally:
+            if bar is not None:
+                bar.close()
         means = {f"train_{k}": float(v) / max(n_steps, 1) for k, v in sums.items()}
         for method in self.methods:
             method.epoch_end(self.epoch, self.head_losses)
@@ -264,11 +303,12 @@ class Trainer:
 
     def _end_epoch(self, record: dict[str, Any]) -> None:
         """Phase switch (on the unimodal validation error in phase 1) and model selection."""
-        val, phase = record["val"], record["phase"]
-        mods = self.model.modalities
-        uni_error = sum(error_of(val[m]) for m in mods) / len(mods)
-        self.parts.schedule.epoch_end(uni_error if phase == 1 else None)
-        if phase == 2 and error_of(val["fused"]) < self.best_value:
+        val, schedule = record["val"], self.parts.schedule
+        # the library's warm-up rules: selection only in phase 2, the switch on the mean
+        # unimodal validation error (the fused head is not trained during the warm-up)
+        selected = schedule.select(error_of(val["fused"]))
+        schedule.epoch_end({m: error_of(val[m]) for m in self.model.modalities})
+        if selected:
             self.best_value = error_of(val["fused"])
             self.best_epoch = self.epoch + 1
             self._best_state = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
@@ -410,6 +450,14 @@ class Trainer:
         self.best_value, self.best_epoch = state["best_value"], state["best_epoch"]
         self.elapsed_s = state.get("elapsed_s", 0.0)
         _set_rng_state(state["rng"])
+        saved = dict(state.get("train_config") or {})
+        now = asdict(self.config)
+        self.resumed = {
+            "checkpoint": str(path),
+            "epoch": self.epoch,
+            "train_config": saved,
+            "changed": {k: [saved[k], v] for k, v in now.items() if k in saved and saved[k] != v},
+        }
         return True
 
     def _check_compatible(self, state: Any, path: Path) -> None:
@@ -426,6 +474,20 @@ class Trainer:
             raise CheckpointError(
                 f"{path} was written with other model options ({changes}); resume with the same "
                 "options, or pass another --out."
+            )
+        saved_train = state.get("train_config") or {}
+        now_train = asdict(self.config)
+        fixed = [k for k in RESUME_FIXED if k in saved_train and saved_train[k] != now_train[k]]
+        if fixed:
+            changes = "; ".join(
+                f"{_as_flag(k, saved_train[k])} in the checkpoint, {_as_flag(k, now_train[k])} now"
+                for k in fixed
+            )
+            same = " ".join(_as_flag(k, saved_train[k]) for k in fixed)
+            raise CheckpointError(
+                f"{path} was trained with other optimisation options ({changes}). A resume "
+                "restores the checkpoint's optimiser, phase schedule and random state and cannot "
+                f"apply a new value: resume with {same}, or start a new run in another --out."
             )
         names = [type(m).__name__ for m in self.methods]
         if state.get("method_names") != names:
