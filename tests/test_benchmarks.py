@@ -332,6 +332,7 @@ def test_speed_quick_grid_and_sampled_accuracy(quick_results):
     assert len(grid) == 2 * len({(r["M"], r["batch"]) for r in grid})
     for r in grid:
         assert r["ratio"] == pytest.approx(r["pase_ms"] / r["plain_ms"])
+        assert r["ratio_paired"] > 0 and r["rounds"] >= result["grid_steps"]
         m = r["M"]
         assert r["game_ms"] > 0 and r["game_exact"] == (m <= 6)
         assert r["coalitions"] == (2**m if m <= 6 else 2 * m + 2 + m * (m - 3))

@@ -21,7 +21,12 @@ from hypothesis import strategies as st
 from torch import nn
 
 from modbalance._checks import ModbalanceError
-from modbalance.modulation import ShapleyGradModulator, pase_coefficients
+from modbalance.modulation import (
+    OGMGEModulator,
+    ShapleyGradModulator,
+    pase_coefficients,
+    pase_shares,
+)
 from modbalance.shapley import (
     GameResult,
     ModalityGame,
@@ -815,3 +820,368 @@ def test_game_value_checks_can_be_switched_off():
     with modbalance.value_checks(False):  # no NaN scan, no label-range scan: no host sync
         res = game(feats, y)
     assert torch.isnan(res.table).any()
+
+
+# ------------------------------------------------------------------------------------------
+# the sampled game: random cyclic orders ("cost at scale")
+# ------------------------------------------------------------------------------------------
+
+
+class TableHead:
+    """A head whose game is a given table: with ``value="neg_mae"`` and the target 10, every
+    sample predicts ``table[S]`` for its coalition ``S``, so ``v(S) = table[S] - 10``."""
+
+    def __init__(self, table: torch.Tensor, names):
+        self.table = table.float()
+        self.names = tuple(names)
+        self.calls = 0
+        self.rows = 0
+
+    def __call__(self, features, present):
+        self.calls += 1
+        codes = sum(present[n].long() << j for j, n in enumerate(self.names))
+        self.rows += codes.numel()
+        return self.table.to(codes.device)[codes]
+
+
+def table_game(table: torch.Tensor, n: int = 3, **kwargs):
+    """``(game, features, target)`` of :class:`TableHead` over ``table``'s players."""
+    m = table.numel().bit_length() - 1
+    names = [f"m{i}" for i in range(m)]
+    head = TableHead(table, names)
+    game = ModalityGame(head, names, masking="present", value="neg_mae", **kwargs)
+    feats = {k: torch.zeros(n, 2) for k in names}
+    return game, feats, torch.full((n,), 10.0)
+
+
+def cycle_permutations(cycle):
+    """The 2M permutations of a cyclic order: its rotations, read in both directions."""
+    cycle = list(cycle)
+    rotations = [cycle[k:] + cycle[:k] for k in range(len(cycle))]
+    return rotations + [r[::-1] for r in rotations]
+
+
+def brute_force_permutation_mean(table: torch.Tensor, perms) -> torch.Tensor:
+    """Average marginal contribution over the given orderings."""
+    m = table.numel().bit_length() - 1
+    phi = torch.zeros(m, dtype=torch.float64)
+    for perm in perms:
+        prefix: list[int] = []
+        for player in perm:
+            before = table[code_of(prefix)]
+            prefix.append(player)
+            phi[player] += table[code_of(prefix)] - before
+    return phi / len(perms)
+
+
+def all_cycles(m: int):
+    """Every cyclic order of ``m`` players (player 0 first; both directions listed)."""
+    return [(0, *rest) for rest in itertools.permutations(range(1, m))]
+
+
+def test_sampled_estimate_is_the_permutation_mean_of_one_drawn_cycle():
+    table = random_table(5, 11)
+    candidates = torch.stack(
+        [brute_force_permutation_mean(table, cycle_permutations(c)) for c in all_cycles(5)]
+    )
+    for seed in range(4):
+        game, feats, y = table_game(table, estimator="sampled", seed=seed)
+        res = game(feats, y)
+        assert game.num_coalitions == 2 * 5 + 2 + 5 * 2 == 22 and game.head.rows == 22 * 3
+        gap = (candidates - res.shapley.double()).abs().amax(1).min()
+        assert gap < 1e-5, gap
+    # two cycles: the mean of two of them
+    game, feats, y = table_game(table, estimator="sampled", num_cycles=2, seed=3)
+    est = game(feats, y).shapley.double()
+    pairs = (candidates.unsqueeze(0) + candidates.unsqueeze(1)) / 2
+    assert (pairs - est).abs().amax(-1).min() < 1e-5
+
+
+@pytest.mark.parametrize("m", [4, 5, 6])
+def test_cycle_estimator_is_unbiased_exactly(m):
+    # the expectation over a uniformly random cyclic order is the Shapley value
+    table = random_table(m, m)
+    means = [brute_force_permutation_mean(table, cycle_permutations(c)) for c in all_cycles(m)]
+    torch.testing.assert_close(torch.stack(means).mean(0), shapley_from_table(table))
+
+
+def test_sampled_game_is_unbiased_over_seeds():
+    table = random_table(6, 2)
+    exact = shapley_from_table(table)
+    game, feats, y = table_game(table, estimator="sampled", seed=0)
+    est = torch.stack([game(feats, y).shapley.double() for _ in range(300)])  # generator advances
+    se = est.std(0) / math.sqrt(est.shape[0])
+    assert ((est.mean(0) - exact).abs() <= 4 * se + 1e-6).all(), (est.mean(0) - exact, se)
+
+
+@pytest.mark.parametrize("m", [5, 7, 8])
+def test_sampled_game_is_efficient(m):
+    table = random_table(m, 4)
+    game, feats, y = table_game(table, estimator="sampled", num_cycles=2)
+    for _ in range(3):
+        res = game(feats, y)
+        torch.testing.assert_close(
+            res.shapley.sum().double(), table[-1] - table[0], atol=1e-5, rtol=1e-5
+        )
+
+
+def test_sampled_game_is_exact_without_higher_order_interactions():
+    # v(S) = sum_i a_i [i in S] + sum_{i<j} b_ij [i, j in S]: the two directions of a cycle
+    # cancel every pairwise term, so one cycle gives the exact values
+    m = 7
+    g = torch.Generator().manual_seed(0)
+    a = torch.randn(m, generator=g, dtype=torch.float64)
+    b = torch.randn(m, m, generator=g, dtype=torch.float64).triu(1)
+    z = coalition_masks(m).double()
+    table = z @ a + ((z @ b) * z).sum(1)
+    exact = shapley_from_table(table)
+    for seed in range(3):
+        game, feats, y = table_game(table, seed=seed)
+        assert not game.exact
+        torch.testing.assert_close(game(feats, y).shapley.double(), exact, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("m", [1, 2, 3])
+def test_sampled_game_with_at_most_three_players_is_the_exact_game(m):
+    table = random_table(m, 5)
+    game, feats, y = table_game(table, estimator="sampled")
+    exact, _, _ = table_game(table, estimator="exact")
+    assert game.exact and game.num_coalitions == 2**m
+    a, b = game(feats, y), exact(feats, y)
+    assert torch.equal(a.table, b.table) and torch.equal(a.interactions, b.interactions)
+    assert torch.equal(a.shapley, b.shapley)
+
+
+def test_sampled_game_is_accurate_at_a_fixed_seed():
+    """A random MLP fusion head at M = 8: one cycle (58 of 256 coalitions) at seed 0."""
+    m, n, d = 8, 32, 4
+    names = [f"m{i}" for i in range(m)]
+    g = torch.Generator().manual_seed(0)
+    feats = {k: torch.randn(n, d, generator=g) for k in names}
+    scale = 0.7 ** torch.arange(m, dtype=torch.float32)  # unequal modalities
+    y = sum(scale[i] * feats[k][:, 0] for i, k in enumerate(names))
+    head = nn.Sequential(nn.Linear(m * d, 16), nn.Tanh(), nn.Linear(16, 1))
+    with torch.no_grad():
+        head[0].weight.normal_(generator=g).mul_(0.5)
+
+    def fuse(f, present):
+        return head(torch.cat([f[k] * present[k][:, None] for k in names], 1))[:, 0]
+
+    exact = ModalityGame(fuse, names, estimator="exact", modules=[head])(feats, y)
+    res = ModalityGame(fuse, names, modules=[head], seed=0)(feats, y)
+    rel = float((res.shapley - exact.shapley).norm() / exact.shapley.norm())
+    assert rel < 0.15, rel  # documented: a few % to ~15% relative error of phi per call
+    shares = pase_shares(res.shapley) - pase_shares(exact.shapley)
+    assert float(shares.abs().max()) < 0.05
+
+
+def test_sampled_game_is_reproducible_from_its_generator():
+    table = random_table(7, 8)
+    game, feats, y = table_game(table, seed=3)
+    state = game.state_dict()
+    first, second = game(feats, y).shapley, game(feats, y).shapley
+    assert not torch.equal(first, second)  # the generator advances
+    game.load_state_dict(state)
+    assert torch.equal(game(feats, y).shapley, first)
+    assert torch.equal(game(feats, y).shapley, second)
+    again, _, _ = table_game(table, seed=3)
+    assert torch.equal(again(feats, y).shapley, first)
+    other, _, _ = table_game(table, seed=4)
+    assert not torch.equal(other(feats, y).shapley, first)
+    gen = torch.Generator().manual_seed(3)
+    own, _, _ = table_game(table, generator=gen)
+    assert own.generator is gen and torch.equal(own(feats, y).shapley, first)
+
+
+@pytest.mark.parametrize(
+    ("m", "kwargs", "exact", "coalitions"),
+    [
+        (6, {}, True, 64),  # default: exact up to 6 modalities
+        (7, {}, False, 2 * 7 + 2 + 7 * 4),
+        (8, {}, False, 58),
+        (8, {"num_cycles": 2}, False, 98),
+        (7, {"estimator": "exact"}, True, 128),
+        (5, {"max_exact_players": 4}, False, 12 + 10),
+        (5, {"estimator": "sampled"}, False, 22),
+        (4, {"estimator": "sampled", "num_cycles": 3}, False, 10 + 3 * 4),
+        (8, {"max_exact_players": 8}, True, 256),
+    ],
+)
+def test_threshold_switches_between_exact_and_sampled(m, kwargs, exact, coalitions):
+    table = random_table(m, 1)
+    game, feats, y = table_game(table, n=2, **kwargs)
+    assert game.exact is exact and game.num_coalitions == coalitions
+    res = game(feats, y)
+    assert game.head.calls == 1 and game.head.rows == coalitions * 2
+    assert res.table.shape == (2**m,) and res.interactions.shape == (m, m)
+    if exact:
+        torch.testing.assert_close(
+            res.shapley.double(), shapley_from_table(table), atol=1e-5, rtol=1e-5
+        )
+        assert torch.isfinite(res.table).all() and torch.isfinite(res.interactions).all()
+    else:
+        assert int(torch.isfinite(res.table).sum()) <= min(coalitions, 2**m)
+        assert torch.isnan(res.interactions.fill_diagonal_(float("nan"))).all()
+
+
+def test_sampled_table_holds_the_evaluated_coalitions():
+    m = 7
+    table = random_table(m, 9)
+    game, feats, y = table_game(table, num_cycles=2)
+    res = game(feats, y)
+    done = torch.isfinite(res.table)
+    torch.testing.assert_close(res.table[done].double(), table[done] - 10.0, atol=1e-5, rtol=0)
+    full = 2**m - 1
+    strata = [0, full] + [1 << i for i in range(m)] + [full ^ (1 << i) for i in range(m)]
+    assert done[strata].all()  # the empty, single, all-but-one and grand coalitions: always
+    assert torch.equal(res.interactions.diagonal(), torch.zeros(m))
+    # single-modality scores (OGM-GE's game source) need only the strata
+    scores = OGMGEModulator.game_scores(res)
+    assert all(bool(torch.isfinite(v)) for v in scores.values())
+
+
+def test_sampled_game_chunks_give_the_same_result():
+    table = random_table(7, 6)
+    whole, feats, y = table_game(table, seed=1)
+    chunked, _, _ = table_game(table, seed=1, chunk_size=5)
+    a, b = whole(feats, y), chunked(feats, y)
+    assert chunked.head.calls == math.ceil(chunked.num_coalitions / 5)
+    torch.testing.assert_close(a.shapley, b.shapley)
+    torch.testing.assert_close(a.table, b.table, equal_nan=True)
+
+
+def test_sampled_game_options_errors():
+    head = FusionHead()
+    with pytest.raises(ModbalanceError, match="`estimator` must be one of"):
+        ModalityGame(head, NAMES, estimator="approx")
+    with pytest.raises(ModbalanceError, match="`max_exact_players` must be >= 1"):
+        ModalityGame(head, NAMES, max_exact_players=0)
+    with pytest.raises(ModbalanceError, match="`max_exact_players` must be <= 24"):
+        ModalityGame(head, NAMES, max_exact_players=25)
+    with pytest.raises(ModbalanceError, match="`num_cycles` must be >= 1"):
+        ModalityGame(head, NAMES, num_cycles=0)
+    with pytest.raises(ModbalanceError, match="`seed` must be >= 0"):
+        ModalityGame(head, NAMES, seed=-1)
+    with pytest.raises(ModbalanceError, match="`seed` or `generator`, not both"):
+        ModalityGame(head, NAMES, seed=1, generator=torch.Generator())
+    with pytest.raises(TypeError, match="`seed` must be an int"):
+        ModalityGame(head, NAMES, seed=1.5)
+    with pytest.raises(TypeError, match="`num_cycles` must be an int"):
+        ModalityGame(head, NAMES, num_cycles=True)
+    with pytest.raises(TypeError, match=r"`generator` must be a torch\.Generator"):
+        ModalityGame(head, NAMES, generator=0)
+    game = ModalityGame(head, NAMES)
+    with pytest.raises(ModbalanceError, match="state_dict\\(\\), a mapping with the key"):
+        game.load_state_dict({"seed": 0})
+
+
+def test_game_repr_and_state():
+    game = ModalityGame(FusionHead(), NAMES, num_cycles=3, max_exact_players=2)
+    assert repr(game) == (
+        "ModalityGame(modalities=('text', 'audio', 'vision'), masking='zero', "
+        "value='neg_loss', task='regression', chunk_size=None, estimator='auto', "
+        "max_exact_players=2, num_cycles=3)"
+    )
+    assert game.exact  # three players: every coalition is a stratum
+    state = game.state_dict()
+    assert set(state) == {"generator"} and torch.equal(
+        state["generator"], torch.Generator().manual_seed(0).get_state()
+    )
+
+
+def test_sampled_game_does_not_synchronise_the_host():
+    from test_host_sync import SyncCounter
+
+    import modbalance
+
+    head = FusionHead()
+    names = [f"m{i}" for i in range(7)]
+    proj = nn.Linear(3, 1)
+
+    def fuse(f, present):
+        return sum(proj(f[k])[:, 0] * present[k] for k in f)
+
+    game = ModalityGame(fuse, names, masking="mean", modules=[head, proj])
+    feats = {k: torch.randn(5, 3) for k in names}
+    y = torch.randn(5)
+    game(feats, y)  # first call: cached designs and weights
+    with modbalance.value_checks(False), SyncCounter() as counter:
+        res = game(feats, y)
+        ModalityGame(fuse, names[:3], modules=[proj])(
+            {k: feats[k] for k in names[:3]}, y
+        )  # the exact game too
+    assert not counter.hits, counter.report()
+    assert not game.exact and torch.isfinite(res.shapley).all()
+
+
+def test_training_step_with_a_sampled_game_does_not_synchronise_the_host():
+    from test_host_sync import count_syncs
+
+    from examples.pase import PaSEConfig, build
+
+    dims = {f"m{i}": 3 for i in range(7)}
+    g = torch.Generator().manual_seed(0)
+    mask = torch.arange(4)[None, :] < torch.tensor([4, 2, 3, 4, 1, 4])[:, None]
+    batch = {
+        "features": {k: torch.randn(6, 4, d, generator=g) for k, d in dims.items()},
+        "mask": {k: mask for k in dims},
+        "label": torch.randn(6, generator=g).clamp(-3, 3),
+    }
+    config = PaSEConfig(modalities=tuple(dims), input_dims=dims, dim=8, heads=2)
+    parts = build(config, methods=("sge",))
+    assert not parts.game.exact
+    counter = count_syncs(parts, batch)
+    assert not counter.hits, counter.report()
+
+
+def test_game_sees_submodules_added_later_and_runs_the_head_without_value_checks():
+    import modbalance
+
+    head = FusionHead().train()
+    seen = []
+
+    def fuse(f, present):
+        seen.append((modbalance.value_checks_enabled(), [m.training for m in head.modules()]))
+        return head(f, present)
+
+    game = ModalityGame(fuse, NAMES, modules=[head])
+    feats, y = make_inputs("cpu")
+    game(feats, y)
+    head.extra = nn.Dropout(0.5)  # registered after the first call
+    head.mlp.append(nn.Identity())
+    game(feats, y)
+    assert [checks for checks, _ in seen] == [False, False]
+    assert not any(any(flags) for _, flags in seen)  # every module, new ones too, in eval
+    assert all(m.training for m in head.modules())  # and restored
+    assert modbalance.value_checks_enabled()
+
+
+def _dist_sampled_worker(rank, world, port, table, out_dir):
+    import torch.distributed as dist
+
+    os.environ["MASTER_ADDR"] = "127.0.0.1"
+    os.environ["MASTER_PORT"] = str(port)
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        torch.set_num_threads(1)
+        game, feats, y = table_game(table, n=2 + rank, seed=7)  # unequal shards
+        res = game(feats, y)
+        torch.save((res.table, res.shapley), os.path.join(out_dir, f"sampled_{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.distributed
+def test_distributed_sampled_game_draws_the_same_cycles_on_every_rank(tmp_path):
+    import torch.multiprocessing as mp
+
+    table = random_table(7, 12)
+    mp.spawn(
+        _dist_sampled_worker, args=(2, _free_port(), table, str(tmp_path)), nprocs=2, join=True
+    )
+    game, feats, y = table_game(table, n=5, seed=7)
+    expected = game(feats, y)
+    for rank in range(2):
+        got_table, got_shapley = torch.load(tmp_path / f"sampled_{rank}.pt")
+        torch.testing.assert_close(got_table, expected.table, equal_nan=True)
+        torch.testing.assert_close(got_shapley, expected.shapley)
