@@ -168,7 +168,9 @@ class Decision(nn.Module):
         self, fused: Tensor, unimodal: Mapping[str, Tensor], present: Mapping[str, Tensor]
     ) -> Tensor:
         """``(N, 1 + M)`` weights of the sources (head first) for each sample; rows sum to 1."""
-        src, avail = self._sources(fused, unimodal, present)
+        return self._weights(*self._sources(fused, unimodal, present))
+
+    def _weights(self, src: Tensor, avail: Tensor) -> Tensor:
         n, s = avail.shape
         dtype = src.dtype
         if self.rule == "head":
@@ -195,8 +197,8 @@ class Decision(nn.Module):
         """The prediction: ``fused``'s shape, a per-sample weighted mean of the sources."""
         if self.rule == "head":
             return fused
-        src, _ = self._sources(fused, unimodal, present)
-        w = self.weights(fused, unimodal, present).unsqueeze(-1)
+        src, avail = self._sources(fused, unimodal, present)
+        w = self._weights(src, avail).unsqueeze(-1)
         # an absent modality has weight 0: keep its (possibly non-finite) output out of the sum
         out = torch.where(w > 0, w * src, torch.zeros_like(src)).sum(1)
         return out.squeeze(-1) if fused.ndim == 1 else out

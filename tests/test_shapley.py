@@ -15,7 +15,7 @@ import torch.nn.functional as F
 # ------------------------------------------------------------------------------------------
 # obviously-correct references
 # ------------------------------------------------------------------------------------------
-from _reference import brute_force_shapley, code_of
+from _reference import brute_force_permutation_mean, brute_force_shapley, code_of
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
@@ -859,19 +859,6 @@ def cycle_permutations(cycle):
     cycle = list(cycle)
     rotations = [cycle[k:] + cycle[:k] for k in range(len(cycle))]
     return rotations + [r[::-1] for r in rotations]
-
-
-def brute_force_permutation_mean(table: torch.Tensor, perms) -> torch.Tensor:
-    """Average marginal contribution over the given orderings."""
-    m = table.numel().bit_length() - 1
-    phi = torch.zeros(m, dtype=torch.float64)
-    for perm in perms:
-        prefix: list[int] = []
-        for player in perm:
-            before = table[code_of(prefix)]
-            prefix.append(player)
-            phi[player] += table[code_of(prefix)] - before
-    return phi / len(perms)
 
 
 def all_cycles(m: int):
