@@ -41,7 +41,7 @@ RUN_MARKERS = ("last.pt", "best.pt", "final_metrics.json", "summary.json")
 RUN_FILES = (
     *RUN_MARKERS,
     *("last.pt.tmp", "best.pt.tmp", "history.json", "history.csv"),
-    *("shapley_shares.png", "val_scores.png", "coefficients.png", "unimodal_weights.png"),
+    *("shapley_shares.png", "val_scores.png", "coefficients.png"),
     "ot_plan.png",
 )
 

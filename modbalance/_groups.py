@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+import warnings
+from collections.abc import Iterable, Mapping, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -75,3 +76,106 @@ def by_device_dtype(tensors: list[Tensor]) -> dict[tuple[torch.device, torch.dty
     for i, t in enumerate(tensors):
         out.setdefault((t.device, t.dtype), []).append(i)
     return out
+
+
+#: Optimizers that divide each gradient by a running estimate of its own magnitude.
+ADAPTIVE_OPTIMIZERS: tuple[type, ...] = tuple(
+    getattr(torch.optim, name)
+    for name in (
+        "Adam",
+        "AdamW",
+        "Adamax",
+        "NAdam",
+        "RAdam",
+        "RMSprop",
+        "Adagrad",
+        "Adadelta",
+        "SparseAdam",
+        "Adafactor",
+    )
+    if hasattr(torch.optim, name)
+)
+
+
+def warn_adaptive(optimizer: torch.optim.Optimizer, who: str, effect: str) -> None:
+    """Warn that scaling gradients under an adaptive optimizer mostly cancels (once per call)."""
+    warnings.warn(
+        f"{who} apply='grad' with {type(optimizer).__name__}: adaptive optimizers divide each "
+        "gradient by a running estimate of its own magnitude, so multiplying a group's "
+        f"gradients by a constant k leaves its updates (almost) unchanged; {effect} Use "
+        "apply='update', which rescales the parameter update itself.",
+        UserWarning,
+        stacklevel=4,
+    )
+
+
+class GroupScaler:
+    r"""Per-group gradient or update scaling, shared by the modulators, CGGM and InfoReg.
+
+    * :meth:`scale_grads`: ``g <- k_m g`` for every parameter of group ``m`` that has a gradient
+      (``torch._foreach_mul_`` per device and dtype; ``k`` stays a tensor, no host sync).
+    * :meth:`snapshot` before ``optimizer.step()`` and :meth:`rescale_updates` after it:
+      :math:`\theta \leftarrow \theta_\text{old} + k_m(\theta_\text{new} - \theta_\text{old})`
+      (one copy of the parameters that have a gradient, during the step).
+    * :meth:`check_optimizer`: refuses an optimizer that updates no parameter of a group, whose
+      modulation would otherwise silently do nothing (checked once per optimizer and size).
+    """
+
+    def __init__(self, names: Sequence[str], params: list[list[nn.Parameter]], who: str) -> None:
+        self.names = tuple(names)
+        self.params = params
+        self.who = who
+        self._checked: tuple[int, int, int] | None = None
+
+    def check_optimizer(self, optimizer: torch.optim.Optimizer) -> None:
+        """Raise unless ``optimizer`` holds at least one trainable parameter of every group."""
+        groups = optimizer.param_groups
+        key = (id(optimizer), len(groups), sum(len(g["params"]) for g in groups))
+        if key == self._checked:
+            return
+        held = {id(p) for g in groups for p in g["params"]}
+        for name, ps in zip(self.names, self.params):
+            trainable = [p for p in ps if p.requires_grad]
+            if trainable and not any(id(p) in held for p in trainable):
+                raise ModbalanceError(
+                    f"{self.who}: the optimizer updates no parameter of the {name!r} group, so "
+                    "scaling that group's gradients or updates would do nothing. Build the "
+                    "optimizer over the parameters the groups were given (e.g. "
+                    "model.parameters()), or give the method the groups this optimizer trains."
+                )
+        self._checked = key
+
+    @torch.no_grad()
+    def scale_grads(self, coefficients: Tensor) -> bool:
+        """Multiply every group's gradients by its coefficient; ``False`` if none had one."""
+        any_grad = False
+        for m, ps in enumerate(self.params):
+            grads = [p.grad for p in ps if p.grad is not None]
+            any_grad = any_grad or bool(grads)
+            for (device, dtype), idx in by_device_dtype(grads).items():
+                k = coefficients[m].to(device=device, dtype=dtype)
+                torch._foreach_mul_([grads[i] for i in idx], k)
+        return any_grad
+
+    @torch.no_grad()
+    def snapshot(self) -> list[tuple[list[nn.Parameter], list[Tensor]]]:
+        """Copies of the parameters that have a gradient, per group (before the step)."""
+        snaps = []
+        for ps in self.params:
+            live = [p for p in ps if p.grad is not None]
+            snaps.append((live, [p.detach().clone() for p in live]))
+        return snaps
+
+    @torch.no_grad()
+    def rescale_updates(
+        self, snaps: list[tuple[list[nn.Parameter], list[Tensor]]], coefficients: Tensor
+    ) -> None:
+        """After the step: ``theta <- theta_old + k_m (theta_new - theta_old)`` per group."""
+        for m, (live, old) in enumerate(snaps):
+            for (device, dtype), idx in by_device_dtype(live).items():
+                ps = [live[i] for i in idx]
+                olds = [old[i] for i in idx]
+                k = coefficients[m].to(device=device, dtype=dtype)
+                torch._foreach_sub_(olds, ps)  # old - new
+                torch._foreach_mul_(olds, 1.0 - k)  # (1 - k)(old - new)
+                torch._foreach_add_(ps, olds)  # k new + (1 - k) old

@@ -57,6 +57,7 @@ import torch
 from torch import Tensor, nn
 
 from modbalance._checks import ModbalanceError, check_int
+from modbalance._state import ModalityState
 
 __all__ = [
     "BalancingMethod",
@@ -136,7 +137,7 @@ class StepOutput(NamedTuple):
         return tuple(self.features)
 
 
-class BalancingMethod(nn.Module):
+class BalancingMethod(ModalityState, nn.Module):
     """Base class of balancing methods: three optional hooks, all no-ops by default.
 
     Subclasses override what they need. State (coefficients, weights, counters) lives in
@@ -150,10 +151,18 @@ class BalancingMethod(nn.Module):
             (MMPareto); :func:`balanced_step` refuses two such methods before running either.
         phases: The phases of the dual-phase schedule in which the method acts (``(2,)``: after
             the warm-up). :func:`balanced_step` skips the method in other phases.
+        needs_holdout: Set to ``True`` when :meth:`epoch_end` evaluates on a held-out part of
+            the training data (G-Blending); a training loop then splits one off.
+
+    What a method may offer, and a loop calls without probing for it: :meth:`predict` (its own
+    inference rule; ``None`` by default), :meth:`summary` (scalars to log once per epoch) and the
+    per-modality factor it applies as ``coefficients``, a ``(M,)`` tensor in the order of
+    ``modalities``. Random generators a method owns are part of its ``state_dict()``.
     """
 
     needs_game: bool = False
     takes_backward: bool = False
+    needs_holdout: bool = False
     phases: tuple[int, ...] = (2,)
 
     def losses(self, out: StepOutput, losses: Mapping[str, Tensor]) -> dict[str, Tensor]:
@@ -190,6 +199,27 @@ class BalancingMethod(nn.Module):
         """Called once at the end of every training epoch (default: nothing)."""
         return None
 
+    def predict(
+        self, features: Mapping[str, Tensor], present: Mapping[str, Tensor] | None = None
+    ) -> Tensor | None:
+        """The method's own inference rule from ``{modality: (N, D)}`` features, or ``None``.
+
+        ``None`` (the default) means: use the model's fused prediction. MLA overrides it.
+        """
+        return None
+
+    def summary(self) -> dict[str, float]:
+        """Scalars worth logging once per epoch (one host sync; never call it in a step).
+
+        The default: ``{"coefficient_<m>": k_m}`` from :attr:`coefficients` when the method has
+        them, else ``{}``. Methods add their own entries.
+        """
+        coefficients = getattr(self, "coefficients", None)
+        names = getattr(self, "modalities", ())
+        if not isinstance(coefficients, Tensor) or coefficients.shape != (len(names),):
+            return {}
+        return {f"coefficient_{m}": float(k) for m, k in zip(names, coefficients.tolist())}
+
 
 def combine_losses(losses: Mapping[str, Tensor]) -> Tensor:
     """Sum named loss terms into one scalar (an empty mapping is an error).
@@ -214,25 +244,96 @@ def task_loss(pred: Tensor, target: Tensor, task: str, reduction: str = "mean") 
 
     MMSA trains sentiment regression with the L1 loss (MAE), classification with cross-entropy.
 
+    Only structural checks run here (shapes and dtypes, no host synchronisation: this is the
+    training hot path). A regression target must have shape ``(N,)`` even where the prediction
+    is ``(N, 1)``: the methods compare ``out.target`` element-wise with ``(N,)`` predictions, so
+    an ``(N, 1)`` target would broadcast to ``(N, N)`` there; it is refused rather than squeezed.
+    Class indices outside ``[0, C - 1]`` are not checked here (that needs the values): torch's
+    cross-entropy raises on them.
+
     Args:
         pred: ``(N,)`` (or ``(N, 1)``) predictions, or ``(N, C)`` logits.
-        target: ``(N,)`` float targets or int64 class indices.
+        target: ``(N,)`` float targets or integer class indices (int64, or any integer or bool
+            dtype; a floating target is refused for classification, it is never truncated).
         task: ``"regression"`` or ``"classification"``.
         reduction: ``"mean"`` or ``"none"`` (per-sample losses).
+
+    Raises:
+        TypeError: If ``pred`` or ``target`` is not a tensor, or ``target`` is floating (or
+            complex) with ``task="classification"``.
+        ModbalanceError: If the shapes do not fit the task: a regression ``pred`` that is not
+            ``(N,)``/``(N, 1)``, a classification ``pred`` that is not ``(N, C)`` logits, a
+            ``target`` that is not ``(N,)`` (e.g. ``(N, 1)``) or has another length than ``pred``.
+        ValueError: If ``task`` is unknown.
 
     Example:
         >>> import torch
         >>> from modbalance.balancing import task_loss
         >>> task_loss(torch.tensor([0.0, 2.0]), torch.tensor([1.0, 1.0]), "regression")
         tensor(1.)
+        >>> task_loss(torch.zeros(2, 3), torch.tensor([0.0, 2.0]), "classification")
+        Traceback (most recent call last):
+            ...
+        TypeError: `target` must hold integer class indices for task='classification', ...
     """
+    if task not in ("regression", "classification"):
+        raise ValueError(f"`task` must be 'regression' or 'classification', got {task!r}.")
+    for name, x in (("pred", pred), ("target", target)):
+        if not isinstance(x, Tensor):
+            raise TypeError(
+                f"`{name}` of task_loss must be a torch.Tensor, got {type(x).__name__}."
+            )
     if task == "regression":
         if pred.ndim == 2 and pred.shape[1] == 1:
             pred = pred[:, 0]
+        if pred.shape != target.shape:
+            shape_p, shape_t = tuple(pred.shape), tuple(target.shape)
+            if pred.ndim == 2:
+                raise ModbalanceError(
+                    f"a regression `pred` must have shape (N,) or (N, 1), got {shape_p}; for "
+                    f"{shape_p[1]}-class logits pass task='classification' (with integer class "
+                    "indices as `target`)."
+                )
+            if target.ndim == 2 and target.shape[1] == 1 and target.shape[0] == pred.shape[0]:
+                raise ModbalanceError(
+                    f"a regression `target` must have shape (N,) = {shape_p}, got {shape_t}: pass "
+                    "`target.view(-1)` (one value per sample; an (N, 1) target would broadcast "
+                    "against the (N,) predictions)."
+                )
+            raise ModbalanceError(
+                f"a regression `target` must have shape (N,) with one value per prediction, "
+                f"got `target` of shape {shape_t} for `pred` of shape {shape_p}."
+            )
         return nn.functional.l1_loss(pred.float(), target.float(), reduction=reduction)
-    if task == "classification":
-        return nn.functional.cross_entropy(pred.float(), target.long(), reduction=reduction)
-    raise ValueError(f"`task` must be 'regression' or 'classification', got {task!r}.")
+    if target.is_floating_point() or target.is_complex():
+        raise TypeError(
+            "`target` must hold integer class indices for task='classification', got dtype "
+            f"{target.dtype}: task_loss does not truncate fractional labels. Pass class indices "
+            "(`target.long()` after checking the values are whole), or task='regression' for "
+            "continuous targets."
+        )
+    if pred.ndim != 2:
+        raise ModbalanceError(
+            f"a classification `pred` must be (N, C) logits, got shape {tuple(pred.shape)}; for "
+            "one output per sample pass task='regression'."
+        )
+    if target.shape != pred.shape[:1]:
+        n, shape_t = pred.shape[0], tuple(target.shape)
+        if target.ndim == 2 and target.shape[0] == n:
+            fix = (
+                "pass `target.view(-1)`"
+                if target.shape[1] == 1
+                else "for one-hot labels pass `target.argmax(-1)`"
+            )
+            raise ModbalanceError(
+                f"a classification `target` must have shape (N,) = ({n},) of class indices, got "
+                f"{shape_t}; {fix}."
+            )
+        raise ModbalanceError(
+            f"a classification `target` must have shape (N,) with one class index per row of "
+            f"`pred`, got `target` of shape {shape_t} for `pred` of shape {tuple(pred.shape)}."
+        )
+    return nn.functional.cross_entropy(pred.float(), target.long(), reduction=reduction)
 
 
 def _label(method: BalancingMethod, index: int) -> str:

@@ -40,7 +40,7 @@ therefore ``"residual"`` for classification and ``"head"`` for regression.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from typing import Literal
+from typing import ClassVar, Literal
 
 import torch
 from torch import Tensor, nn
@@ -52,13 +52,14 @@ from modbalance._checks import (
     check_modality_names,
     check_real,
 )
+from modbalance._state import ModalityState
 
 __all__ = ["Decision"]
 
 _RULES = ("head", "residual", "ensemble", "stack", "gate", "precision")
 
 
-class Decision(nn.Module):
+class Decision(ModalityState, nn.Module):
     r"""Combine a fusion head's output with the unimodal heads' outputs (module docstring).
 
     Args:
@@ -89,6 +90,8 @@ class Decision(nn.Module):
         >>> dec(fused, uni, present)[:, 0]   # (0 + 1 + 2) / 3 and (0 + 1) / 2
         tensor([1.0000, 0.5000])
     """
+
+    _checked_state: ClassVar[dict[str, str]] = {"sq_error": "positive"}
 
     def __init__(
         self,

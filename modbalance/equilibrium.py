@@ -46,7 +46,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterable, Iterator, Mapping, Sequence
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import torch
 from torch import Tensor, nn
@@ -117,11 +117,18 @@ class ShapleyEquilibrium(BalancingMethod):
         ...                  torch.tensor([1.0, -1.0, 2.0, 0.0]),
         ...                  "regression", game=game)
         >>> terms = eq.losses(out, {"task": torch.tensor(1.0), "readout": torch.tensor(2.0)})
-        >>> sorted(terms), [round(w, 2) for w in eq.weights.values()]
+        >>> sorted(terms), [round(w, 2) for w in eq.coefficients.tolist()]
         (['task', 'unimodal_audio', 'unimodal_text'], [0.2, 1.8])
         >>> eq.gain   # zero predictions do not beat the constant (median) predictor: a trial
-        {'text': 0.0, 'audio': 0.0}
+        tensor([0., 0.])
     """
+
+    _checked_state: ClassVar[dict[str, str]] = {
+        "shares": "nonnegative",
+        "unimodal_loss": "nonnegative",
+        "constant_loss": "nonnegative",
+        "stalled_steps": "nonnegative",
+    }
 
     def __init__(
         self,
@@ -173,36 +180,40 @@ class ShapleyEquilibrium(BalancingMethod):
         self.register_buffer("stalled_steps", torch.zeros(m))
 
     @property
-    def weights(self) -> dict[str, float]:
-        """Current unimodal loss weight of each modality (one host sync; for logging)."""
-        return dict(zip(self.modalities, self._weights().tolist()))
+    def coefficients(self) -> Tensor:
+        r"""``(M,)`` current unimodal loss weights :math:`w_m` (in the order of ``modalities``)."""
+        return self._weights()
 
     @property
-    def learnability(self) -> dict[str, float]:
-        r"""Current learnability factor :math:`\ell_m` of each modality (one host sync)."""
-        return dict(zip(self.modalities, self._learnability().tolist()))
-
-    def _learnability(self) -> Tensor:
+    def learnability(self) -> Tensor:
+        r"""``(M,)`` current learnability factors :math:`\ell_m` (all 1 without the margin)."""
         if self.learnable_margin is None:
             return torch.ones_like(self.shares)
         return (2.0 - self.stalled_steps / self.patience).clamp(0.0, 1.0)
 
-    def _gain(self) -> Tensor:
+    @property
+    def gain(self) -> Tensor:
+        r"""``(M,)`` gains :math:`1 - \bar L_m / \bar L^{c}` of the heads over a constant."""
         gain = 1.0 - self.unimodal_loss / self.constant_loss.clamp_min(1e-8)
         return torch.where(self.losses_seen, gain, torch.zeros_like(gain))
 
-    @property
-    def gain(self) -> dict[str, float]:
-        r"""Gain :math:`1 - \bar L_m / \bar L^{c}` of each unimodal head over a constant (logging).
+    def summary(self) -> dict[str, float]:
+        """``coefficient_<m>`` (the weights), ``share_<m>``, ``gain_<m>``, ``learnability_<m>``.
 
-        One host synchronisation.
+        One host synchronisation; for logging once per epoch.
         """
-        return dict(zip(self.modalities, self._gain().tolist()))
+        rows = torch.stack([self._weights(), self.shares, self.gain, self.learnability])
+        values = rows.tolist()
+        return {
+            f"{kind}_{m}": v
+            for kind, row in zip(("coefficient", "share", "gain", "learnability"), values)
+            for m, v in zip(self.modalities, row)
+        }
 
     def _weights(self) -> Tensor:
         m = len(self.modalities)
         tilt = (1.0 + self.beta * (1.0 - m * self.shares)).clamp_min(0.0)
-        return self.weight * tilt * self._learnability()
+        return self.weight * tilt * self.learnability
 
     @torch.no_grad()
     def _observe_losses(self, out: StepOutput, losses: Sequence[Tensor]) -> None:
@@ -222,7 +233,7 @@ class ShapleyEquilibrium(BalancingMethod):
         )
         self.losses_seen.fill_(True)
         if self.learnable_margin is not None:
-            reached = self._gain() >= self.learnable_margin
+            reached = self.gain >= self.learnable_margin
             self.stalled_steps.copy_(torch.where(reached, 0.0, self.stalled_steps + 1.0))
 
     @torch.no_grad()

@@ -27,6 +27,7 @@ from modbalance._checks import (
     check_tensor,
     value_checks_enabled,
 )
+from modbalance._state import ModalityState
 
 __all__ = ["FusionOutput", "PrototypeGatedFusion"]
 
@@ -45,7 +46,7 @@ class FusionOutput(NamedTuple):
     gates: Tensor
 
 
-class PrototypeGatedFusion(nn.Module):
+class PrototypeGatedFusion(ModalityState, nn.Module):
     r"""Fuse M modality features with gates learned from each modality's prototype confidence.
 
     For sample :math:`i` and modality :math:`m` with feature :math:`h_{im} \in \mathbb{R}^D`,

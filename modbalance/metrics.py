@@ -17,6 +17,7 @@ computation runs in float64 on the CPU, these are evaluation utilities, not trai
 from __future__ import annotations
 
 import math
+import warnings
 from typing import Any
 
 import numpy as np
@@ -76,14 +77,45 @@ def _as_float_array(x: Any, name: str) -> np.ndarray:
 
 
 def _pred_target(pred: Any, target: Any) -> tuple[np.ndarray, np.ndarray]:
-    p = _as_float_array(pred, "pred").reshape(-1)
-    t = _as_float_array(target, "target").reshape(-1)
+    p = _as_float_array(pred, "pred")
+    t = _as_float_array(target, "target")
+    for name, arr, other in (("pred", p, t), ("target", t, p)):
+        # (N, C) beside N values: class logits or one-hot labels, not one value per sample
+        if arr.ndim >= 2 and arr.size != other.size and arr.shape[0] == other.size:
+            raise ModbalanceError(
+                f"`{name}` must hold one regression value per sample, shape (N,) (or (N, 1)), "
+                f"got shape {tuple(arr.shape)} beside {other.size} values; these are sentiment "
+                "regression metrics (for (N, 4, 2) IEMOCAP scores use iemocap_metrics, for other "
+                "class logits compare `pred.argmax(-1)` with the class indices)."
+            )
+    p, t = p.reshape(-1), t.reshape(-1)
     if p.shape != t.shape:
         raise ModbalanceError(
             f"`pred` has {p.size} element(s) and `target` has {t.size}; they must match "
             f"(both are flattened, so shapes (N,), (N, 1) and (N, 1, 1) are all accepted)."
         )
     return p, t
+
+
+def _warn_undefined(function: str, out: dict[str, float], reasons: dict[str, str]) -> None:
+    """One ``UserWarning`` naming the metrics that are NaN (undefined) and why."""
+    undefined = [k for k in reasons if math.isnan(out[k])]
+    if not undefined:
+        return
+    why = "; ".join(dict.fromkeys(reasons[k] for k in undefined))
+    warnings.warn(
+        f"{function}: {', '.join(undefined)} undefined, returned as NaN: {why}.",
+        UserWarning,
+        stacklevel=3,
+    )
+
+
+def _corr_reason(p: np.ndarray, t: np.ndarray, clipped: str = "") -> str:
+    """Why the Pearson correlation of ``p`` and ``t`` is undefined (a constant input)."""
+    const = [n for n, x in (("labels", t), ("predictions", p)) if np.all(x == x[0])]
+    what = " and ".join(const) if const else "labels or predictions"
+    verb = "are" if const else "are (numerically)"
+    return f"Corr needs variance in both inputs, but the {what} {verb} constant{clipped}"
 
 
 def _round(value: float, decimals: int | None) -> float:
@@ -184,8 +216,14 @@ def msa_regression_metrics(pred: Any, target: Any, *, decimals: int | None = 4) 
         ``"Non0_F1_score"``, ``"Mult_acc_5"``, ``"Mult_acc_7"``, ``"MAE"``, ``"Corr"``.
 
     Raises:
-        ModbalanceError: If the sizes differ, an input is empty or holds NaN/inf.
+        ModbalanceError: If the sizes differ (the message points out ``(N, C)`` logits given
+            beside ``N`` labels), an input is empty or holds NaN/inf.
         TypeError: If an input is not a tensor/array of real numbers.
+
+    Warns:
+        UserWarning: Once per call when a metric is undefined and returned as ``nan``, naming
+            the metrics and the reason: ``Non0_acc_2``/``Non0_F1_score`` when every label is 0,
+            ``Corr`` when the labels or the predictions are constant.
 
     Example:
         >>> import torch
@@ -217,6 +255,12 @@ def msa_regression_metrics(pred: Any, target: Any, *, decimals: int | None = 4) 
         "MAE": mae,
         "Corr": corr,
     }
+    no_nonzero = "every label is 0 (the Non0 metrics drop zero labels, so no sample is left)"
+    _warn_undefined(
+        "msa_regression_metrics",
+        out,
+        {"Non0_acc_2": no_nonzero, "Non0_F1_score": no_nonzero, "Corr": _corr_reason(p, t)},
+    )
     return {k: _round(v, decimals) for k, v in out.items()}
 
 
@@ -264,7 +308,13 @@ def sims_regression_metrics(
         ``"MAE"``, ``"Corr"``.
 
     Raises:
-        ModbalanceError: If the sizes differ, an input is empty or holds NaN/inf.
+        ModbalanceError: If the sizes differ (the message points out ``(N, C)`` logits given
+            beside ``N`` labels), an input is empty or holds NaN/inf.
+        TypeError: If an input is not a tensor/array of real numbers.
+
+    Warns:
+        UserWarning: Once per call when ``Corr`` is undefined and returned as ``nan``: the labels
+            or the predictions are constant after clipping to :math:`[-1, 1]`.
 
     Example:
         >>> import numpy as np
@@ -292,6 +342,9 @@ def sims_regression_metrics(
         "MAE": float(np.mean(np.abs(p - t))),
         "Corr": _pearson(p, t),
     }
+    _warn_undefined(
+        "sims_regression_metrics", out, {"Corr": _corr_reason(p, t, " after clipping to [-1, 1]")}
+    )
     return {k: _round(v, decimals) for k, v in out.items()}
 
 
@@ -543,8 +596,9 @@ def probe_score(
         The test score as a Python float.
 
     Raises:
-        ModbalanceError: On inconsistent shapes, non-finite values, an unknown task, fewer than
-            2 training samples, or non-integer classification labels.
+        ModbalanceError: On inconsistent shapes (one target per sample: one-hot ``(N, C)``
+            labels are refused), non-finite values, an unknown task, fewer than
+            2 training samples, or fractional classification labels (never truncated).
 
     Example:
         >>> import torch
@@ -575,7 +629,18 @@ def probe_score(
         )
     ys = []
     for name, y, x in (("train_y", train_y, xtr), ("test_y", test_y, xte)):
-        y = _as_float_tensor(y, name).detach().cpu().double().reshape(-1)
+        y = _as_float_tensor(y, name).detach().cpu().double()
+        if y.ndim >= 2 and y.shape[0] == x.shape[0] != y.numel():  # (N, C) beside N rows
+            hint = (
+                f"for one-hot labels pass `{name}.argmax(-1)`"
+                if task == "classification"
+                else "the probe fits one target per sample"
+            )
+            raise ModbalanceError(
+                f"`{name}` must have shape (N,) (or (N, 1)), one target per sample, got shape "
+                f"{tuple(y.shape)}; {hint}."
+            )
+        y = y.reshape(-1)
         if y.shape[0] != x.shape[0]:
             raise ModbalanceError(
                 f"`{name}` has {y.shape[0]} element(s) but its features have {x.shape[0]} rows; "
@@ -593,8 +658,15 @@ def probe_score(
     if task == "regression":
         targets = ytr[:, None]
     else:
-        if not bool((ytr == ytr.round()).all()) or not bool((yte == yte.round()).all()):
-            raise ModbalanceError("classification probe labels must be integers.")
+        for name, y in (("train_y", ytr), ("test_y", yte)):
+            frac = y != y.round()
+            if bool(frac.any()):
+                raise ModbalanceError(
+                    f"`{name}`: classification probe labels must be integers (class "
+                    f"indices), got {int(frac.sum())} fractional value(s), e.g. "
+                    f"{float(y[frac][0]):g}; pass integer class indices, or task='regression' "
+                    "for continuous targets."
+                )
         classes, inverse = torch.unique(ytr, return_inverse=True)
         targets = torch.nn.functional.one_hot(inverse, len(classes)).double()
     ymu = targets.mean(0)

@@ -36,9 +36,8 @@ from __future__ import annotations
 
 import contextlib
 import math
-import warnings
 from collections.abc import Callable, Iterable, Iterator, Mapping
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import torch
 from torch import Tensor, nn
@@ -53,7 +52,7 @@ from modbalance._checks import (
     check_tensor,
     value_checks_enabled,
 )
-from modbalance._groups import by_device_dtype, parse_groups
+from modbalance._groups import ADAPTIVE_OPTIMIZERS, GroupScaler, parse_groups, warn_adaptive
 from modbalance.balancing import BalancingMethod, StepOutput
 from modbalance.distributed import all_reduce_mean, all_reduce_sum, rank, world_size
 
@@ -65,23 +64,6 @@ __all__ = [
     "pase_coefficients",
     "pase_shares",
 ]
-
-_ADAPTIVE_OPTIMIZERS: tuple[type, ...] = tuple(
-    getattr(torch.optim, name)
-    for name in (
-        "Adam",
-        "AdamW",
-        "Adamax",
-        "NAdam",
-        "RAdam",
-        "RMSprop",
-        "Adagrad",
-        "Adadelta",
-        "SparseAdam",
-        "Adafactor",
-    )
-    if hasattr(torch.optim, name)
-)
 
 
 # --------------------------------------------------------------------------------------------
@@ -281,6 +263,8 @@ class ModulatorHandle:
 class _GroupModulator(BalancingMethod):
     """Groups, EMA coefficients in buffers, and the grad/update application machinery."""
 
+    _checked_state: ClassVar[dict[str, str]] = {"coefficients": "nonnegative"}
+
     def __init__(
         self,
         groups: Mapping[str, nn.Module | Iterable[nn.Parameter]],
@@ -294,6 +278,7 @@ class _GroupModulator(BalancingMethod):
         names, params = parse_groups(groups)
         self.modalities: tuple[str, ...] = names
         self._group_params: list[list[nn.Parameter]] = params  # plain list: not registered
+        self._scaler = GroupScaler(names, params, type(self).__name__)
         self.momentum = check_real(momentum, "momentum", low=0.0, high=1.0, high_inclusive=False)
         self.apply_mode: str = check_choice(apply, "apply", ("update", "grad"))
         self.min_coefficient = check_real(min_coefficient, "min_coefficient", low=0.0, high=1.0)
@@ -363,10 +348,6 @@ class _GroupModulator(BalancingMethod):
         self.initialized.fill_(True)
         return self.coefficients.clone()
 
-    def coefficient_dict(self) -> dict[str, float]:
-        """The current coefficients keyed by modality (one host sync; for logging)."""
-        return dict(zip(self.modalities, self.coefficients.tolist()))
-
     def reset(self) -> None:
         """Forget every observation: coefficients back to 1, the next ``observe`` initialises."""
         with torch.no_grad():
@@ -386,27 +367,26 @@ class _GroupModulator(BalancingMethod):
     @torch.no_grad()
     def _modify_grads(self, scale: bool) -> bool:
         """Scale (and optionally add noise to) the groups' gradients. False if none had a grad."""
-        coef = self.coefficients
-        any_grad = False
-        if self._noise:
+        params = self._group_params
+        stds = None
+        if self._noise:  # the noise's scale is the std of the unscaled gradient
             self._sync_noise_generator()
-        for m, params in enumerate(self._group_params):
-            grads = [p.grad for p in params if p.grad is not None]
-            if not grads:
-                continue
-            any_grad = True
-            stds = (
-                [g.std() if g.numel() > 1 else g.new_zeros(()) for g in grads]
-                if (self._noise)
-                else None
-            )
-            if scale:
-                for (device, dtype), idx in by_device_dtype(grads).items():
-                    k = coef[m].to(device=device, dtype=dtype)
-                    torch._foreach_mul_([grads[i] for i in idx], k)
-            if stds is not None:
-                for g, std in zip(grads, stds):
-                    g.add_(self._draw_noise(g) * std)
+            stds = [
+                [
+                    p.grad.std() if p.grad.numel() > 1 else p.grad.new_zeros(())
+                    for p in ps
+                    if p.grad is not None
+                ]
+                for ps in params
+            ]
+        any_grad = any(p.grad is not None for ps in params for p in ps)
+        if scale:
+            self._scaler.scale_grads(self.coefficients)
+        if stds is not None:
+            for ps, group_stds in zip(params, stds):
+                live = [p for p in ps if p.grad is not None]
+                for p, std in zip(live, group_stds):
+                    p.grad.add_(self._draw_noise(p.grad) * std)
         return any_grad
 
     def _sync_noise_generator(self) -> None:
@@ -475,6 +455,7 @@ class _GroupModulator(BalancingMethod):
                 "modulation on every optimizer.step(); call optimizer.step() or remove the handle."
             )
         self._warn_adaptive(optimizer)
+        self._scaler.check_optimizer(optimizer)
         self._pre_step_hook(optimizer, (), {})
         try:
             yield
@@ -485,20 +466,12 @@ class _GroupModulator(BalancingMethod):
         self._post_step_hook(optimizer, (), {})
 
     def _warn_adaptive(self, optimizer: torch.optim.Optimizer) -> None:
-        if self.apply_mode != "grad" or not isinstance(optimizer, _ADAPTIVE_OPTIMIZERS):
+        if self.apply_mode != "grad" or not isinstance(optimizer, ADAPTIVE_OPTIMIZERS):
             return
         if getattr(self, "_warned_adaptive", False):
             return
         self._warned_adaptive = True
-        warnings.warn(
-            f"apply='grad' with {type(optimizer).__name__}: adaptive optimizers divide each "
-            "gradient by a running estimate of its own magnitude, so multiplying a group's "
-            "gradients by a constant k leaves its updates (almost) unchanged and the "
-            "modulation has ~no effect. Use apply='update', which rescales the parameter "
-            "update itself.",
-            UserWarning,
-            stacklevel=5,
-        )
+        warn_adaptive(optimizer, type(self).__name__, "the modulation has ~no effect.")
 
     def signal(self, out: StepOutput) -> Any:
         """The signal this modulator observes from one training step (see :meth:`observe`)."""
@@ -542,11 +515,7 @@ class _GroupModulator(BalancingMethod):
             return
         if self._noise:
             self._modify_grads(scale=False)
-        snaps = []
-        for params in self._group_params:
-            live = [p for p in params if p.grad is not None]
-            snaps.append((live, [p.detach().clone() for p in live]))
-        self._snapshots = snaps
+        self._snapshots = self._scaler.snapshot()
 
     @torch.no_grad()
     def _post_step_hook(self, optimizer: Any, args: Any, kwargs: Any) -> None:
@@ -556,17 +525,7 @@ class _GroupModulator(BalancingMethod):
         snaps, self._snapshots = self._snapshots, None
         if snaps is None:
             return
-        coef = self.coefficients
-        for m, (live, old) in enumerate(snaps):
-            if not live:
-                continue
-            for (device, dtype), idx in by_device_dtype(live).items():
-                ps = [live[i] for i in idx]
-                olds = [old[i] for i in idx]
-                k = coef[m].to(device=device, dtype=dtype)
-                torch._foreach_sub_(olds, ps)  # old - new
-                torch._foreach_mul_(olds, 1.0 - k)  # (1 - k)(old - new)
-                torch._foreach_add_(ps, olds)  # k new + (1 - k) old
+        self._scaler.rescale_updates(snaps, self.coefficients)
 
     def attach(self, optimizer: torch.optim.Optimizer) -> ModulatorHandle:
         r"""Apply the modulation automatically on every ``optimizer.step()``.
@@ -598,6 +557,7 @@ class _GroupModulator(BalancingMethod):
                 "this modulator is already attached to an optimizer; call `handle.remove()` first."
             )
         self._warn_adaptive(optimizer)
+        self._scaler.check_optimizer(optimizer)
         pre = optimizer.register_step_pre_hook(self._pre_step_hook)
         try:
             post = optimizer.register_step_post_hook(self._post_step_hook)

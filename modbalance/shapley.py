@@ -33,7 +33,7 @@ import functools
 import inspect
 import math
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from typing import Literal, NamedTuple
+from typing import Any, Literal, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -1133,17 +1133,29 @@ class ModalityGame:
         m = self.num_players
         return 2**m if self.exact else _num_sampled_coalitions(m, self.num_cycles)
 
-    def state_dict(self) -> dict[str, Tensor]:
-        """The state of the game's generator (what a sampled game draws next)."""
-        return {"generator": self.generator.get_state()}
+    def state_dict(self) -> dict[str, Any]:
+        """The game's modality names and its generator's state (what a sampled game draws next)."""
+        return {"modalities": list(self.modalities), "generator": self.generator.get_state()}
 
-    def load_state_dict(self, state: Mapping[str, Tensor]) -> None:
-        """Restore :meth:`state_dict`: the next sampled calls draw the same cycles again."""
-        if not isinstance(state, Mapping) or set(state) != {"generator"}:
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Restore :meth:`state_dict`: the next sampled calls draw the same cycles again.
+
+        Raises:
+            ModbalanceError: If ``state`` is not such a mapping, or was saved by a game with other
+                modality names or another order (a state without names loads as before).
+        """
+        keys = set(state) if isinstance(state, Mapping) else None
+        if keys not in ({"generator"}, {"generator", "modalities"}):
             got = sorted(state) if isinstance(state, Mapping) else type(state).__name__
             raise ModbalanceError(
-                f"`state` must be ModalityGame.state_dict(), a mapping with the key "
-                f"'generator'; got {got}."
+                f"`state` must be ModalityGame.state_dict(), a mapping with the keys "
+                f"'modalities' and 'generator'; got {got}."
+            )
+        saved = state.get("modalities")
+        if saved is not None and tuple(saved) != self.modalities:
+            raise ModbalanceError(
+                f"`state` was saved with modalities {list(saved)} but this game has "
+                f"{list(self.modalities)}; build the game with the same names in the same order."
             )
         self.generator.set_state(state["generator"])
 

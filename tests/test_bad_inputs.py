@@ -677,3 +677,244 @@ def test_modality_names_accept_ordered_collections():
     assert check_modality_names({"text": 1, "audio": 2}) == ("text", "audio")
     assert check_modality_names({"text": 1, "audio": 2}.keys()) == ("text", "audio")
     assert check_modality_names(m for m in ("vision", "text")) == ("vision", "text")
+
+
+# ----------------------------------------------------------------------------------------------
+# round three: data, labels and metrics
+# ----------------------------------------------------------------------------------------------
+
+N3 = 4
+LOGITS3 = torch.randn(N3, 3, generator=torch.Generator().manual_seed(3))
+FRACTIONAL = torch.tensor([0.0, 1.5, 2.0, 0.7])
+
+
+def step_out(target: torch.Tensor, task: str = "regression") -> Any:
+    """A StepOutput over modalities 'text' and 'audio' (regression heads or 3 logits)."""
+    from modbalance.balancing import StepOutput
+
+    g = torch.Generator().manual_seed(0)
+    width = 3 if task == "classification" else None
+    shape = (N3, width) if width else (N3,)
+    return StepOutput(
+        features={m: torch.randn(N3, 2, generator=g) for m in ("text", "audio")},
+        unimodal={m: torch.randn(*shape, generator=g) for m in ("text", "audio")},
+        fused=torch.randn(*shape, generator=g),
+        present={m: torch.ones(N3, dtype=torch.bool) for m in ("text", "audio")},
+        target=target,
+        task=task,
+    )
+
+
+# 1. fractional float class labels are refused, never truncated by `.long()`
+
+
+def test_task_loss_refuses_a_float_class_target_instead_of_truncating_it():
+    from modbalance.balancing import task_loss
+
+    with pytest.raises(
+        TypeError,
+        match=r"`target` must hold integer class indices for task='classification', got dtype "
+        r"torch\.float32: task_loss does not truncate.*`target\.long\(\)` after checking",
+    ):
+        task_loss(LOGITS3, FRACTIONAL, "classification")
+    # whole-valued floats too: the dtype check never reads the values (no host sync)
+    with pytest.raises(TypeError, match="integer class indices"):
+        task_loss(LOGITS3, torch.tensor([0.0, 1.0, 2.0, 0.0]), "classification")
+    ints = torch.tensor([0, 1, 2, 0])
+    want = nn.functional.cross_entropy(LOGITS3, ints)
+    torch.testing.assert_close(task_loss(LOGITS3, ints, "classification"), want)
+    torch.testing.assert_close(task_loss(LOGITS3, ints.int(), "classification"), want)
+
+
+def test_methods_refuse_a_float_class_target():
+    from modbalance.methods import UnimodalLoss
+    from modbalance.methods.agm import AGM
+    from modbalance.methods.cggm import unimodal_accuracy
+    from modbalance.methods.inforeg import InfoReg
+
+    out = step_out(FRACTIONAL, "classification")
+    with pytest.raises(TypeError, match="`target` must hold integer class indices"):
+        UnimodalLoss(["text", "audio"]).losses(out, {})
+    with pytest.raises(TypeError, match="`target` must hold integer class indices"):
+        modbalance.ShapleyEquilibrium(["text", "audio"]).losses(out, {})
+    head = nn.Linear(4, 3)
+    agm = AGM(["text", "audio"], head=lambda f, p: head(torch.cat([f["text"], f["audio"]], 1)))
+    with pytest.raises(TypeError, match=r"`out\.target` must hold integer class indices.*never "
+                       r"truncated"):  # fmt: skip
+        agm.losses(out, {"task": torch.tensor(0.0)})
+    assert int(agm.iteration) == 0  # refused before any state changed
+    with pytest.raises(TypeError, match="`target` must hold integer class indices"):
+        unimodal_accuracy(LOGITS3, FRACTIONAL, "classification")
+    reg = InfoReg({"text": nn.Linear(2, 2), "audio": nn.Linear(2, 2)})
+    with pytest.raises(TypeError, match=r"`out\.target` must hold integer class indices"):
+        reg.losses(out, {})
+
+
+def test_probe_score_refuses_fractional_class_labels_naming_the_argument():
+    x = torch.randn(6, 2, generator=torch.Generator().manual_seed(0))
+    y = torch.tensor([0, 1, 0, 1, 0, 1])
+    with pytest.raises(
+        ME, match=r"`test_y`: classification probe labels must be integers .*1 fractional "
+        r"value\(s\), e\.g\. 0\.5; pass integer class indices, or task='regression'"
+    ):  # fmt: skip
+        probe_score(x, y, x[:3], torch.tensor([0.5, 1.0, 0.0]), task="classification")
+
+
+# 2. undefined metrics stay NaN, with one warning that says which and why
+
+
+def test_msa_metrics_warn_once_when_every_label_is_zero():
+    with pytest.warns(UserWarning) as record:
+        m = msa_regression_metrics([0.5, 1.0, -1.0], [0.0, 0.0, 0.0])
+    assert len(record) == 1
+    assert str(record[0].message) == (
+        "msa_regression_metrics: Non0_acc_2, Non0_F1_score, Corr undefined, returned as NaN: "
+        "every label is 0 (the Non0 metrics drop zero labels, so no sample is left); Corr needs "
+        "variance in both inputs, but the labels are constant."
+    )
+    assert all(np.isnan(m[k]) for k in ("Non0_acc_2", "Non0_F1_score", "Corr"))
+    assert m["Has0_acc_2"] == round(2 / 3, 4)
+
+
+def test_msa_and_sims_metrics_warn_about_constant_predictions():
+    with pytest.warns(UserWarning, match=r"msa_regression_metrics: Corr undefined.*predictions "
+                      r"are constant"):  # fmt: skip
+        m = msa_regression_metrics([1.0, 1.0, 1.0], [0.5, -1.0, 2.0])
+    assert np.isnan(m["Corr"]) and m["Non0_acc_2"] == round(2 / 3, 4)
+    clipped = r"sims_regression_metrics: Corr undefined, returned as NaN: .*the predictions are "
+    with pytest.warns(UserWarning, match=clipped + r"constant after clipping to \[-1, 1\]"):
+        m = sims_regression_metrics([1.5, 2.0, 3.0], [0.5, -1.0, 0.2])
+    assert np.isnan(m["Corr"])
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a defined result warns about nothing
+        msa_regression_metrics([0.5, -1.0, 2.0], [0.4, -0.9, 1.0])
+        sims_regression_metrics([0.5, -1.0, 0.2], [0.4, -0.9, 0.0])
+
+
+def test_example_metrics_survive_an_all_zero_validation_split():
+    from examples.pase.loop import error_of, metrics_of
+
+    with pytest.warns(UserWarning, match="every label is 0"):
+        m = metrics_of(torch.tensor([0.2, -0.1, 0.4]), torch.zeros(3), "regression")
+    assert np.isnan(m["Non0_acc_2"]) and error_of(m) == pytest.approx(0.2333, abs=1e-4)
+
+
+# 3. shape mistakes name the target / labels argument, not the presence mask
+
+
+def test_n_by_1_regression_target_is_blamed_on_the_target():
+    from modbalance.balancing import task_loss
+    from modbalance.methods import UnimodalLoss
+
+    col = torch.zeros(N3, 1)
+    pattern = (
+        r"a regression `target` must have shape \(N,\) = \(4,\), got \(4, 1\): pass "
+        r"`target\.view\(-1\)`"
+    )
+    with pytest.raises(ME, match=pattern):
+        task_loss(torch.zeros(N3), col, "regression")
+    with pytest.raises(ME, match=pattern):  # was: "the presence mask must have shape (4, 4)"
+        UnimodalLoss(["text", "audio"]).losses(step_out(col), {})
+    with pytest.raises(ME, match=pattern):
+        modbalance.ShapleyEquilibrium(["text", "audio"]).losses(step_out(col), {})
+    # (N, 1) *predictions* stay accepted, as documented
+    assert float(task_loss(torch.ones(N3, 1), torch.zeros(N3), "regression")) == 1.0
+    # ModalityGame documents and accepts an (N, 1) target: the same game as with (N,)
+    a = game()(FEATS, Y_REG[:, None]).shapley
+    torch.testing.assert_close(a, game()(FEATS, Y_REG).shapley)
+
+
+@pytest.mark.parametrize(
+    ("pred", "target", "task", "match"),
+    [
+        (torch.zeros(5), torch.zeros(4), "regression",
+         r"a regression `target` must have shape \(N,\) with one value per prediction, got "
+         r"`target` of shape \(4,\) for `pred` of shape \(5,\)"),
+        (LOGITS3, torch.zeros(N3), "regression",
+         r"a regression `pred` must have shape \(N,\) or \(N, 1\), got \(4, 3\); for 3-class "
+         r"logits pass task='classification'"),
+        (torch.zeros(N3), torch.zeros(N3, dtype=torch.long), "classification",
+         r"a classification `pred` must be \(N, C\) logits, got shape \(4,\); .*"
+         r"task='regression'"),
+        (LOGITS3, torch.zeros(3, dtype=torch.long), "classification",
+         r"a classification `target` must have shape \(N,\) with one class index per row of "
+         r"`pred`, got `target` of shape \(3,\)"),
+        (LOGITS3, torch.eye(3, dtype=torch.long)[[0, 1, 2, 0]], "classification",
+         r"a classification `target` must have shape \(N,\) = \(4,\) of class indices, got "
+         r"\(4, 3\); for one-hot labels pass `target\.argmax\(-1\)`"),
+        (LOGITS3, torch.zeros(N3, 1, dtype=torch.long), "classification",
+         r"got \(4, 1\); pass `target\.view\(-1\)`"),
+    ],
+    ids=["reg-length", "reg-logits", "cls-1d-pred", "cls-length", "cls-one-hot", "cls-column"],
+)  # fmt: skip
+def test_task_loss_shape_mistakes_are_clear_errors(pred, target, task, match):
+    from modbalance.balancing import task_loss
+
+    with pytest.raises(ME, match=match):
+        task_loss(pred, target, task)
+
+
+def test_metric_and_data_shape_mistakes_name_the_argument():
+    with pytest.raises(ME, match=r"`pred` must hold one regression value per sample, shape "
+                       r"\(N,\) \(or \(N, 1\)\), got shape \(4, 3\) beside 4 values"):  # fmt: skip
+        msa_regression_metrics(LOGITS3, torch.zeros(N3))
+    # every shape with N elements stays accepted, as documented (a (1, N) row, (N, 1, 1))
+    assert msa_regression_metrics(Y_REG[None], Y_REG[:, None, None])["MAE"] == 0.0
+    with pytest.raises(ME, match=r"`target` must hold one regression value per sample"):
+        sims_regression_metrics(torch.zeros(N3), LOGITS3)
+    x = torch.randn(6, 2, generator=torch.Generator().manual_seed(0))
+    onehot = torch.eye(2)[[0, 1, 0, 1, 0, 1]]
+    with pytest.raises(ME, match=r"`train_y` must have shape \(N,\) \(or \(N, 1\)\), one target "
+                       r"per sample, got shape \(6, 2\); for one-hot labels pass "
+                       r"`train_y\.argmax\(-1\)`"):  # fmt: skip
+        probe_score(x, onehot, x, onehot, task="classification")
+    with pytest.raises(ME, match=r"`labels` must be .*got shape \(3, 1\).*; for one label per "
+                       r"sample pass `labels\.view\(-1\)`"):  # fmt: skip
+        MultimodalDataset({"a": SEQ}, torch.zeros(3, 1))
+
+
+# 4. the example's --data reader on a directory
+
+
+def test_example_detect_format_on_a_directory_is_one_clear_line(tmp_path):
+    from examples.pase.data import DataError, detect_format
+
+    with pytest.raises(DataError, match=r"is a directory, expected a \.pkl file") as info:
+        detect_format(tmp_path)
+    assert "\n" not in str(info.value) and str(tmp_path) in str(info.value)
+
+
+# 5. options that would be silently ignored, or would train nothing
+
+
+def test_example_refuses_synthetic_options_with_a_file_and_a_zero_step_cap(tmp_path, capsys):
+    import re
+
+    from examples import pase_mosi
+    from examples.pase import TrainConfig, build_datasets
+    from examples.pase.data import DataError
+
+    data = tmp_path / "aligned_50.pkl"
+    data.write_bytes(b"")
+    for argv, match in [
+        (["--data", str(data), "--n-train", "100"],
+         r"argument --n-train: --n-train 100 only shapes the synthetic data, but --data .* is "
+         r"given; drop --n-train"),
+        (["--max-steps-per-epoch", "0"], r"argument --max-steps-per-epoch: must be an integer "
+         r">= 1 .*got 0"),
+    ]:  # fmt: skip
+        with pytest.raises(SystemExit) as exit_info:
+            pase_mosi.parse_args(argv)  # checked before any data is read or model built
+        assert exit_info.value.code == 2
+        err = capsys.readouterr().err
+        assert re.search(match, err.strip().splitlines()[-1]), err  # the message is one line
+        assert "Traceback" not in err
+    # the same mistakes made through the example's Python API
+    with pytest.raises(DataError, match=r"synthetic-data options \['n_train'\] only shape the "
+                       r"synthetic data .*drop them"):  # fmt: skip
+        build_datasets(data, synthetic={"n_train": 100})
+    with pytest.raises(ValueError, match=r"`max_steps_per_epoch` must be None \(whole epochs\) "
+                       r"or an integer >= 1, got 0: a cap of 0 would train nothing"):  # fmt: skip
+        TrainConfig(max_steps_per_epoch=0)

@@ -421,7 +421,7 @@ def test_ddp_training_matches_single_process_full_batch(ranks):
     # slowed one encoder, and a rank that trained on its shard alone would end elsewhere
     state = expected["state"]
     for key, value in state.items():
-        if key.startswith(("enc.", "fusion.", "head.")):
+        if key.startswith(("enc.", "fusion.", "head.")) and not key.endswith("_extra_state"):
             assert not torch.allclose(value, init[key]), key
     assert all(bool(state[f"calib.{m}.initialized"].any()) for m in E2E_MODS)
     assert float(expected["coefs"].min()) < 0.95

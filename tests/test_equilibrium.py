@@ -17,6 +17,11 @@ from modbalance.shapley import GameResult, shapley_from_table
 MODS = ("text", "audio", "vision")
 
 
+def named(eq, values):
+    """``{modality: value}`` from an ``(M,)`` tensor in the order of ``eq.modalities``."""
+    return dict(zip(eq.modalities, values.tolist()))
+
+
 def _game(shapley, names=MODS):
     m = len(names)
     return GameResult(torch.zeros(2**m), torch.tensor(shapley), torch.zeros(m, m), tuple(names))
@@ -58,7 +63,7 @@ def test_shares_tilt_the_weights_by_name_not_position(setup):
     # the game lists the players in another order than the method
     game = _game([0.1, 0.0, 0.9], names=("audio", "vision", "text"))
     eq.losses(_out(enc, x, y, game), {"task": torch.tensor(0.0)})
-    w = eq.weights
+    w = named(eq, eq.coefficients)
     # shares text 0.9, audio 0.1, vision 0: w = 1 + (1 - 3 psi), clamped at 0
     assert w["text"] == pytest.approx(0.0)
     assert w["audio"] == pytest.approx(1.7)
@@ -97,7 +102,7 @@ def test_paper_rule_scales_the_dominant_update(setup):
     grads = {m: enc[m].weight.grad.clone() for m in MODS}
     with paper.around_step(out, opt):
         opt.step()
-    k = paper.modulator.coefficient_dict()
+    k = named(paper.modulator, paper.modulator.coefficients)
     assert k["text"] < k["vision"] <= 1.0
     for m in MODS:
         torch.testing.assert_close(enc[m].weight - before[m], -0.1 * k[m] * grads[m])
@@ -119,7 +124,8 @@ def test_errors():
     x = {m: torch.randn(4, 3) for m in MODS}
     # a step without a game keeps the last shares (uniform before the first game)
     eq.losses(_out(enc, x, torch.randn(4)), {"task": torch.tensor(0.0)})
-    assert not eq.initialized and eq.weights == pytest.approx(dict.fromkeys(MODS, 1.0))
+    assert not eq.initialized
+    assert named(eq, eq.coefficients) == pytest.approx(dict.fromkeys(MODS, 1.0))
 
 
 # ------------------------------------------------------------------------------------------
@@ -176,7 +182,7 @@ def test_weights_are_non_negative_and_average_to_lambda_without_clamping(shapley
     names = tuple(f"m{i}" for i in range(len(shapley)))
     eq = ShapleyEquilibrium(names, beta=beta, weight=weight, momentum=0.0, learnable_margin=None)
     shares = eq.observe(_game(shapley, names))
-    w = torch.tensor(list(eq.weights.values()))
+    w = eq.coefficients
     assert bool((w >= 0).all())
     m = len(names)
     if beta == 0 or float(shares.max()) <= (1 + beta) / (beta * m):  # no weight clamped at 0
@@ -251,13 +257,15 @@ def _train_recipe(seed, names, learnable_margin=0.02, epochs=12, switch=4):
 def test_a_pure_noise_modality_gets_no_more_weight_than_an_informative_weak_one():
     names = ("strong", "weak", "noise")
     eq, _ = _train_recipe(0, names)
-    gain, weights = eq.gain, eq.weights
+    gain, weights = named(eq, eq.gain), named(eq, eq.coefficients)
     assert gain["weak"] > 0.02 and gain["noise"] < 0.02, gain
     assert weights["noise"] <= weights["weak"], weights
-    assert eq.learnability["noise"] == 0.0 and eq.learnability["weak"] == 1.0
+    learnability = named(eq, eq.learnability)
+    assert learnability["noise"] == 0.0 and learnability["weak"] == 1.0
     # without the learnability factor the noise modality got the largest weight (share ~0)
     old, _ = _train_recipe(0, names, learnable_margin=None)
-    assert old.weights["noise"] >= old.weights["weak"], old.weights
+    old_weights = named(old, old.coefficients)
+    assert old_weights["noise"] >= old_weights["weak"], old_weights
 
 
 @pytest.mark.slow
@@ -292,5 +300,10 @@ def test_learnability_state_round_trips(setup):
         eq.losses(_out(enc, x, y), {"task": torch.tensor(0.0)})
     fresh = ShapleyEquilibrium(MODS, beta=0.0, patience=2)
     fresh.load_state_dict(eq.state_dict())
-    assert fresh.learnability == eq.learnability and fresh.gain == pytest.approx(eq.gain)
+    assert torch.equal(fresh.learnability, eq.learnability)
+    torch.testing.assert_close(fresh.gain, eq.gain)
+    assert fresh.summary() == eq.summary()
+    assert set(eq.summary()) == {
+        f"{kind}_{m}" for kind in ("coefficient", "share", "gain", "learnability") for m in MODS
+    }
     assert set(eq.state_dict()) >= {"unimodal_loss", "constant_loss", "stalled_steps"}

@@ -842,9 +842,13 @@ def _ddp_run(rows: slice) -> dict:
         with mla.around_step(out, None):  # type: ignore[arg-type]
             pass
     return {
-        "pmr": {k: v.clone() for k, v in pmr.state_dict().items()},
+        "pmr": {k: v.clone() for k, v in pmr.state_dict().items() if torch.is_tensor(v)},
         "mla": {"projector": mla.projector.clone(), "grad": mla.head.weight.grad.clone()},
-        "cggm": {k: v.clone() for k, v in cggm.state_dict().items() if "heads" not in k},
+        "cggm": {
+            k: v.clone()
+            for k, v in cggm.state_dict().items()
+            if torch.is_tensor(v) and "heads" not in k
+        },
     }
 
 
@@ -1034,7 +1038,8 @@ def test_inforeg_regulates_visual_too_and_three_modalities():
     uni = {"audio": audio(x), "visual": visual(x)}
     reg.losses(_out(uni, y, unimodal=uni), {})
     sum(task_loss(u, y, "classification") for u in uni.values()).backward()
-    with reg.around_step(_out(uni, y, unimodal=uni), torch.optim.SGD(audio.parameters(), lr=0)):
+    opt = torch.optim.SGD([*audio.parameters(), *visual.parameters()], lr=0)
+    with reg.around_step(_out(uni, y, unimodal=uni), opt):
         pass
     assert float(reg.beta[1]) > 0 and float(reg.beta[0]) == 0
     assert inforeg_beta(torch.tensor([5.0, 1.0, 1.0]), torch.ones(3)).gt(0).tolist() == [

@@ -111,7 +111,7 @@ def test_observe_ema_first_observation_initialises(device):
     k2 = mod.observe({"text": torch.tensor(0.1, device=device), "audio": 0.3})
     expected2 = 0.75 * expected1 + 0.25 * pase_coefficients(torch.tensor([0.1, 0.3]))
     torch.testing.assert_close(k2.cpu(), expected2)
-    coefs = mod.coefficient_dict()
+    coefs = {m[len("coefficient_") :]: v for m, v in mod.summary().items()}
     assert set(coefs) == {"text", "audio"} and isinstance(coefs["audio"], float)
     assert coefs["audio"] == pytest.approx(float(expected2[1]))
     mod.reset()
@@ -352,7 +352,7 @@ def test_state_dict_round_trip(device):
     mod.observe({"text": 0.9, "audio": 0.1})
     mod.observe({"text": 0.5, "audio": 0.4})
     state = mod.state_dict()
-    assert set(state) == {"coefficients", "initialized", "shares"}  # no group parameters
+    assert set(state) == {"coefficients", "initialized", "shares", "_extra_state"}  # no groups
     fresh = ShapleyGradModulator({"text": model.text, "audio": model.audio}, momentum=0.5)
     fresh.load_state_dict(state)
     assert torch.equal(fresh.coefficients, mod.coefficients.cpu())
@@ -529,7 +529,7 @@ def test_ogmge_update_mode_scales_update(device):
     ):
         scale = float(k[0]) if name.startswith("text") else 1.0
         torch.testing.assert_close(d, scale * r, atol=1e-7, rtol=1e-5)
-    assert set(mod.state_dict()) == {"coefficients", "initialized", "ratio"}
+    assert set(mod.state_dict()) == {"coefficients", "initialized", "ratio", "_extra_state"}
 
 
 # ------------------------------------------------------------------------------------------
@@ -580,7 +580,7 @@ def test_swapped_player_order_slows_the_dominant_modality():
     assert res.modalities == ("b", "a") and res.shapley[0] > res.shapley[1]
     mod = ShapleyGradModulator({"a": nn.Linear(1, 1), "b": nn.Linear(1, 1)}, momentum=0.0)
     k = mod.observe(res)
-    coef = mod.coefficient_dict()
+    coef = dict(zip(mod.modalities, mod.coefficients.tolist()))
     assert coef["a"] == pytest.approx(1.0) and coef["b"] < 1.0  # the dominant one is slowed
     expected = pase_coefficients(torch.stack([res.shapley[1], res.shapley[0]]))
     torch.testing.assert_close(k, expected)
@@ -599,7 +599,7 @@ def test_ogm_observe_game_result_by_name():
     res = _swapped_game()
     ogm = OGMGEModulator({"a": nn.Linear(1, 1), "b": nn.Linear(1, 1)}, alpha=0.5)
     ogm.observe(res)
-    coef = ogm.coefficient_dict()
+    coef = dict(zip(ogm.modalities, ogm.coefficients.tolist()))
     assert coef["a"] == pytest.approx(1.0) and coef["b"] < 1.0
     scores = OGMGEModulator.game_scores(res)
     assert set(scores) == {"a", "b"}
@@ -649,7 +649,7 @@ def test_around_step_observes_every_k_steps_and_modulates():
     assert not mod.initialized  # step 1 is not a multiple of every=2: no observation
     with mod.around_step(_step_output("regression", y, {"text": y, "audio": y}, game, 2), opt):
         opt.step()
-    assert mod.initialized and mod.coefficient_dict()["audio"] < 1.0
+    assert mod.initialized and mod.summary()["coefficient_audio"] < 1.0
     assert any(not torch.equal(a, b) for a, b in zip(before, model.parameters()))
     with pytest.raises(ModbalanceError, match="needs the batch's Shapley game"):
         mod.signal(_step_output("regression", y, {"text": y, "audio": y}))

@@ -1058,7 +1058,7 @@ def test_sampled_game_options_errors():
     with pytest.raises(TypeError, match=r"`generator` must be a torch\.Generator"):
         ModalityGame(head, NAMES, generator=0)
     game = ModalityGame(head, NAMES)
-    with pytest.raises(ModbalanceError, match="state_dict\\(\\), a mapping with the key"):
+    with pytest.raises(ModbalanceError, match="state_dict\\(\\), a mapping with the keys"):
         game.load_state_dict({"seed": 0})
 
 
@@ -1071,7 +1071,8 @@ def test_game_repr_and_state():
     )
     assert game.exact  # three players: every coalition is a stratum
     state = game.state_dict()
-    assert set(state) == {"generator"} and torch.equal(
+    assert state["modalities"] == list(NAMES)
+    assert set(state) == {"modalities", "generator"} and torch.equal(
         state["generator"], torch.Generator().manual_seed(0).get_state()
     )
 

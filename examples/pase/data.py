@@ -65,7 +65,7 @@ def detect_format(path: str | os.PathLike) -> str:
     """``"mmsa"`` or ``"mult"`` from the file's content (its train split's keys).
 
     Raises:
-        DataError: Missing or unreadable file, or neither layout.
+        DataError: A directory, a missing or unreadable file, or neither layout.
     """
     return _format_of(_read(path), path)
 
@@ -73,6 +73,8 @@ def detect_format(path: str | os.PathLike) -> str:
 def _read(path: str | os.PathLike) -> Any:
     """The unpickled content of ``path`` (read once; a DataError names the file)."""
     path = Path(path)
+    if path.is_dir():
+        raise DataError(f"--data {path}: is a directory, expected a .pkl file (the pickle itself).")
     if not path.is_file():
         raise DataError(f"--data {path}: no such file.")
     try:  # pickles run code when loaded: only pass files you trust
@@ -116,7 +118,16 @@ def build_datasets(
     Returns the three splits (test guarded) and an info dict (source, ground truth if synthetic).
     The file is read once: its format and all three splits come from the same loaded content.
     The loader's own error is reported for a broken file, with the file's name.
+
+    Raises:
+        DataError: A file that cannot be used, or ``synthetic`` options together with ``data``
+            (they only shape the synthetic data and would be silently ignored).
     """
+    if data is not None and synthetic:
+        raise DataError(
+            f"--data {data}: the synthetic-data options {sorted(synthetic)} only shape the "
+            "synthetic data and would be ignored with a file; drop them (or --data)."
+        )
     info: dict[str, Any] = {}
     if data is None:
         generated = make_competition_data(**{"seed": seed, **(synthetic or {})})

@@ -7,6 +7,7 @@ once, on the selected checkpoint (:meth:`Trainer.finish`).
 
 from __future__ import annotations
 
+import copy
 import csv
 import itertools
 import json
@@ -54,6 +55,15 @@ class TrainConfig:
     amp: str | None = None  # None or "bf16"
     max_steps_per_epoch: int | None = None
     progress: bool = True
+
+    def __post_init__(self) -> None:
+        steps = self.max_steps_per_epoch
+        bad = isinstance(steps, bool) or not isinstance(steps, int) or steps < 1
+        if steps is not None and bad:
+            raise ValueError(
+                f"`max_steps_per_epoch` must be None (whole epochs) or an integer >= 1, got "
+                f"{steps!r}: a cap of 0 would train nothing (--max-steps-per-epoch)."
+            )
 
 
 #: TrainConfig options that a resume cannot honour, with their command-line flags: the
@@ -176,7 +186,7 @@ class Trainer:
         )
         self.train_set, self.valid_set, self.test_set = train_set, valid_set, test_set
         self.holdout_set: Dataset | None = None
-        if any(getattr(m, "needs_holdout", False) for m in self.methods):
+        if any(m.needs_holdout for m in self.methods):
             self.train_set, self.holdout_set = split_holdout(train_set, config.seed)
         self.epoch = 0
         self.history: list[dict[str, Any]] = []
@@ -270,12 +280,13 @@ class Trainer:
                 out = self.model.predict(batch)
             fused = out["fused"]
             for method in self.methods:  # a method with its own inference rule (MLA)
-                if callable(getattr(method, "predict", None)):
-                    fused = method.predict(out["feats"], out["present"]).reshape(fused.shape)
+                own = method.predict(out["features"], out["present"])
+                if own is not None:
+                    fused = own.reshape(fused.shape)
             preds["fused"].append(fused.float().cpu())
             for m in self.model.modalities:
                 preds[m].append(out["unimodal"][m].float().cpu())
-                feats[m].append(out["feats"][m].float().cpu())
+                feats[m].append(out["features"][m].float().cpu())
             targets.append(self.model.target(batch["label"]).cpu())
         return {
             "preds": {k: torch.cat(v) for k, v in preds.items()},
@@ -311,7 +322,10 @@ class Trainer:
         if selected:
             self.best_value = error_of(val["fused"])
             self.best_epoch = self.epoch + 1
-            self._best_state = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
+            self._best_state = {
+                k: v.detach().clone() if isinstance(v, Tensor) else copy.deepcopy(v)
+                for k, v in self.model.state_dict().items()
+            }
             self._save("best.pt", {"model": self._best_state, "epoch": self.best_epoch})
 
     def run(self) -> dict[str, Any]:
@@ -320,11 +334,9 @@ class Trainer:
             t0 = time.perf_counter()
             record = {"epoch": self.epoch + 1} | self.train_epoch()
             record["val"] = self.evaluate(self.valid_set)
-            for method in self.methods:  # what the methods set, for the logs and plots
-                if hasattr(method, "coefficient_dict"):
-                    record["coefficients"] = method.coefficient_dict()
-                elif isinstance(getattr(method, "weights", None), dict):
-                    record["unimodal_weights"] = dict(method.weights)
+            summary = {k: v for method in self.methods for k, v in method.summary().items()}
+            if summary:  # what the methods set, for the logs and plots
+                record["methods"] = summary
             self._end_epoch(record)
             record["time_s"] = time.perf_counter() - t0
             self.elapsed_s += record["time_s"]
@@ -406,19 +418,13 @@ class Trainer:
             "best_epoch": self.best_epoch,
             "elapsed_s": self.elapsed_s,
             "rng": _rng_state(),
-            "generators": self._generator_states(),
+            "game": self.parts.game.state_dict(),
             "model_config": self.model_config.to_dict(),
             "train_config": asdict(self.config),
         }
         self._save("last.pt", state)
         if self.out_dir is not None and self.is_main:
             self.write_logs()
-
-    def _generators(self) -> list[torch.Generator]:
-        return [g for m in self.methods for g in [getattr(m, "_generator", None)] if g is not None]
-
-    def _generator_states(self) -> list[Tensor]:
-        return [g.get_state() for g in self._generators()]
 
     def resume(self) -> bool:
         """Restore ``last.pt`` from ``out_dir``; ``False`` if there is none.
@@ -435,16 +441,16 @@ class Trainer:
         try:
             self.model.load_state_dict(state["model"])
             self.parts.optimizer.load_state_dict(state["optimizer"])
+            for method, method_state in zip(self.methods, state["methods"]):
+                method.load_state_dict(method_state)
+            if "game" in state:  # the sampled game's generator (M >= 7)
+                self.parts.game.load_state_dict(state["game"])
         except (RuntimeError, ValueError, KeyError) as err:
             raise CheckpointError(
                 f"{path} does not fit this model ({err}); resume with the same options it was "
                 "written with, or pass another --out."
             ) from None
         self.parts.schedule.load_state_dict(state["schedule"])
-        for method, method_state in zip(self.methods, state["methods"]):
-            method.load_state_dict(method_state)
-        for gen, gen_state in zip(self._generators(), state["generators"]):
-            gen.set_state(gen_state)
         self.parts.step = state["step"]
         self.epoch, self.history = state["epoch"], state["history"]
         self.best_value, self.best_epoch = state["best_value"], state["best_epoch"]

@@ -329,7 +329,7 @@ class PaSEModel(nn.Module):
         return {
             "fused": self.fuse(feats, present),
             "unimodal": self.unimodal(feats),
-            "feats": feats,
+            "features": feats,
             "present": present,
         }
 

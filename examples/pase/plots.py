@@ -41,22 +41,13 @@ def plot_history(
             lambda r, m: error_of(r["val"][m]),
         ),
     ]
-    if history and "coefficients" in history[-1]:
+    if history and any(k.startswith("coefficient_") for k in history[-1].get("methods", {})):
         panels.append(
             (
                 "coefficients.png",
-                "Modulation coefficient per modality",
-                "coefficient k",
-                lambda r, m: r.get("coefficients", {}).get(m, float("nan")),
-            )
-        )
-    if history and "unimodal_weights" in history[-1]:
-        panels.append(
-            (
-                "unimodal_weights.png",
-                "Shapley-based equilibrium: unimodal loss weight per modality",
-                "weight w",
-                lambda r, m: r.get("unimodal_weights", {}).get(m, float("nan")),
+                "The balancing method's coefficient per modality",
+                "coefficient (update scale or unimodal loss weight)",
+                lambda r, m: r.get("methods", {}).get(f"coefficient_{m}", float("nan")),
             )
         )
     for fname, title, ylabel, get in panels:

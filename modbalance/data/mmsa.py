@@ -255,10 +255,13 @@ class MultimodalDataset(Dataset):
             labels = labels.long()
             self.num_classes = 4
         else:
+            fix = ""
+            if labels.ndim >= 2 and labels.numel() == labels.shape[0]:  # (N, 1), (N, 1, 1)
+                fix = "; for one label per sample pass `labels.view(-1)` (shape (N,))"
             raise ModbalanceError(
                 "`labels` must be (N,) float (sentiment regression), (N,) integer (class "
                 f"indices) or (N, 4) integer (IEMOCAP), got shape {tuple(labels.shape)} and dtype "
-                f"{labels.dtype}."
+                f"{labels.dtype}{fix}."
             )
         self._features: dict[str, Tensor] = {}
         self._start: dict[str, Tensor] = {}

@@ -9,7 +9,7 @@ from __future__ import annotations
 import contextlib
 import math
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor, nn
@@ -23,7 +23,7 @@ from modbalance._checks import (
 )
 from modbalance.balancing import BalancingMethod, StepOutput, task_loss
 from modbalance.distributed import all_reduce_mean
-from modbalance.methods.unimodal import _check_names, _check_phases
+from modbalance.methods.unimodal import _check_names, _check_phases, _check_target
 from modbalance.shapley import coalition_masks, shapley_from_table
 
 __all__ = ["AGM", "agm_coefficients", "mono_modal_responses"]
@@ -269,6 +269,8 @@ class AGM(BalancingMethod):
         (torch.Size([2]), 1)
     """
 
+    _checked_state: ClassVar[dict[str, str]] = {"coefficient": "nonnegative", "score_avg": "finite"}
+
     def __init__(
         self,
         modalities: Sequence[str],
@@ -352,8 +354,10 @@ class AGM(BalancingMethod):
         """Update the coefficients from this batch and add the zero-valued term ``"agm"``.
 
         Raises:
-            ModbalanceError: Without ``"task"``, a fused prediction or a fusion head, or when the
-                features lack a modality.
+            ModbalanceError: Without ``"task"``, a fused prediction or a fusion head, when the
+                features lack a modality, or when ``out.target`` is not ``(N,)``.
+            TypeError: A floating ``out.target`` with ``task="classification"`` (fractional
+                class labels are never truncated).
         """
         if out.phase not in self.phases:
             return dict(losses)
@@ -370,6 +374,7 @@ class AGM(BalancingMethod):
                 "AGM(head=...)) to evaluate the masked coalitions."
             )
         check_modality_keys(out.features, "out.features", self.modalities)
+        _check_target(out.target, out.task, out.fused.shape[0])  # before any state changes
         o = mono_modal_responses(
             fuse,
             out.features,

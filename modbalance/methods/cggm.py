@@ -11,23 +11,18 @@ and ``src/eval_metrics.py``); :class:`CGGM` lists the deviations.
 from __future__ import annotations
 
 import contextlib
-import warnings
 from collections.abc import Iterable, Iterator, Mapping
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from modbalance._checks import ModbalanceError, check_choice, check_real, check_tensor
-from modbalance._groups import by_device_dtype, parse_groups
+from modbalance._groups import ADAPTIVE_OPTIMIZERS, GroupScaler, parse_groups, warn_adaptive
 from modbalance.balancing import BalancingMethod, StepOutput, task_loss
 from modbalance.distributed import all_reduce_mean
-
-_ADAPTIVE = tuple(
-    getattr(torch.optim, n)
-    for n in ("Adam", "AdamW", "Adamax", "NAdam", "RAdam", "RMSprop", "Adagrad", "Adadelta")
-    if hasattr(torch.optim, n)
-)
+from modbalance.methods.unimodal import _check_target
 
 __all__ = ["CGGM", "cggm_coefficients", "cggm_direction_loss", "unimodal_accuracy"]
 
@@ -115,6 +110,10 @@ def unimodal_accuracy(
         A 0-dim ``float64`` tensor (0 when no row counts): exact ratios ``hits / n``, as the
         released code's Python floats, so that CGGM's :math:`\epsilon = 10^{-8}` is not lost.
 
+    Raises:
+        TypeError: A floating ``target`` with ``task="classification"`` (never truncated).
+        ModbalanceError: A ``target`` that is not ``(N,)`` (e.g. ``(N, 1)``).
+
     Example:
         >>> import torch
         >>> from modbalance.methods.cggm import unimodal_accuracy
@@ -122,6 +121,7 @@ def unimodal_accuracy(
         ...                   "regression")
         tensor(0.6667, dtype=torch.float64)
     """
+    _check_target(target, task, pred.shape[0], "target")
     with torch.no_grad():
         if task == "regression":
             p = pred.reshape(pred.shape[0], -1)[:, 0] if pred.ndim == 2 else pred
@@ -241,6 +241,12 @@ class CGGM(BalancingMethod):
     previous_accuracy: Tensor
     cosine: Tensor
 
+    _checked_state: ClassVar[dict[str, str]] = {
+        "coefficient": "finite",
+        "accuracy": "nonnegative",
+        "previous_accuracy": "nonnegative",
+    }
+
     def __init__(
         self,
         groups: Mapping[str, nn.Module | Iterable[nn.Parameter]],
@@ -257,6 +263,7 @@ class CGGM(BalancingMethod):
         names, params = parse_groups(groups)
         self.modalities: tuple[str, ...] = names
         self._group_params: list[list[nn.Parameter]] = params
+        self._scaler = GroupScaler(names, params, "CGGM")
         if not isinstance(heads, Mapping):
             raise TypeError(
                 f"`heads` must be a mapping {{modality: nn.Module}}, got {type(heads).__name__}."
@@ -393,46 +400,27 @@ class CGGM(BalancingMethod):
             result["cggm_direction"] = self.lam * cggm_direction_loss(self.coefficient, cos)
         return result
 
-    @torch.no_grad()
-    def _scale_grads(self) -> None:
-        k = self.rho * self.coefficient
-        for m, ps in enumerate(self._group_params):
-            grads = [p.grad for p in ps if p.grad is not None]
-            for (device, dtype), idx in by_device_dtype(grads).items():
-                torch._foreach_mul_([grads[i] for i in idx], k[m].to(device=device, dtype=dtype))
-
     @contextlib.contextmanager
     def around_step(self, out: StepOutput, optimizer: torch.optim.Optimizer) -> Iterator[None]:
         r"""Scale each encoder group's gradients (or update) by :math:`\rho B_m`."""
         if not self.magnitude:
             yield
             return
+        self._scaler.check_optimizer(optimizer)
+        k = self.rho * self.coefficient
         if self.apply_mode == "grad":
-            if isinstance(optimizer, _ADAPTIVE) and not self._warned:
+            if isinstance(optimizer, ADAPTIVE_OPTIMIZERS) and not self._warned:
                 self._warned = True
-                warnings.warn(
-                    f"CGGM apply='grad' with {type(optimizer).__name__}: an adaptive optimizer "
-                    "divides each gradient by a running estimate of its magnitude, so the "
-                    "magnitude modulation rho * B_m mostly cancels (its sign and its step-to-step "
-                    "changes remain; the direction loss is unaffected). This is the released "
-                    "code's setting; apply='update' scales the parameter update instead.",
-                    UserWarning,
-                    stacklevel=3,
+                warn_adaptive(
+                    optimizer,
+                    "CGGM",
+                    "the magnitude modulation rho * B_m mostly cancels (its sign and its "
+                    "step-to-step changes remain; the direction loss is unaffected). This is the "
+                    "released code's setting.",
                 )
-            self._scale_grads()
+            self._scaler.scale_grads(k)
             yield
             return
-        with torch.no_grad():
-            snaps = [([p for p in ps if p.grad is not None], None) for ps in self._group_params]
-            snaps = [(live, [p.detach().clone() for p in live]) for live, _ in snaps]
+        snaps = self._scaler.snapshot()
         yield
-        with torch.no_grad():
-            k = self.rho * self.coefficient
-            for m, (live, old) in enumerate(snaps):
-                for (device, dtype), idx in by_device_dtype(live).items():
-                    ps = [live[i] for i in idx]
-                    olds = [old[i] for i in idx]  # type: ignore[index]
-                    km = k[m].to(device=device, dtype=dtype)
-                    torch._foreach_sub_(olds, ps)  # old - new
-                    torch._foreach_mul_(olds, 1.0 - km)
-                    torch._foreach_add_(ps, olds)  # k new + (1 - k) old
+        self._scaler.rescale_updates(snaps, k)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor
@@ -176,6 +176,8 @@ class GBlending(BalancingMethod):
 
     #: Tells a training loop to hold out part of the training data for :meth:`epoch_end`.
     needs_holdout = True
+
+    _checked_state: ClassVar[dict[str, str]] = {"weight": "nonnegative"}
 
     def __init__(
         self,

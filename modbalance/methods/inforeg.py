@@ -11,15 +11,16 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterable, Iterator, Mapping
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor, nn
 
 from modbalance._checks import ModbalanceError, check_int, check_real, check_tensor
-from modbalance._groups import by_device_dtype, parse_groups
+from modbalance._groups import GroupScaler, by_device_dtype, parse_groups
 from modbalance.balancing import BalancingMethod, StepOutput
 from modbalance.distributed import all_reduce_sum
+from modbalance.methods.unimodal import _check_target
 
 __all__ = ["InfoReg", "inforeg_beta", "inforeg_window_k"]
 
@@ -207,6 +208,13 @@ class InfoReg(BalancingMethod):
     scores: Tensor
     anchored: Tensor
 
+    _checked_state: ClassVar[dict[str, str]] = {
+        "k": "finite",
+        "beta": "finite",
+        "traces": "finite",
+        "epoch_trace": "finite",
+    }
+
     def __init__(
         self,
         groups: Mapping[str, nn.Module | Iterable[nn.Parameter]],
@@ -219,6 +227,7 @@ class InfoReg(BalancingMethod):
         names, params = parse_groups(groups)
         self.modalities: tuple[str, ...] = names
         self._group_params: list[list[nn.Parameter]] = params
+        self._scaler = GroupScaler(names, params, "InfoReg")
         self.scale = check_real(scale, "scale", low=0.0, low_inclusive=False)
         self.threshold = check_real(threshold, "threshold")
         self.window = check_int(window, "window", low=1)
@@ -268,13 +277,21 @@ class InfoReg(BalancingMethod):
         self._anchored_host = True
 
     def losses(self, out: StepOutput, losses: Mapping[str, Tensor]) -> dict[str, Tensor]:
-        """Record this step's unimodal scores (the losses are returned unchanged)."""
+        """Record this step's unimodal scores (the losses are returned unchanged).
+
+        Raises:
+            ModbalanceError: When ``out.unimodal`` lacks a modality or ``out.target`` is not
+                ``(N,)`` (e.g. ``(N, 1)``).
+            TypeError: A floating ``out.target`` with ``task="classification"`` (fractional
+                class labels are never truncated).
+        """
         missing = [n for n in self.modalities if n not in out.unimodal]
         if missing:
             raise ModbalanceError(
                 f"InfoReg needs the unimodal predictions `out.unimodal` of {missing} (it "
                 "compares the modalities' scores)."
             )
+        _check_target(out.target, out.task, out.unimodal[self.modalities[0]].shape[0])
         sums = []
         with torch.no_grad():
             for n in self.modalities:
@@ -303,6 +320,7 @@ class InfoReg(BalancingMethod):
                 "InfoReg.around_step needs the scores recorded by InfoReg.losses of the same "
                 "step; call losses() first."
             )
+        self._scaler.check_optimizer(optimizer)
         with torch.no_grad():
             if not self._anchored_host:
                 self._anchor_if_unanchored()  # the first epoch starts here

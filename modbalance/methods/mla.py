@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterable, Iterator, Mapping
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -293,6 +293,8 @@ class MLA(BalancingMethod):
     projector: Tensor
     updates: Tensor
     batch_in_epoch: Tensor
+
+    _checked_state: ClassVar[dict[str, str]] = {"projector": "finite"}
 
     def __init__(
         self,

@@ -5,7 +5,8 @@ Transcribed from the authors' ``code/MMPareto.py`` (GeWu-Lab/MMPareto_ICML2024).
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+import contextlib
+from collections.abc import Iterable, Iterator, Mapping
 
 import torch
 from torch import Tensor, nn
@@ -196,6 +197,7 @@ class MMPareto(BalancingMethod):
         self.register_buffer("cosine", torch.full((m,), float("nan")))
         self.register_buffer("weights", torch.full((m, 2), float("nan")))
         self.register_buffer("conflict", torch.zeros(m, dtype=torch.bool))
+        self._backward_ran = False
 
     # ---------------------------------------------------------------------------- loss
     def losses(self, out: StepOutput, losses: Mapping[str, Tensor]) -> dict[str, Tensor]:
@@ -219,6 +221,7 @@ class MMPareto(BalancingMethod):
         """
         if out.phase not in self.phases:
             return False
+        self._backward_ran = True
         if "task" not in losses:
             raise ModbalanceError(
                 "MMPareto needs the fused task loss as the loss term 'task'; got the terms "
@@ -261,6 +264,24 @@ class MMPareto(BalancingMethod):
                     g = previous[i] + g
                 p.grad = g.to(p.dtype)
         return True
+
+    @contextlib.contextmanager
+    def around_step(self, out: StepOutput, optimizer: torch.optim.Optimizer) -> Iterator[None]:
+        """Refuse a step whose backward pass was not this method's (it would do nothing).
+
+        Raises:
+            ModbalanceError: In ``phases``, when :meth:`backward` did not run since the last
+                step: a plain ``loss.backward()`` gives the encoders their unintegrated gradients.
+        """
+        ran, self._backward_ran = self._backward_ran, False
+        if out.phase in self.phases and not ran:
+            raise ModbalanceError(
+                "MMPareto.backward() did not run for this step, so a plain loss.backward() gave "
+                "the encoders their unintegrated gradients and MMPareto would do nothing. Use "
+                "modbalance.balanced_step(...), or replace loss.backward() by `if not "
+                "method.backward(out, losses): combine_losses(losses).backward()`."
+            )
+        yield
 
     @torch.no_grad()
     def _integrate(self, g_mm: list[Tensor], g_uni: list[list[Tensor]], owner: list[int]):

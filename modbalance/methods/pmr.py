@@ -11,7 +11,7 @@ deviations and why.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -214,6 +214,8 @@ class PMR(BalancingMethod):
     ratio: Tensor
     scores: Tensor
     epoch: Tensor
+
+    _checked_state: ClassVar[dict[str, str]] = {"coefficient": "finite"}
 
     def __init__(
         self,

@@ -9,6 +9,7 @@ MMPareto reuse its loss helper :func:`unimodal_task_loss`.
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping, Sequence
+from typing import ClassVar
 
 import torch
 from torch import Tensor
@@ -48,6 +49,12 @@ def unimodal_task_loss(
     Returns:
         A scalar loss.
 
+    Raises:
+        TypeError: A floating ``target`` with ``task="classification"`` (see
+            :func:`~modbalance.balancing.task_loss`).
+        ModbalanceError: A ``target`` that is not ``(N,)`` (e.g. ``(N, 1)``), shapes of ``pred``
+            and ``target`` that do not fit the task, or a presence mask that is not ``(N,)``.
+
     Example:
         >>> import torch
         >>> from modbalance.methods.unimodal import unimodal_task_loss
@@ -65,6 +72,29 @@ def unimodal_task_loss(
         )
     mask = present.to(device=per.device, dtype=per.dtype)
     return (per * mask).sum() / mask.sum().clamp_min(1.0)
+
+
+def _check_target(target: Tensor, task: str, n: int, name: str = "out.target") -> Tensor:
+    """Structural check of a step's target (no host synchronisation); returns it unchanged.
+
+    ``(N,)`` for both tasks (an ``(N, 1)`` target would broadcast against ``(N,)``
+    predictions), integer class indices for classification (a float target is never truncated).
+    """
+    if not isinstance(target, Tensor):
+        raise TypeError(f"`{name}` must be a torch.Tensor, got {type(target).__name__}.")
+    if task == "classification" and (target.is_floating_point() or target.is_complex()):
+        raise TypeError(
+            f"`{name}` must hold integer class indices for task='classification', got dtype "
+            f"{target.dtype}; fractional labels are never truncated. Pass class indices "
+            "(`target.long()` after checking the values are whole), or task='regression'."
+        )
+    if target.shape != (n,):
+        fix = "; pass `target.view(-1)`" if target.shape == (n, 1) else ""
+        raise ModbalanceError(
+            f"`{name}` must have shape (N,) = ({n},), one value per sample, got shape "
+            f"{tuple(target.shape)}{fix}."
+        )
+    return target
 
 
 def _check_names(modalities: Sequence[str], name: str = "modalities") -> tuple[str, ...]:
@@ -163,6 +193,8 @@ class UnimodalLoss(BalancingMethod):
         >>> sorted(terms)
         ['task', 'unimodal_audio', 'unimodal_text']
     """
+
+    _checked_state: ClassVar[dict[str, str]] = {"weight": "nonnegative"}
 
     def __init__(
         self,
