@@ -228,9 +228,10 @@ class MulTModel(PaSEModel):
     (:class:`TokenEncoder`) keep a token-level view: each modality's frames are encoded by the
     reference frame Transformer and summarised by ``K`` learned queries into ``K`` tokens of width
     ``D``, and the *feature* of a modality is those tokens flattened, ``(N, K * D)``. The model's
-    own config therefore has ``dim = K * D`` (``config.extra["token_dim"]``, ``["tokens"]``), so
-    the unimodal heads, the prototype calibrators and every method that sizes itself by
-    ``config.dim`` (PMR, MLA, CGGM) read the flattened tokens; linear probes read them too.
+    own config therefore has ``dim = K * D`` (``K`` and ``D`` are the model's ``tokens`` and
+    ``token_dim``), so the unimodal heads, the prototype calibrators and every method that sizes
+    itself by ``config.dim`` (PMR, MLA, CGGM) read the flattened tokens; linear probes read them
+    too.
 
     **Fusion** (:meth:`head_output`), MulT's structure on the tokens: for every target modality
     ``a`` and every other modality ``b``, a :class:`CrossModalBlock` ``b -> a`` (queries: ``a``'s
@@ -258,10 +259,7 @@ class MulTModel(PaSEModel):
             )
             for m in c.modalities
         }
-        wide = dataclasses.replace(
-            c, dim=tokens * d, extra={**c.extra, "tokens": tokens, "token_dim": d}
-        )
-        super().__init__(wide, encoders)
+        super().__init__(dataclasses.replace(c, dim=tokens * d), encoders)
         self.tokens, self.token_dim = tokens, d
         mods = c.modalities
         self.cross = nn.ModuleDict(

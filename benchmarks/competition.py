@@ -61,10 +61,10 @@ import torch
 
 from benchmarks.backbones import BACKBONES, make_model
 from benchmarks.tasks import Task, get_task
-from examples.pase import GuardedDataset, PaSEConfig, TrainConfig, Trainer
+from examples.pase import PAPER_SWITCHES, GuardedDataset, PaSEConfig, TrainConfig, Trainer
 from examples.pase.loop import seed_everything
 from examples.pase_mosi import PASE_METHODS
-from modbalance.metrics import msa_regression_metrics, probe_score
+from modbalance.metrics import _ridge_probe, _wa_ua, msa_regression_metrics, probe_score
 
 RESULTS = Path(__file__).resolve().parent / "results"
 DEFAULT_CACHE = Path(tempfile.gettempdir()) / "modbalance_competition_runs"
@@ -98,11 +98,21 @@ class Spec:
     warmup: bool = False
 
 
-_PLAIN = {"calibration": False, "alignment": False, "gate": False}
-_PAPER = {"calibration": True, "alignment": True, "gate": True}
-#: The example's default PaSE: the warm-up (with a warm fusion head for regression),
-#: Shapley-weighted unimodal losses while they are learnable, the decision of
-#: ``modbalance.Decision(rule="auto")`` (residual for classification, gate for regression).
+#: Plain late fusion: no prototype component, the fusion head alone; the ``cal`` token adds the
+#: plain calibration loss, ``safecal`` the separability-safe one.
+_PLAIN = {
+    "calibration": False,
+    "alignment": False,
+    "gate": False,
+    "decision": "head",
+    "safe_calibration": False,
+}
+#: The paper's model: every prototype component, the fusion head alone.
+_PAPER = PAPER_SWITCHES
+#: The example's default PaSE model (PaSEConfig's defaults): with the warm-up (and a warm fusion
+#: head for regression) and Shapley-weighted unimodal losses while they are learnable, the
+#: decision of ``modbalance.Decision(rule="auto")`` (residual for classification, the fusion head
+#: for regression).
 _PASE = _PLAIN | {"decision": "auto", "safe_calibration": True}
 SPECS: dict[str, Spec] = {
     "joint": Spec(_PLAIN),
@@ -204,10 +214,12 @@ def _configs(task: Task, name: str, modalities: Sequence[str], seed: int, quick:
 
 
 def _fused_metrics(pred: torch.Tensor, target: torch.Tensor, task: str) -> dict[str, float]:
+    """The suite's fused metrics of ``pred``: (N,) values, or (N, C) scores / (N,) class labels."""
     if task == "regression":
         m = msa_regression_metrics(pred, target)
         return {k: float(m[k]) for k in ("Non0_acc_2", "MAE", "Corr", "Mult_acc_7")}
-    return {"accuracy": float((pred.argmax(-1) == target).float().mean())}
+    labels = pred.argmax(-1) if pred.ndim > 1 else pred
+    return {"accuracy": _wa_ua(target, labels)[0]}
 
 
 def _valid_metrics(metrics: dict[str, float]) -> dict[str, float]:
@@ -245,7 +257,7 @@ def train_one(
     start = time.perf_counter()
     final = trainer.run()
     elapsed = time.perf_counter() - start
-    test_out = trainer.last_predictions  # the one pass over test, made by Trainer.finish()
+    test_out = trainer.test_predictions  # the one pass over test, made by Trainer.finish()
     train_out = trainer.predict(task.splits["train"])
     probe = {
         m: probe_score(
@@ -275,19 +287,6 @@ def train_one(
 
 
 # ------------------------------------------------------------------------------------ references
-def _ridge_predict(x_tr, y_tr, x_te, classes: int | None, alpha: float = 1.0) -> torch.Tensor:
-    """Closed-form ridge on standardised features (float64): predictions or one-hot scores."""
-    x_tr, x_te = x_tr.double(), x_te.double()
-    mu, sd = x_tr.mean(0), x_tr.std(0).clamp_min(1e-8)
-    a, b = (x_tr - mu) / sd, (x_te - mu) / sd
-    y = torch.nn.functional.one_hot(y_tr.long(), classes).double() if classes else y_tr.double()
-    y_mean = y.mean(0)
-    w = torch.linalg.solve(
-        a.T @ a + alpha * torch.eye(a.shape[1], dtype=a.dtype), a.T @ (y - y_mean)
-    )
-    return b @ w + y_mean
-
-
 def alone_references(
     task: Task, seed: int, *, quick: bool, device: str, backbone: str = "late"
 ) -> list[dict[str, Any]]:
@@ -306,8 +305,8 @@ def alone_references(
     cat_tr = torch.cat([runs[m]["_train_features"][m] for m in task.modalities], 1)
     cat_te = torch.cat([runs[m]["_test"]["features"][m] for m in task.modalities], 1)
     y_tr = next(iter(runs.values()))["_train_target"]
-    classes = task.num_outputs if task.task == "classification" else None
-    probe_pred = _ridge_predict(cat_tr, y_tr, cat_te, classes)
+    # the ridge of probe_score: (N,) predictions, or predicted class labels
+    probe_pred, _ = _ridge_probe(cat_tr, y_tr, cat_te, target, task=task.task)
     probes = {m: r["probe"][m] for m, r in runs.items()}
     base = {
         "seed": seed,

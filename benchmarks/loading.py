@@ -137,25 +137,12 @@ def _rss() -> int | None:
     return pages * os.sysconf("SC_PAGE_SIZE")
 
 
-def measure(path: Path, steps: int, threads: int | None) -> dict:
-    """Load ``path`` with the example's ``build_datasets`` and time its training step."""
+def _load_counted(path: Path) -> tuple:
+    """``build_datasets(path)`` with every ``pickle.load`` timed and counted, and the RSS after."""
     import warnings
 
-    import torch
+    from examples.pase import build_datasets
 
-    from examples import pase_mosi
-    from examples.pase import build, build_datasets, make_loader, train_step
-    from modbalance.data import load_mmsa
-
-    if threads:
-        torch.set_num_threads(threads)
-    # warm up the loader's code (first torch/NumPy calls map libraries and thread pools in),
-    # so that the resident size below is the baseline of the data, not of the code
-    tiny = _split(np.random.default_rng(1), "train", 8)
-    load_mmsa({"train": tiny}, split="train")
-    del tiny
-    _reset_peak_rss()
-    base_rss = _rss() or _peak_rss()
     loads: list[float] = []
     real_load = pickle.load
 
@@ -178,6 +165,16 @@ def measure(path: Path, steps: int, threads: int | None) -> dict:
     peak = _peak_rss()
     kept = _rss()
 
+    return train, valid, test, loads, load_s, peak, kept
+
+
+def _time_steps(train, steps: int) -> tuple[list[float], int]:
+    """Seconds of ``steps`` phase-2 training steps of the main job's model (after a warm-up)."""
+    import torch
+
+    from examples import pase_mosi
+    from examples.pase import build, make_loader, train_step
+
     args = pase_mosi.parse_args([])
     model_config, config = pase_mosi.configs(args, train, "cpu")
     torch.manual_seed(0)
@@ -194,6 +191,27 @@ def measure(path: Path, steps: int, threads: int | None) -> dict:
             times.append(time.perf_counter() - start)
     if not times:  # an epoch shorter than the warm-up: time what there is
         times = [float("nan")]
+    return times, len(loader)
+
+
+def measure(path: Path, steps: int, threads: int | None) -> dict:
+    """Load ``path`` with the example's ``build_datasets`` and time its training step."""
+
+    import torch
+
+    from modbalance.data import load_mmsa
+
+    if threads:
+        torch.set_num_threads(threads)
+    # warm up the loader's code (first torch/NumPy calls map libraries and thread pools in),
+    # so that the resident size below is the baseline of the data, not of the code
+    tiny = _split(np.random.default_rng(1), "train", 8)
+    load_mmsa({"train": tiny}, split="train")
+    del tiny
+    _reset_peak_rss()
+    base_rss = _rss() or _peak_rss()
+    train, valid, test, loads, load_s, peak, kept = _load_counted(path)
+    times, steps_per_epoch = _time_steps(train, steps)
     step_s = float(np.median(times))
     mean_s = float(np.mean(times))
     return {
@@ -208,10 +226,10 @@ def measure(path: Path, steps: int, threads: int | None) -> dict:
         "threads": torch.get_num_threads(),
         "torch": torch.__version__,
         "steps_timed": len(times),
-        "steps_per_epoch": len(loader),
+        "steps_per_epoch": steps_per_epoch,
         "step_median_s": step_s,
         "step_mean_s": mean_s,
-        "epoch_s": mean_s * len(loader),
+        "epoch_s": mean_s * steps_per_epoch,
     }
 
 
@@ -256,8 +274,8 @@ def _rest(row: dict) -> float:
     return max(row["load_s"] - row["pickle_load_s"], 1e-9)
 
 
-def to_markdown(rows: list[dict], quick: bool, steps: int, repeats: int, elapsed: float) -> str:
-    r0 = rows[0]
+def _table(rows: list[dict]) -> str:
+    """The markdown table: one row per size."""
     head = (
         "| fraction of MOSEI | samples (train/valid/test) | file MB | pickle.load s | "
         "load s (build_datasets) | load ms / 1k samples | peak RSS increase MB | peak / file | "
@@ -277,6 +295,11 @@ def to_markdown(rows: list[dict], quick: bool, steps: int, repeats: int, elapsed
             f"| {1e3 * r['step_median_s']:.1f} | {r['steps_per_epoch']} | {r['epoch_s']:.1f} "
             f"| {1e3 * r['epoch_s'] / n['train']:.2f} |\n"
         )
+    return head + body
+
+
+def _findings(rows: list[dict], quick: bool) -> list[str]:
+    """Growth from the smallest to the largest size, and the peak-memory verdict."""
     lines = []
     if len(rows) > 1:
         a, b = rows[0], rows[-1]
@@ -299,6 +322,13 @@ def to_markdown(rows: list[dict], quick: bool, steps: int, repeats: int, elapsed
         f"Peak memory target (at most {TARGET_PEAK}x the file size): {verdict} "
         f"(worst {worst:.2f}x).{small}"
     )
+    return lines
+
+
+def to_markdown(rows: list[dict], quick: bool, steps: int, repeats: int, elapsed: float) -> str:
+    r0 = rows[0]
+    head, body = _table(rows), ""
+    lines = _findings(rows, quick)
     reads = {r["pickle_loads"] for r in rows}
     lines.append(f"`pickle.load` calls per `build_datasets`: {', '.join(map(str, sorted(reads)))}.")
     extrap = [r for r in rows if r["steps_timed"] < r["steps_per_epoch"]]

@@ -124,7 +124,7 @@ def run(quick: bool = False, device: str = "cpu") -> list[dict]:
 
         t_perm = _median_ms(lambda: sample(0), repeats, device)
         results = [sample(s) for s in range(seeds)]
-        errs = torch.stack([r.values.double() - exact for r in results])
+        errs = torch.stack([r.shapley.double() - exact for r in results])
         evals = statistics.mean(r.num_evaluations for r in results)
         rows.append(
             {

@@ -48,7 +48,9 @@ only), so it counts activations, gradients, the AdamW state and allocator slack;
 ``--quick`` mode.
 
 Run: ``python -m benchmarks.speed [--quick] [--device cpu|cuda] [--amp bf16]``; writes
-``benchmarks/results/speed.md``, ``speed.json`` and ``speed.png``.
+``benchmarks/results/speed.md``, ``speed.json`` and ``speed.png``. A quick check of some cells of
+the grid, printed and not written: ``python -m benchmarks.speed --grid-only --ms 2 4 --batches
+16 32``.
 """
 
 from __future__ import annotations
@@ -68,10 +70,10 @@ from typing import Any
 import torch
 
 from examples import pase_mosi
-from examples.pase import Parts, PaSEConfig, train_step
+from examples.pase import PAPER_SWITCHES, Parts, PaSEConfig, train_step
 from examples.pase import build as build_parts
 from modbalance.balancing import combine_losses
-from modbalance.modulation import pase_shares
+from modbalance.metrics import pase_shares
 
 RESULTS = Path(__file__).resolve().parent / "results"
 MOSI_DIMS = {"text": 768, "audio": 5, "vision": 20}
@@ -170,6 +172,7 @@ def build(
         num_outputs=1 if task == "regression" else num_classes,
         num_classes=num_classes,
         baseline=not pase,
+        **PAPER_SWITCHES,
     )
     parts = build_parts(model_config, methods=("sgm",) if pase else (), device=device)
     parts.model.train()
@@ -394,7 +397,7 @@ def sampled_accuracy(
     ``models`` models per (recipe, M), trained for ``train_steps`` steps (3 in phase 1) on
     informative synthetic batches; on ``batches`` fresh batches each, the exact game once and
     the sampled game ``draws`` times per number of cycles (its generator advancing). Reports
-    the max abs error of the shares psi (:func:`~modbalance.modulation.pase_shares`, max over
+    the max abs error of the shares psi (:func:`~modbalance.metrics.pase_shares`, max over
     modalities) and the relative error of phi (mean and 95th percentile over all draws), the
     batch-to-batch standard deviation of the exact shares (max over modalities, mean over
     models), and ``beta * M`` times the share error: what it moves the default recipe's
@@ -899,7 +902,7 @@ runs it on 2^M N rows (64 N at M = 6) or on the sampled game's rows (44 N at M =
 M = 8). Fixes outside the game: fewer, fused kernels in the OT loop and the calibration
 (``torch.compile``, CUDA graphs on a GPU), calibration and OT every few steps, a gated head that
 computes each modality's prototype confidence once per sample instead of once per coalition row.
-On the game's side, ``game_every=2`` (``--sgm-every 2``) halves its share, and
+On the game's side, ``game_every=2`` (``--game-every 2``) halves its share, and
 ``max_exact_players=5`` would sample at M = 6 (32 coalitions instead of 64). The default recipe,
 whose fusion head is the plain MLP, stays within the target everywhere.
 """
@@ -1000,6 +1003,23 @@ def write(result: dict[str, Any], out_dir: Path = RESULTS, name: str = "speed") 
     return md
 
 
+def grid_report(
+    ms: Sequence[int] | None = None,
+    batches: Sequence[int] | None = None,
+    device: str = "cpu",
+    amp: str | None = None,
+) -> str:
+    """The grid of :func:`run` (same settings) for some M and batch sizes, as Markdown."""
+    ms = tuple(ms or range(2, 9))
+    batches = tuple(batches or (16, 32, 64, 128, 256))
+    rows = scaling_grid(ms, batches, 50, device, amp, 5, budget_s=8.0, max_steps=41)
+    lines = []
+    for recipe, _, label in RECIPES:
+        lines += [f"{label[0].upper() + label[1:]}:", "", *_grid_table(rows, recipe), ""]
+    lines += [f"Target <= {TARGET:.2f}x:", "", *_misses(rows)]
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="tiny shapes, few steps (seconds)")
@@ -1007,8 +1027,26 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--amp", choices=("bf16",), default=None, help="autocast to bfloat16")
     parser.add_argument("--threads", type=int, default=1, help="CPU threads for torch")
     parser.add_argument("--out", type=Path, default=RESULTS)
+    parser.add_argument(
+        "--grid-only",
+        action="store_true",
+        help="only the M x batch grid of both recipes, printed (nothing written): a quick check",
+    )
+    parser.add_argument(
+        "--ms", type=int, nargs="+", default=None, help="--grid-only: modalities (default 2..8)"
+    )
+    parser.add_argument(
+        "--batches",
+        type=int,
+        nargs="+",
+        default=None,
+        help="--grid-only: batch sizes (default 16 32 64 128 256)",
+    )
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
+    if args.grid_only:
+        print(grid_report(args.ms, args.batches, args.device, args.amp))
+        return
     result = run(quick=args.quick, device=args.device, amp=args.amp)
     suffix = "" if args.device == "cpu" else "_" + args.device.split(":")[0]
     suffix += "_bf16" if args.amp else ""

@@ -5,7 +5,8 @@ Usage::
     python examples/pase_mosi.py                          # embedded synthetic competition data
     python examples/pase_mosi.py --data aligned_50.pkl    # a real MMSA (or MulT) pickle
     python examples/pase_mosi.py --baseline               # plain late fusion, same backbone/budget
-    python examples/pase_mosi.py --no-sgm --no-gate       # ablations
+    python examples/pase_mosi.py --equilibrium none       # ablation: no Shapley equilibrium
+    python examples/pase_mosi.py --calibration --gate     # add prototype components back
     torchrun --nproc_per_node=2 examples/pase_mosi.py     # distributed data parallel
 
 Pickles run code when loaded: only pass files you trust.
@@ -101,6 +102,7 @@ def _real(what: str, *, positive: bool, high: float | None = None):
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The command line: where the data and the outputs go, then one group per concern."""
     p = argparse.ArgumentParser(
         description=__doc__.split("\n\n")[0],
         epilog=__doc__.split("\n\n", 1)[1],
@@ -115,6 +117,42 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add("--device", default="cpu", help="torch device, e.g. cpu, cuda, cuda:1")
     add("--amp", choices=("bf16",), default=None, help="bf16 autocast (GPU)")
+    add("--out", default="runs/pase", help="output directory (checkpoints, logs, plots)")
+    add(
+        "--resume",
+        action="store_true",
+        help="continue bit-exactly from OUT/last.pt (an error if there is none)",
+    )
+    add(
+        "--overwrite",
+        action="store_true",
+        help="replace the run already in OUT (its checkpoints, logs and plots); without it (or "
+        "--resume) a folder that holds a run is refused",
+    )
+    add(
+        "--threads",
+        type=_at_least(1, "torch intra-op CPU threads, e.g. --threads 1"),
+        default=default_threads(),
+        help="torch intra-op CPU threads (torch.set_num_threads); 1 is fastest on a few cores "
+        "shared with other processes",
+    )
+    add(
+        "--max-steps-per-epoch",
+        type=_at_least(1, "a cap on the steps of an epoch; omit it for whole epochs"),
+        default=None,
+        help="cap steps per epoch (smoke tests)",
+    )
+    add("--quiet", action="store_true", help="no progress bars or per-epoch lines")
+    _add_training_args(p.add_argument_group("training"))
+    _add_model_args(p.add_argument_group("model"))
+    _add_method_args(p.add_argument_group("balancing"))
+    _add_synthetic_args(p.add_argument_group("synthetic data (without --data)"))
+    return p
+
+
+def _add_training_args(group: argparse._ArgumentGroup) -> None:
+    """Epochs, the warm-up, the optimiser, the encoders' size and the seed."""
+    add = group.add_argument
     add(
         "--epochs",
         type=_at_least(1, "training epochs, e.g. --epochs 14"),
@@ -169,27 +207,6 @@ def build_parser() -> argparse.ArgumentParser:
         default=0,
         help="training seed (the synthetic data always uses 0)",
     )
-    add("--out", default="runs/pase", help="output directory (checkpoints, logs, plots)")
-    add(
-        "--resume",
-        action="store_true",
-        help="continue bit-exactly from OUT/last.pt (an error if there is none)",
-    )
-    add(
-        "--overwrite",
-        action="store_true",
-        help="replace the run already in OUT (its checkpoints, logs and plots); without it (or "
-        "--resume) a folder that holds a run is refused",
-    )
-    add(
-        "--threads",
-        type=_at_least(1, "torch intra-op CPU threads, e.g. --threads 1"),
-        default=default_threads(),
-        help="torch intra-op CPU threads (torch.set_num_threads); 1 is fastest on a few cores "
-        "shared with other processes",
-    )
-    _add_method_args(p)
-    return p
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -209,7 +226,7 @@ def _problems(args: argparse.Namespace) -> list[str]:
         problems.append(
             f"argument --seed: must be below 2**32 (numpy's seed range), got {args.seed}"
         )
-    heads = getattr(PaSEConfig, "heads", 4)
+    heads = PaSEConfig.heads
     if args.dim % heads:
         problems.append(
             f"argument --dim: the Transformer encoders split the feature width over {heads} "
@@ -273,9 +290,9 @@ def _device_problems(device: str) -> list[str]:
     return []
 
 
-def _add_method_args(p: argparse.ArgumentParser) -> None:
-    """The PaSE components, the equilibrium, the decision and the synthetic data's options."""
-    add = p.add_argument
+def _add_model_args(group: argparse._ArgumentGroup) -> None:
+    """The PaSE components, the decision, the warm fusion head and the baseline."""
+    add = group.add_argument
     onoff = argparse.BooleanOptionalAction
     add(
         "--calibration",
@@ -296,14 +313,6 @@ def _add_method_args(p: argparse.ArgumentParser) -> None:
         default=False,
         help="prototype-gated fusion instead of the mean (off by default, see --calibration)",
     )
-    add(
-        "--equilibrium",
-        choices=tuple(EQUILIBRIA),
-        default="unimodal",
-        help="Shapley-based equilibrium: 'unimodal' (Shapley-weighted unimodal losses after the "
-        "warm-up), 'pase' (the paper's update modulation) or 'none'",
-    )
-    add("--no-sgm", action="store_true", help="ablation: no Shapley equilibrium (= none)")
     add(
         "--decision",
         choices=("auto", "residual", "stack", "ensemble", "head", "gate", "precision"),
@@ -326,6 +335,18 @@ def _add_method_args(p: argparse.ArgumentParser) -> None:
         action="store_true",
         help="plain late fusion (joint training from epoch 1, no PaSE component)",
     )
+
+
+def _add_method_args(group: argparse._ArgumentGroup) -> None:
+    """The Shapley-based equilibrium, an extra modulator and the game's cadence."""
+    add = group.add_argument
+    add(
+        "--equilibrium",
+        choices=tuple(EQUILIBRIA),
+        default="unimodal",
+        help="Shapley-based equilibrium: 'unimodal' (Shapley-weighted unimodal losses after the "
+        "warm-up), 'pase' (the paper's update modulation) or 'none' (the ablation)",
+    )
     add(
         "--modulator",
         choices=("sgm", "ogm-ge", "none"),
@@ -333,11 +354,16 @@ def _add_method_args(p: argparse.ArgumentParser) -> None:
         help="an extra gradient modulator on top (default: none)",
     )
     add(
-        "--sgm-every",
-        type=_at_least(1, "steps between two Shapley games, e.g. --sgm-every 1"),
+        "--game-every",
+        type=_at_least(1, "steps between two Shapley games, e.g. --game-every 1"),
         default=1,
         help="evaluate the Shapley game (and update the equilibrium) every N steps",
     )
+
+
+def _add_synthetic_args(group: argparse._ArgumentGroup) -> None:
+    """The options of the generated data (an error together with ``--data``)."""
+    add = group.add_argument
     add(
         "--n-train",
         type=_at_least(1, "synthetic training samples, e.g. --n-train 1284"),
@@ -350,13 +376,6 @@ def _add_method_args(p: argparse.ArgumentParser) -> None:
         default=None,
         help="synthetic data: text dominance, in (0, 1)",
     )
-    add(
-        "--max-steps-per-epoch",
-        type=_at_least(1, "a cap on the steps of an epoch; omit it for whole epochs"),
-        default=None,
-        help="cap steps per epoch (smoke tests)",
-    )
-    add("--quiet", action="store_true", help="no progress bars or per-epoch lines")
 
 
 class _Formatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
@@ -365,7 +384,7 @@ class _Formatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescription
 
 def methods_from(args: argparse.Namespace) -> tuple[str, ...]:
     """Balancing methods from the flags: the equilibrium (PaSE) plus an optional modulator."""
-    equilibrium = None if (args.baseline or args.no_sgm) else EQUILIBRIA[args.equilibrium]
+    equilibrium = None if args.baseline else EQUILIBRIA[args.equilibrium]
     methods = () if equilibrium is None else (equilibrium,)
     if args.modulator not in (None, "none") and args.modulator not in methods:
         methods += (args.modulator,)
@@ -373,6 +392,7 @@ def methods_from(args: argparse.Namespace) -> tuple[str, ...]:
 
 
 def configs(args: argparse.Namespace, train, device: str) -> tuple[PaSEConfig, TrainConfig]:
+    """The command line as the model's and the training's configurations (their one source)."""
     classification = train.task in ("iemocap", "classification")
     classes = {"iemocap": 4, "classification": getattr(train, "num_classes", None)}.get(
         train.task, 7
@@ -388,7 +408,6 @@ def configs(args: argparse.Namespace, train, device: str) -> tuple[PaSEConfig, T
         calibration=args.calibration,
         alignment=args.alignment,
         gate=args.gate,
-        safe_calibration=True,
         decision="head" if args.baseline else args.decision,
         warm_head={"auto": "auto", "on": True, "off": False}[args.warm_head],
         baseline=args.baseline,
@@ -402,7 +421,7 @@ def configs(args: argparse.Namespace, train, device: str) -> tuple[PaSEConfig, T
         switch_epoch=args.switch_epoch,
         patience=args.patience,
         methods=methods_from(args),
-        game_every=args.sgm_every,
+        game_every=args.game_every,
         device=device,
         amp=args.amp,
         max_steps_per_epoch=args.max_steps_per_epoch,

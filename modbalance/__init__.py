@@ -27,7 +27,6 @@ from modbalance.data import (
     make_competition_data,
 )
 from modbalance.decision import Decision
-from modbalance.equilibrium import ShapleyEquilibrium
 from modbalance.fusion import FusionOutput, PrototypeGatedFusion
 from modbalance.methods import (
     AGM,
@@ -37,23 +36,22 @@ from modbalance.methods import (
     GBlending,
     InfoReg,
     MMPareto,
+    ModulatorHandle,
+    OGMGEModulator,
+    ShapleyEquilibrium,
+    ShapleyGradModulator,
     UnimodalLoss,
+    ogmge_coefficients,
+    pase_coefficients,
 )
 from modbalance.metrics import (
     iemocap_metrics,
     imbalance_index,
     msa_regression_metrics,
+    pase_shares,
     probe_score,
     shapley_shares,
     sims_regression_metrics,
-)
-from modbalance.modulation import (
-    ModulatorHandle,
-    OGMGEModulator,
-    ShapleyGradModulator,
-    ogmge_coefficients,
-    pase_coefficients,
-    pase_shares,
 )
 from modbalance.ot import (
     AlignmentResult,

@@ -33,8 +33,11 @@ __all__ = [
     "check_modality_keys",
     "check_ndim",
     "check_real",
+    "check_replace",
     "check_same_size",
     "check_shape",
+    "check_signal",
+    "check_target",
     "check_tensor",
     "value_checks",
     "value_checks_enabled",
@@ -435,4 +438,53 @@ def check_modality_keys(
         raise ModbalanceError(
             f"`{name}` is missing modality {missing[0]!r} (all missing: {missing}); "
             f"expected one entry for each of {list(modalities)}.{(' ' + hint) if hint else ''}"
+        )
+
+
+def check_target(target: Tensor, task: str, n: int, name: str = "out.target") -> Tensor:
+    """Structural check of a step's target (no host synchronisation); returns it unchanged.
+
+    ``(N,)`` for both tasks (an ``(N, 1)`` target would broadcast against ``(N,)``
+    predictions), integer class indices for classification (a float target is never truncated).
+    """
+    if not isinstance(target, Tensor):
+        raise TypeError(f"`{name}` must be a torch.Tensor, got {type(target).__name__}.")
+    if task == "classification" and (target.is_floating_point() or target.is_complex()):
+        raise TypeError(
+            f"`{name}` must hold integer class indices for task='classification', got dtype "
+            f"{target.dtype}; fractional labels are never truncated. Pass class indices "
+            "(`target.long()` after checking the values are whole), or task='regression'."
+        )
+    if target.shape != (n,):
+        fix = "; pass `target.view(-1)`" if target.shape == (n, 1) else ""
+        raise ModbalanceError(
+            f"`{name}` must have shape (N,) = ({n},), one value per sample, got shape "
+            f"{tuple(target.shape)}{fix}."
+        )
+    return target
+
+
+def check_replace(replace: Iterable[str]) -> tuple[str, ...]:
+    """Names of loss terms a method replaces: a single name or a collection of names."""
+    if isinstance(replace, str):
+        replace = (replace,)
+    out = tuple(replace)
+    if any(not isinstance(k, str) for k in out):
+        raise TypeError(f"`replace` must be loss-term names (str), got {out!r}.")
+    return out
+
+
+def check_signal(x: Tensor, name: str, *, positive: bool = False) -> None:
+    """A floating ``(..., M)`` tensor of finite (and, if asked, positive) values."""
+    check_tensor(x, name, dtype="floating")
+    if x.ndim == 0:
+        raise ModbalanceError(
+            f"`{name}` must have shape (..., M), one value per modality in the last dimension; "
+            "got a 0-d tensor."
+        )
+    check_finite(x, name)
+    if positive and value_checks_enabled() and bool((x <= 0).any()):
+        raise ModbalanceError(
+            f"`{name}` must be positive (higher is better, e.g. summed true-class probabilities "
+            f"or exp(-MAE)); got {x.tolist() if x.numel() <= 16 else 'non-positive entries'}."
         )

@@ -56,7 +56,7 @@ from typing import Any, NamedTuple
 import torch
 from torch import Tensor, nn
 
-from modbalance._checks import ModbalanceError, check_int
+from modbalance._checks import ModbalanceError, check_choice, check_int
 from modbalance._state import ModalityState
 
 __all__ = [
@@ -66,6 +66,8 @@ __all__ = [
     "check_phases",
     "combine_losses",
     "task_loss",
+    "unimodal_task_loss",
+    "unimodal_terms",
 ]
 
 PHASES = (1, 2)
@@ -334,6 +336,79 @@ def task_loss(pred: Tensor, target: Tensor, task: str, reduction: str = "mean") 
             f"`pred`, got `target` of shape {shape_t} for `pred` of shape {tuple(pred.shape)}."
         )
     return nn.functional.cross_entropy(pred.float(), target.long(), reduction=reduction)
+
+
+def unimodal_task_loss(
+    pred: Tensor, target: Tensor, task: str, present: Tensor | None = None
+) -> Tensor:
+    r"""Task loss of one modality's prediction, averaged over the samples that have the modality.
+
+    .. math::
+
+        \mathcal L_m = \frac{\sum_i [\text{present}_{im}]\;\ell(\hat y_{im}, y_i)}
+                            {\max\bigl(1, \sum_i [\text{present}_{im}]\bigr)},
+
+    with :math:`\ell` the L1 loss (regression) or the cross-entropy (classification) of
+    :func:`~modbalance.balancing.task_loss`. A batch without the modality gives a zero that still
+    belongs to the autograd graph (its gradient is zero), so callers never need a special case.
+
+    Args:
+        pred: ``(N,)``/``(N, 1)`` predictions or ``(N, C)`` logits of the unimodal head.
+        target: ``(N,)`` targets.
+        task: ``"regression"`` or ``"classification"``.
+        present: ``(N,)`` boolean presence mask, or ``None`` (every sample present).
+
+    Returns:
+        A scalar loss.
+
+    Raises:
+        TypeError: A floating ``target`` with ``task="classification"`` (see
+            :func:`~modbalance.balancing.task_loss`).
+        ModbalanceError: A ``target`` that is not ``(N,)`` (e.g. ``(N, 1)``), shapes of ``pred``
+            and ``target`` that do not fit the task, or a presence mask that is not ``(N,)``.
+
+    Example:
+        >>> import torch
+        >>> from modbalance.balancing import unimodal_task_loss
+        >>> pred, y = torch.tensor([0.0, 3.0]), torch.tensor([1.0, 1.0])
+        >>> unimodal_task_loss(pred, y, "regression", torch.tensor([True, False]))
+        tensor(1.)
+    """
+    per = task_loss(pred, target, task, reduction="none")
+    if present is None:
+        return per.mean()
+    if present.shape != per.shape:
+        raise ModbalanceError(
+            f"the presence mask must have shape {tuple(per.shape)} (one flag per sample), got "
+            f"shape {tuple(present.shape)}."
+        )
+    mask = present.to(device=per.device, dtype=per.dtype)
+    return (per * mask).sum() / mask.sum().clamp_min(1.0)
+
+
+def check_unimodal(out: StepOutput, modalities: Sequence[str], method: str) -> None:
+    """A known task and a unimodal prediction in ``out`` for every modality, or a clear error."""
+    check_choice(out.task, "out.task", ("regression", "classification"))
+    missing = [m for m in modalities if m not in out.unimodal]
+    if missing:
+        raise ModbalanceError(
+            f"{method} needs a unimodal prediction for every modality: `out.unimodal` is missing "
+            f"{missing[0]!r} (has {sorted(out.unimodal)}); give the model one head per modality."
+        )
+
+
+def unimodal_terms(
+    out: StepOutput, modalities: Sequence[str], weights: Tensor | None, method: str
+) -> dict[str, Tensor]:
+    """``{"unimodal_<m>": w_m * L_m}`` for every modality (gradient-carrying)."""
+    check_unimodal(out, modalities, method)
+    terms: dict[str, Tensor] = {}
+    for i, m in enumerate(modalities):
+        loss = unimodal_task_loss(out.unimodal[m], out.target, out.task, out.present.get(m))
+        if weights is not None:
+            loss = weights[i].to(device=loss.device, dtype=loss.dtype) * loss
+        terms[f"unimodal_{m}"] = loss
+    return terms
 
 
 def _label(method: BalancingMethod, index: int) -> str:

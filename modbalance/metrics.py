@@ -24,13 +24,14 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from modbalance._checks import ModbalanceError
+from modbalance._checks import ModbalanceError, check_signal
 
 __all__ = [
     "IEMOCAP_EMOTIONS",
     "iemocap_metrics",
     "imbalance_index",
     "msa_regression_metrics",
+    "pase_shares",
     "probe_score",
     "shapley_shares",
     "sims_regression_metrics",
@@ -135,6 +136,40 @@ def _accuracy(y_true: np.ndarray, y_pred: np.ndarray) -> float:
     if y_true.size == 0:
         return float("nan")
     return float(np.mean(y_true == y_pred))
+
+
+def _wa_ua(true: Any, pred: Any) -> tuple[float, float]:
+    r"""Weighted (WA) and unweighted (UA) accuracy of predicted class labels, in float64.
+
+    .. math::
+
+        \mathrm{WA} = \frac{1}{N}\sum_i [\hat c_i = c_i], \qquad
+        \mathrm{UA} = \frac{1}{|\mathcal C|}\sum_{c \in \mathcal C}
+            \frac{|\{i : \hat c_i = c_i = c\}|}{|\{i : c_i = c\}|},
+
+    with :math:`\mathcal C` the classes present in ``true`` (UA is the mean per-class recall,
+    sklearn's ``balanced_accuracy_score``). The one implementation behind
+    :func:`iemocap_metrics`' ``"WA"``/``"UA"``, the PaSE example's classification metrics and the
+    competition suite's accuracy.
+
+    Args:
+        true: True class labels, shape (N,), tensor or array (any device).
+        pred: Predicted class labels, shape (N,) (e.g. ``logits.argmax(-1)``).
+
+    Returns:
+        ``(WA, UA)`` as Python floats; ``(nan, nan)`` when N = 0.
+
+    Example:
+        >>> from modbalance.metrics import _wa_ua
+        >>> _wa_ua([0, 0, 0, 1], [0, 0, 0, 0])
+        (0.75, 0.5)
+    """
+    t = _to_numpy(true, "true").reshape(-1)
+    p = _to_numpy(pred, "pred").reshape(-1)
+    if t.size == 0:
+        return float("nan"), float("nan")
+    recalls = [np.mean(p[t == c] == c) for c in np.unique(t)]
+    return _accuracy(t, p), float(np.mean(recalls))
 
 
 def _weighted_f1(y_true: np.ndarray, y_pred: np.ndarray) -> float:
@@ -428,15 +463,9 @@ def iemocap_metrics(logits: Any, labels: Any, *, decimals: int | None = 4) -> di
         out[f"{name}_F1"] = _weighted_f1(lb[:, e], pred[:, e])
     single = lb.sum(1) == 1
     n = int(single.sum())
-    if n == 0:
-        wa = ua = float("nan")
-    else:
-        true_c = lb[single].argmax(1)
-        pred_c = (lg[single, :, 1] - lg[single, :, 0]).argmax(1)
-        wa = _accuracy(true_c, pred_c)
-        ua = float(np.mean([np.mean(pred_c[true_c == c] == c) for c in np.unique(true_c)]))
-    out["WA"] = wa
-    out["UA"] = ua
+    true_c = lb[single].argmax(1)
+    pred_c = (lg[single, :, 1] - lg[single, :, 0]).argmax(1)
+    out["WA"], out["UA"] = _wa_ua(true_c, pred_c)
     out = {k: _round(v, decimals) for k, v in out.items()}
     out["n_4class"] = float(n)
     return out
@@ -468,6 +497,42 @@ def _as_float_tensor(x: Any, name: str) -> Tensor:
     return x
 
 
+def pase_shares(contributions: Tensor) -> Tensor:
+    r"""Normalised positive shares :math:`\psi` of contributions.
+
+    .. math::
+
+        \psi_m = \frac{\max(\phi_m, 0)}{\sum_j \max(\phi_j, 0)},
+
+    and :math:`\psi_m = 1/M` for every :math:`m` when no contribution is positive. The same
+    formula as :func:`modbalance.metrics.shapley_shares`, which checks and converts its input
+    (numpy arrays and lists too) and then calls this function: this is the one implementation.
+    With value checks disabled (:func:`modbalance.value_checks`), a row holding NaN or
+    :math:`\pm\infty` gets the uniform shares.
+
+    Args:
+        contributions: ``(..., M)`` floating contributions :math:`\phi` (e.g. Shapley values).
+
+    Returns:
+        ``(..., M)`` shares, non-negative and summing to one.
+
+    Example:
+        >>> import torch
+        >>> from modbalance.metrics import pase_shares
+        >>> pase_shares(torch.tensor([3.0, 1.0, -2.0]))
+        tensor([0.7500, 0.2500, 0.0000])
+    """
+    check_signal(contributions, "contributions")
+    pos = contributions.clamp_min(0)
+    # divide by the largest entry first: the sum of huge finite values (3e38 in float32) would
+    # overflow to inf and give zero shares
+    peak = pos.amax(-1, keepdim=True)
+    scaled = pos / torch.where(peak > 0, peak, torch.ones_like(peak))  # in [0, 1], max 1
+    total = scaled.sum(-1, keepdim=True)  # >= 1 where any entry is positive, NaN if not finite
+    uniform = torch.full_like(pos, 1.0 / max(pos.shape[-1], 1))
+    return torch.where(total > 0, scaled / total.clamp_min(1.0), uniform)
+
+
 def shapley_shares(values: Any) -> Tensor:
     r"""Turn per-modality Shapley contributions into shares that sum to one.
 
@@ -477,7 +542,10 @@ def shapley_shares(values: Any) -> Tensor:
 
         \psi_m = \frac{\max(\phi_m, 0)}{\sum_{m'} \max(\phi_{m'}, 0)},
 
-    and when no contribution is positive the shares are uniform, :math:`1/M`.
+    and when no contribution is positive the shares are uniform, :math:`1/M`. This is the same
+    formula and the same arithmetic as :func:`pase_shares` (this function
+    checks and converts its input, then calls it): the results are identical; this one also
+    accepts numpy arrays and lists, and converts integer input to the default float dtype.
 
     Args:
         values: Shapley values of shape (..., M), tensor or array.
@@ -497,15 +565,7 @@ def shapley_shares(values: Any) -> Tensor:
     v = _as_float_tensor(values, "values")
     if v.ndim == 0:
         raise ModbalanceError("`values` must have shape (..., M), got a 0-dimensional tensor.")
-    pos = v.clamp_min(0)
-    # divide by the largest contribution first: the sum of huge values (3e38 in float32) would
-    # overflow to inf and give zero shares
-    peak = pos.amax(-1, keepdim=True)
-    positive = peak > 0
-    scaled = pos / torch.where(positive, peak, torch.ones_like(peak))  # in [0, 1], max 1
-    total = scaled.sum(-1, keepdim=True)  # >= 1 where any contribution is positive
-    uniform = torch.full_like(pos, 1.0 / v.shape[-1])
-    return torch.where(positive, scaled / total.clamp_min(1.0), uniform)
+    return pase_shares(v)
 
 
 def imbalance_index(shares: Any) -> float | Tensor:
@@ -553,6 +613,149 @@ def imbalance_index(shares: Any) -> float | Tensor:
     if index.ndim == 0:
         return float(index)
     return index
+
+
+def _probe_features(train_x: Any, test_x: Any) -> tuple[Tensor, Tensor]:
+    """The probe's features as float64 CPU tensors ``(N, D)``, ``(M, D)``, checked."""
+    xs = []
+    for name, x in (("train_x", train_x), ("test_x", test_x)):
+        x = _as_float_tensor(x, name).detach().cpu().double()
+        if x.ndim != 2:
+            raise ModbalanceError(f"`{name}` must have shape (N, D), got shape {tuple(x.shape)}.")
+        xs.append(x)
+    xtr, xte = xs
+    if xtr.shape[1] != xte.shape[1]:
+        raise ModbalanceError(
+            f"`train_x` has {xtr.shape[1]} features and `test_x` has {xte.shape[1]}; "
+            "they must match."
+        )
+    return xtr, xte
+
+
+def _probe_target(y: Any, name: str, rows: int, task: str) -> Tensor:
+    """One probe target per feature row: a float64 CPU tensor of shape ``(rows,)``, checked."""
+    y = _as_float_tensor(y, name).detach().cpu().double()
+    if y.ndim >= 2 and y.shape[0] == rows != y.numel():  # (N, C) beside N rows
+        hint = (
+            f"for one-hot labels pass `{name}.argmax(-1)`"
+            if task == "classification"
+            else "the probe fits one target per sample"
+        )
+        raise ModbalanceError(
+            f"`{name}` must have shape (N,) (or (N, 1)), one target per sample, got shape "
+            f"{tuple(y.shape)}; {hint}."
+        )
+    y = y.reshape(-1)
+    if y.shape[0] != rows:
+        raise ModbalanceError(
+            f"`{name}` has {y.shape[0]} element(s) but its features have {rows} rows; "
+            "they must match."
+        )
+    return y
+
+
+def _check_class_labels(ytr: Tensor, yte: Tensor) -> None:
+    """Refuse fractional classification labels (never truncated), naming the argument."""
+    for name, y in (("train_y", ytr), ("test_y", yte)):
+        frac = y != y.round()
+        if bool(frac.any()):
+            raise ModbalanceError(
+                f"`{name}`: classification probe labels must be integers (class "
+                f"indices), got {int(frac.sum())} fractional value(s), e.g. "
+                f"{float(y[frac][0]):g}; pass integer class indices, or task='regression' "
+                "for continuous targets."
+            )
+
+
+def _ridge_predict(xtr: Tensor, ytr: Tensor, xte: Tensor, task: str, alpha: float) -> Tensor:
+    r"""The closed-form ridge of :func:`probe_score` on checked float64 inputs.
+
+    Standardises with the training mean and the *population* standard deviation (``ddof=0``,
+    as ``sklearn.preprocessing.StandardScaler``; a constant feature is only centred), centres
+    the targets (unpenalised intercept) and solves :math:`(X^\top X + \alpha I) W = X^\top Y`.
+
+    Args:
+        xtr: Training features (N, D), float64.
+        ytr: Training targets (N,), float64 (integer-valued class labels for classification).
+        xte: Test features (M, D), float64.
+        task: ``"regression"`` or ``"classification"``.
+        alpha: Ridge strength (> 0).
+
+    Returns:
+        (M,) predictions (regression) or predicted class labels, the arg-max of a one-hot ridge
+        over the classes present in ``ytr`` (classification), float64.
+    """
+    mu = xtr.mean(0)
+    sd = xtr.std(0, unbiased=False)
+    sd = torch.where(sd > 0, sd, torch.ones_like(sd))
+    ztr, zte = (xtr - mu) / sd, (xte - mu) / sd
+    if task == "regression":
+        targets = ytr[:, None]
+    else:
+        classes, inverse = torch.unique(ytr, return_inverse=True)
+        targets = torch.nn.functional.one_hot(inverse, len(classes)).double()
+    ymu = targets.mean(0)
+    gram = ztr.T @ ztr + alpha * torch.eye(ztr.shape[1], dtype=torch.float64)
+    w = torch.linalg.solve(gram, ztr.T @ (targets - ymu))
+    pred = zte @ w + ymu
+    return pred[:, 0] if task == "regression" else classes[pred.argmax(1)]
+
+
+def _ridge_probe(
+    train_x: Any,
+    train_y: Any,
+    test_x: Any,
+    test_y: Any,
+    *,
+    task: str = "regression",
+    alpha: float = 1.0,
+) -> tuple[Tensor, Tensor]:
+    """Check the inputs of :func:`probe_score` and fit its ridge probe: the one implementation.
+
+    :func:`probe_score` scores these predictions; the competition suite
+    (``benchmarks/competition.py``, its ``alone-probe`` reference) feeds them to its fused metrics.
+
+    Args:
+        train_x: Training features (N, D).
+        train_y: Training targets (N,).
+        test_x: Test features (M, D).
+        test_y: Test targets (M,) (checked; returned as float64).
+        task: ``"regression"`` or ``"classification"``.
+        alpha: Ridge strength (> 0) on standardised features.
+
+    Returns:
+        ``(pred, test_y)``: the (M,) predictions of :func:`_ridge_predict` (class labels for
+        classification) and the checked (M,) test targets, both float64 on the CPU.
+
+    Raises:
+        ModbalanceError: As :func:`probe_score`.
+    """
+    if task not in ("regression", "classification"):
+        raise ModbalanceError(
+            f"`task` must be one of 'regression', 'classification'; got {task!r}."
+        )
+    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not alpha > 0:
+        raise ModbalanceError(f"`alpha` must be a real number > 0, got {alpha!r}.")
+    xtr, xte = _probe_features(train_x, test_x)
+    ytr = _probe_target(train_y, "train_y", xtr.shape[0], task)
+    yte = _probe_target(test_y, "test_y", xte.shape[0], task)
+    if xtr.shape[0] < 2:
+        raise ModbalanceError(f"`train_x` needs at least 2 samples, got {xtr.shape[0]}.")
+    if task == "classification":
+        _check_class_labels(ytr, yte)
+    return _ridge_predict(xtr, ytr, xte, task, alpha), yte
+
+
+def _r2(y: Tensor, pred: Tensor) -> float:
+    """Coefficient of determination of ``pred`` for ``y`` (as ``sklearn.metrics.r2_score``).
+
+    A constant ``y`` gives 1.0 for a perfect prediction and 0.0 otherwise.
+    """
+    ss_res = float(((y - pred) ** 2).sum())
+    ss_tot = float(((y - y.mean()) ** 2).sum())
+    if ss_tot == 0.0:
+        return 1.0 if ss_res == 0.0 else 0.0
+    return 1.0 - ss_res / ss_tot
 
 
 def probe_score(
@@ -609,74 +812,7 @@ def probe_score(
         >>> probe_score(x[:300], y[:300], x[300:], y[300:]) > 0.99
         True
     """
-    if task not in ("regression", "classification"):
-        raise ModbalanceError(
-            f"`task` must be one of 'regression', 'classification'; got {task!r}."
-        )
-    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not alpha > 0:
-        raise ModbalanceError(f"`alpha` must be a real number > 0, got {alpha!r}.")
-    xs = []
-    for name, x in (("train_x", train_x), ("test_x", test_x)):
-        x = _as_float_tensor(x, name).detach().cpu().double()
-        if x.ndim != 2:
-            raise ModbalanceError(f"`{name}` must have shape (N, D), got shape {tuple(x.shape)}.")
-        xs.append(x)
-    xtr, xte = xs
-    if xtr.shape[1] != xte.shape[1]:
-        raise ModbalanceError(
-            f"`train_x` has {xtr.shape[1]} features and `test_x` has {xte.shape[1]}; "
-            "they must match."
-        )
-    ys = []
-    for name, y, x in (("train_y", train_y, xtr), ("test_y", test_y, xte)):
-        y = _as_float_tensor(y, name).detach().cpu().double()
-        if y.ndim >= 2 and y.shape[0] == x.shape[0] != y.numel():  # (N, C) beside N rows
-            hint = (
-                f"for one-hot labels pass `{name}.argmax(-1)`"
-                if task == "classification"
-                else "the probe fits one target per sample"
-            )
-            raise ModbalanceError(
-                f"`{name}` must have shape (N,) (or (N, 1)), one target per sample, got shape "
-                f"{tuple(y.shape)}; {hint}."
-            )
-        y = y.reshape(-1)
-        if y.shape[0] != x.shape[0]:
-            raise ModbalanceError(
-                f"`{name}` has {y.shape[0]} element(s) but its features have {x.shape[0]} rows; "
-                "they must match."
-            )
-        ys.append(y)
-    ytr, yte = ys
-    if xtr.shape[0] < 2:
-        raise ModbalanceError(f"`train_x` needs at least 2 samples, got {xtr.shape[0]}.")
-
-    mu = xtr.mean(0)
-    sd = xtr.std(0, unbiased=False)
-    sd = torch.where(sd > 0, sd, torch.ones_like(sd))
-    ztr, zte = (xtr - mu) / sd, (xte - mu) / sd
+    pred, yte = _ridge_probe(train_x, train_y, test_x, test_y, task=task, alpha=alpha)
     if task == "regression":
-        targets = ytr[:, None]
-    else:
-        for name, y in (("train_y", ytr), ("test_y", yte)):
-            frac = y != y.round()
-            if bool(frac.any()):
-                raise ModbalanceError(
-                    f"`{name}`: classification probe labels must be integers (class "
-                    f"indices), got {int(frac.sum())} fractional value(s), e.g. "
-                    f"{float(y[frac][0]):g}; pass integer class indices, or task='regression' "
-                    "for continuous targets."
-                )
-        classes, inverse = torch.unique(ytr, return_inverse=True)
-        targets = torch.nn.functional.one_hot(inverse, len(classes)).double()
-    ymu = targets.mean(0)
-    gram = ztr.T @ ztr + alpha * torch.eye(ztr.shape[1], dtype=torch.float64)
-    w = torch.linalg.solve(gram, ztr.T @ (targets - ymu))
-    pred = zte @ w + ymu
-    if task == "regression":
-        ss_res = float(((yte - pred[:, 0]) ** 2).sum())
-        ss_tot = float(((yte - yte.mean()) ** 2).sum())
-        if ss_tot == 0.0:
-            return 1.0 if ss_res == 0.0 else 0.0
-        return 1.0 - ss_res / ss_tot
-    return float((classes[pred.argmax(1)] == yte).double().mean())
+        return _r2(yte, pred)
+    return _accuracy(yte.numpy(), pred.numpy())

@@ -7,6 +7,7 @@ from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any, Literal
 
 from modbalance._checks import ModbalanceError, check_choice, check_int, check_real
+from modbalance.balancing import unimodal_task_loss
 
 if TYPE_CHECKING:
     from torch import Tensor
@@ -157,7 +158,6 @@ class DualPhaseSchedule:
                 predictions.
         """
         from modbalance.balancing import task_loss
-        from modbalance.methods.unimodal import unimodal_task_loss
 
         if out.phase == 1:
             if not out.unimodal:

@@ -52,6 +52,7 @@ from modbalance._checks import (
     value_checks,
     value_checks_enabled,
 )
+from modbalance._modes import EvalMode
 from modbalance.distributed import all_reduce_sum, is_distributed
 
 __all__ = [
@@ -69,22 +70,25 @@ _MAX_TABLE_PLAYERS = 24
 
 
 class ShapleyResult(NamedTuple):
-    """Output of :func:`shapley_values`: ``(values, stderr, num_evaluations, players, num_units)``.
+    """Output of :func:`shapley_values`: ``(shapley, stderr, num_evaluations, modalities, ...)``.
+
+    The fields carry the names of :class:`GameResult`'s: ``shapley`` the values, ``modalities``
+    the player names.
 
     Use :meth:`interval` for a confidence interval of a sampled estimate: with few permutations
-    the naive ``values ± 2 * stderr`` covers the exact value far less often than 95% (about 80%
+    the naive ``shapley ± 2 * stderr`` covers the exact value far less often than 95% (about 80%
     with 8 antithetic permutations), the Student-t interval of :meth:`interval` does not.
 
     Example:
         >>> import torch
         >>> from modbalance.shapley import shapley_values
-        >>> res = shapley_values(lambda c: c.float().sum(1), 2, players=["text", "audio"])
-        >>> res.values.tolist(), res.players
+        >>> res = shapley_values(lambda c: c.float().sum(1), 2, modalities=["text", "audio"])
+        >>> res.shapley.tolist(), res.modalities
         ([1.0, 1.0], ('text', 'audio'))
     """
 
     #: ``(M,)`` Shapley value of each player.
-    values: Tensor
+    shapley: Tensor
     #: ``(M,)`` standard error of each estimate (zeros for the exact method). It is **NaN** when
     #: fewer than two independent permutation units were drawn (``num_permutations=1`` with
     #: ``antithetic=False``, or ``num_permutations=2`` with ``antithetic=True``): one unit says
@@ -92,8 +96,8 @@ class ShapleyResult(NamedTuple):
     stderr: Tensor
     #: Number of coalitions passed to the value function.
     num_evaluations: int
-    #: Player names in player order (``players`` of :func:`shapley_values`), or ``None``.
-    players: tuple[str, ...] | None = None
+    #: Player names in player order (``modalities`` of :func:`shapley_values`), or ``None``.
+    modalities: tuple[str, ...] | None = None
     #: Number of independent units behind ``stderr`` (permutations, or antithetic pairs); ``None``
     #: for the exact method.
     num_units: int | None = None
@@ -126,12 +130,12 @@ class ShapleyResult(NamedTuple):
             >>> res = shapley_values(lambda c: c.float().sum(1), 3, method="permutation",
             ...                      num_permutations=8, generator=torch.Generator().manual_seed(0))
             >>> low, high = res.interval(0.95)
-            >>> bool((low <= res.values).all() and (res.values <= high).all())
+            >>> bool((low <= res.shapley).all() and (res.shapley <= high).all())
             True
         """
         level = check_real(level, "level", low=0, high=1, low_inclusive=False, high_inclusive=False)
         if self.num_units is None:
-            return self.values, self.values
+            return self.shapley, self.shapley
         if self.num_units < 2:
             raise ModbalanceError(
                 f"a confidence interval needs at least two independent permutation units, got "
@@ -139,7 +143,7 @@ class ShapleyResult(NamedTuple):
                 "(antithetic=True) to shapley_values."
             )
         half = _t_quantile(0.5 + level / 2, self.num_units - 1) * self.stderr
-        return self.values - half, self.values + half
+        return self.shapley - half, self.shapley + half
 
 
 def _betacf(a: float, b: float, x: float) -> float:
@@ -424,23 +428,24 @@ def _call_value_fn(value_fn: Callable[[Tensor], Tensor], masks: Tensor) -> Tenso
     return out
 
 
-def _check_players(players: Sequence[str] | None, num_players: int) -> tuple[str, ...] | None:
-    if players is None:
+def _check_players(modalities: Sequence[str] | None, num_players: int) -> tuple[str, ...] | None:
+    if modalities is None:
         return None
-    if isinstance(players, str) or not isinstance(players, Sequence):
+    if isinstance(modalities, str) or not isinstance(modalities, Sequence):
         raise TypeError(
-            f"`players` must be a sequence of names such as ['text', 'audio'], got {players!r}."
+            "`modalities` must be a sequence of names such as ['text', 'audio'], got "
+            f"{modalities!r}."
         )
-    names = tuple(players)
+    names = tuple(modalities)
     if any(not isinstance(p, str) for p in names):
-        raise TypeError(f"`players` must hold strings, got {names!r}.")
+        raise TypeError(f"`modalities` must hold strings, got {names!r}.")
     if len(names) != num_players:
         raise ModbalanceError(
-            f"`players` must name each of the num_players={num_players} players once, got "
+            f"`modalities` must name each of the num_players={num_players} players once, got "
             f"{len(names)} names {names!r}."
         )
     if len(set(names)) != len(names):
-        raise ModbalanceError(f"`players` must be distinct, got {names!r}.")
+        raise ModbalanceError(f"`modalities` must be distinct, got {names!r}.")
     return names
 
 
@@ -454,7 +459,7 @@ def shapley_values(
     generator: torch.Generator | None = None,
     max_exact_players: int = 10,
     device: torch.device | str | None = None,
-    players: Sequence[str] | None = None,
+    modalities: Sequence[str] | None = None,
 ) -> ShapleyResult:
     r"""Shapley values of a game given by a batched value function, exact or sampled.
 
@@ -497,16 +502,17 @@ def shapley_values(
         generator: Random generator (CPU) for the permutations; the global one when ``None``.
         max_exact_players: Largest :math:`M` that ``"auto"`` computes exactly.
         device: Device of the coalition masks passed to ``value_fn``.
-        players: Optional player names (``num_players`` distinct strings, e.g. modality names
-            in player order); returned as ``result.players``.
+        modalities: Optional player names (``num_players`` distinct strings, the modality
+            names in player order); returned as ``result.modalities``.
 
     Returns:
-        :class:`ShapleyResult` with ``values`` ``(M,)``, ``stderr`` ``(M,)`` (NaN with a single
-        permutation unit), ``num_evaluations``, ``players`` (a tuple, or ``None``) and
+        :class:`ShapleyResult` with ``shapley`` ``(M,)``, ``stderr`` ``(M,)`` (NaN with a single
+        permutation unit), ``num_evaluations``, ``modalities`` (a tuple, or ``None``) and
         ``num_units`` (``None`` for the exact method).
 
     Raises:
-        TypeError: If ``value_fn`` is not callable or ``players`` is not a sequence of strings.
+        TypeError: If ``value_fn`` is not callable or ``modalities`` is not a sequence of
+            strings.
         ModbalanceError: On invalid arguments, a ``value_fn`` output of the wrong shape, or one
             holding NaN/inf (a value check, see :func:`modbalance.value_checks`).
 
@@ -515,17 +521,17 @@ def shapley_values(
         >>> from modbalance.shapley import shapley_values
         >>> w = torch.tensor([1.0, 2.0, 3.0])
         >>> additive = lambda coalitions: coalitions.float() @ w  # v(S) = sum of w over S
-        >>> shapley_values(additive, 3).values.round(decimals=4).tolist()
+        >>> shapley_values(additive, 3).shapley.round(decimals=4).tolist()
         [1.0, 2.0, 3.0]
         >>> res = shapley_values(additive, 3, method="permutation", num_permutations=8,
         ...                      generator=torch.Generator().manual_seed(0))
-        >>> res.values.round(decimals=4).tolist(), res.num_evaluations
+        >>> res.shapley.round(decimals=4).tolist(), res.num_evaluations
         ([1.0, 2.0, 3.0], 8)
     """
     if not callable(value_fn):
         raise TypeError(f"`value_fn` must be callable, got {type(value_fn).__name__}.")
     m = _check_num_players(num_players)
-    names = _check_players(players, m)
+    names = _check_players(modalities, m)
     check_choice(method, "method", ("auto", "exact", "permutation"))
     max_exact = check_int(max_exact_players, "max_exact_players", low=1, high=_MAX_TABLE_PLAYERS)
     if method == "auto":
@@ -575,27 +581,6 @@ def shapley_values(
 # --------------------------------------------------------------------------------------------
 
 Head = Callable[[dict[str, Tensor], dict[str, Tensor]], Tensor]
-
-
-class _EvalMode:
-    """Put every submodule in eval mode and restore each one's training flag on exit."""
-
-    def __init__(self, modules: Sequence[nn.Module]) -> None:
-        seen: dict[int, nn.Module] = {}
-        for root in modules:
-            for sub in root.modules():
-                seen.setdefault(id(sub), sub)
-        self._modules = list(seen.values())
-        self._flags: list[bool] = []
-
-    def __enter__(self) -> None:
-        self._flags = [mod.training for mod in self._modules]
-        for mod in self._modules:
-            mod.training = False
-
-    def __exit__(self, *exc: object) -> None:
-        for mod, flag in zip(self._modules, self._flags):
-            mod.training = flag
 
 
 _VALUES = ("neg_loss", "accuracy", "neg_mae")
@@ -796,9 +781,10 @@ class _ModuleTree:
 class _TrainingOff:
     """Eval mode for the modules of a :class:`_ModuleTree`; each flag is restored on exit.
 
-    The contract of :class:`_EvalMode` at a lower per-call cost (a cached walk, a cheaper flag
-    assignment, only the flags that change are written): :class:`ModalityGame` runs once per
-    training step, and at small batches its fixed cost counts.
+    The contract of :class:`~modbalance._modes.EvalMode` at a lower per-call cost (a cached
+    walk, a cheaper flag assignment, only the flags that change are written):
+    :class:`ModalityGame` runs once per training step, and at small batches its fixed cost
+    counts.
     """
 
     def __init__(self, tree: _ModuleTree) -> None:
@@ -920,6 +906,48 @@ def _sample_cycles(
 
 def _num_sampled_coalitions(num_players: int, num_cycles: int) -> int:
     return 2 * num_players + 2 + num_cycles * num_players * max(num_players - 3, 0)
+
+
+def _check_absent_embeddings(
+    absent_embeddings: Mapping[str, Tensor] | None, masking: str, names: tuple[str, ...]
+) -> Mapping[str, Tensor] | None:
+    """The learned absent embeddings: required with ``masking="learned"``, refused otherwise."""
+    if masking != "learned":
+        if absent_embeddings is not None:
+            raise ModbalanceError(
+                f"`absent_embeddings` is only used with masking='learned', got masking={masking!r}."
+            )
+        return None
+    if absent_embeddings is None:
+        raise ModbalanceError(
+            "`masking='learned'` needs `absent_embeddings`, one tensor per modality."
+        )
+    if not isinstance(absent_embeddings, Mapping) or set(absent_embeddings) != set(names):
+        got = sorted(absent_embeddings) if isinstance(absent_embeddings, Mapping) else None
+        raise ModbalanceError(
+            f"`absent_embeddings` must map exactly the modalities {list(names)} to tensors, got "
+            f"keys {got}."
+        )
+    for key, emb in absent_embeddings.items():
+        check_tensor(emb, f"absent_embeddings[{key!r}]", dtype="floating")
+    return absent_embeddings
+
+
+def _game_generator(seed: int, generator: torch.Generator | None) -> torch.Generator:
+    """The sampled game's CPU generator: the user's, or a new one seeded with ``seed``."""
+    seed = check_int(seed, "seed", low=0, high=2**64 - 1)
+    if generator is None:
+        return torch.Generator().manual_seed(seed)
+    if not isinstance(generator, torch.Generator):
+        raise TypeError(f"`generator` must be a torch.Generator, got {type(generator).__name__}.")
+    if generator.device.type != "cpu":
+        raise ModbalanceError(
+            f"`generator` must be a CPU torch.Generator (the cycles are drawn on the host, so "
+            f"that no draw waits for the device), got one on {generator.device}."
+        )
+    if seed != 0:
+        raise ModbalanceError("pass `seed` or `generator`, not both.")
+    return generator
 
 
 class ModalityGame:
@@ -1060,27 +1088,7 @@ class ModalityGame:
         self.masking = check_choice(masking, "masking", ("zero", "mean", "learned", "present"))
         self.value, self.task = _check_value_task(value, task)
         self.chunk_size = None if chunk_size is None else check_int(chunk_size, "chunk_size", low=1)
-        if self.masking == "learned":
-            if absent_embeddings is None:
-                raise ModbalanceError(
-                    "`masking='learned'` needs `absent_embeddings`, one tensor per modality."
-                )
-            if not isinstance(absent_embeddings, Mapping) or set(absent_embeddings) != set(names):
-                got = sorted(absent_embeddings) if isinstance(absent_embeddings, Mapping) else None
-                raise ModbalanceError(
-                    f"`absent_embeddings` must map exactly the modalities {list(names)} to "
-                    f"tensors, got keys {got}."
-                )
-            for key, emb in absent_embeddings.items():
-                check_tensor(emb, f"absent_embeddings[{key!r}]", dtype="floating")
-            self.absent_embeddings: Mapping[str, Tensor] | None = absent_embeddings
-        elif absent_embeddings is not None:
-            raise ModbalanceError(
-                f"`absent_embeddings` is only used with masking='learned', got masking="
-                f"{self.masking!r}."
-            )
-        else:
-            self.absent_embeddings = None
+        self.absent_embeddings = _check_absent_embeddings(absent_embeddings, self.masking, names)
         self._modules = _game_modules(head, modules)
         self._tree = _ModuleTree(self._modules)
         self.estimator = check_choice(estimator, "estimator", _ESTIMATORS)
@@ -1088,20 +1096,7 @@ class ModalityGame:
             max_exact_players, "max_exact_players", low=1, high=_MAX_TABLE_PLAYERS
         )
         self.num_cycles = check_int(num_cycles, "num_cycles", low=1)
-        seed = check_int(seed, "seed", low=0, high=2**64 - 1)
-        if generator is None:
-            generator = torch.Generator().manual_seed(seed)
-        elif not isinstance(generator, torch.Generator):
-            raise TypeError(
-                f"`generator` must be a torch.Generator, got {type(generator).__name__}."
-            )
-        elif generator.device.type != "cpu":
-            raise ModbalanceError(
-                f"`generator` must be a CPU torch.Generator (the cycles are drawn on the host, "
-                f"so that no draw waits for the device), got one on {generator.device}."
-            )
-        elif seed != 0:
-            raise ModbalanceError("pass `seed` or `generator`, not both.")
+        generator = _game_generator(seed, generator)
         #: CPU generator of the sampled game's cyclic orders.
         self.generator = generator
         self._masks: dict[torch.device, Tensor] = {}
@@ -1284,7 +1279,11 @@ class ModalityGame:
                 for j, name in enumerate(self.modalities):
                     x = features[name]
                     if fill is None:  # "present": the features themselves, repeated
-                        feats[name] = x.repeat(c, *([1] * (x.ndim - 1)))
+                        rep = x.repeat(c, *([1] * (x.ndim - 1)))
+                        # marked as c copies of x: row-wise parts of a head (the prototype
+                        # confidence, the gate scores) may compute once per sample
+                        rep._modbalance_tiles = (x, c)  # type: ignore[attr-defined]
+                        feats[name] = rep
                     else:
                         keep = chunk[:, j].view(c, *([1] * x.ndim))  # (c, 1, ...)
                         rep = torch.where(keep, x.unsqueeze(0), fill[name])  # (c, N, *F)
@@ -1448,9 +1447,8 @@ class InputMaskingGame:
 
     (:func:`shapley_from_table`, :func:`interactions_from_table`), in the same
     :class:`GameResult` as :class:`ModalityGame`, so
-    :meth:`ShapleyGradModulator.observe <modbalance.modulation.ShapleyGradModulator.observe>` and
-    :meth:`ShapleyEquilibrium.observe <modbalance.equilibrium.ShapleyEquilibrium.observe>` take
-    it as it is.
+    :meth:`~modbalance.methods.modulators.ShapleyGradModulator.observe` and
+    :meth:`~modbalance.methods.equilibrium.ShapleyEquilibrium.observe` take it as it is.
 
     **Caveat.** A model never trained with missing modalities sees off-distribution inputs in
     every coalition but the full one, so the values measure how it reacts to the replacement as
@@ -1615,10 +1613,18 @@ class InputMaskingGame:
                         f"{tuple(x.shape)} (typically shape {tuple(x.shape[1:])}), got shape "
                         f"{tuple(ref.shape)}."
                     )
+        self._check_masks(inputs, masks)
+        target = _check_target(target, self.task, inputs[first], f"inputs[{first!r}]")
+        return target, inputs[first].shape[0]
+
+    def _check_masks(
+        self, inputs: Mapping[str, Tensor], masks: Mapping[str, Tensor] | None
+    ) -> None:
+        """Masks for a subset of the modalities, each a prefix of its input's shape."""
         if masks is not None:
             if not isinstance(masks, Mapping):
                 raise TypeError(
-                    f"`masks` must be a mapping from modality name to mask, got "
+                    "`masks` must be a mapping from modality name to mask, got "
                     f"{type(masks).__name__}."
                 )
             unknown = [k for k in masks if k not in self.modalities]
@@ -1641,8 +1647,6 @@ class InputMaskingGame:
                 "`mask_absent=True` sets an absent modality's mask to all-False, but no `masks` "
                 "were given; pass masks to the call or mask_absent=False."
             )
-        target = _check_target(target, self.task, inputs[first], f"inputs[{first!r}]")
-        return target, inputs[first].shape[0]
 
     def _fill_values(
         self, inputs: Mapping[str, Tensor], masks: Mapping[str, Tensor] | None
@@ -1715,7 +1719,7 @@ class InputMaskingGame:
         step = self.chunk_size or max(total_c, 1)
         index = {name: j for j, name in enumerate(self.modalities)}
         sums, counts = [], []
-        with torch.no_grad(), _EvalMode(self._modules):
+        with torch.no_grad(), EvalMode(self._modules):
             fill = self._fill_values(inputs, masks)
             for start in range(0, total_c, step):
                 chunk = coalitions[start : start + step]
@@ -1781,7 +1785,7 @@ class InputMaskingGame:
                 f"enumeration is limited to M <= {_MAX_INPUT_GAME_PLAYERS}. Use ModalityGame if "
                 "the model has a feature-level fusion head (one batched head pass), or sample: "
                 "shapley_values(functools.partial(game.coalition_values, inputs, target), "
-                f"{m}, method='permutation', players=game.modalities)."
+                f"{m}, method='permutation', modalities=game.modalities)."
             )
         table = self.coalition_values(inputs, target, coalition_masks(m), masks)
         return GameResult(

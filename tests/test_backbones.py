@@ -20,7 +20,7 @@ FUSED = ("tfn", "lmf", "mult")
 
 
 def _config(modalities=MODS, **kw) -> PaSEConfig:
-    kw = {"dim": 16, "heads": 4, "baseline": True, "dropout": 0.1} | kw
+    kw = {"dim": 16, "heads": 4, "baseline": True, "dropout": 0.1, "decision": "head"} | kw
     return PaSEConfig(modalities=modalities, input_dims={m: DIMS[m] for m in modalities}, **kw)
 
 

@@ -314,7 +314,7 @@ def test_speed_default_recipe_is_the_example_command():
     dims = {"text": 6, "audio": 3}
     config, methods, game_every = speed.example_recipe(dims)
     assert config.dim == args.dim and methods == pase_mosi.methods_from(args)
-    assert game_every == args.sgm_every and not config.baseline
+    assert game_every == args.game_every and not config.baseline
     plain, _, _ = speed.example_recipe(dims, baseline=True)
     assert plain.baseline and plain.dim == args.dim
     parts = speed.build(True, dims, "cpu", recipe="default")

@@ -758,3 +758,127 @@ def test_chunked_whole_array_passes_match_the_plain_ones(monkeypatch):
     ds = _load_quiet(load_mmsa, {"train": {**_mmsa_split(rng), "text": x[:4, :5]}})
     assert torch.isfinite(ds.padded("text")).all()
     assert np.isnan(x[0, 0, 0])  # repaired on a copy
+
+
+# ----------------------------------------------------------------------------------------------
+# the private helpers the constructor, collate and the generator are built from
+# ----------------------------------------------------------------------------------------------
+
+
+def test_parse_labels_infers_the_task():
+    from modbalance.data.mmsa import _parse_labels
+
+    y, task, k = _parse_labels(torch.tensor([0.5, -1.0], dtype=torch.float64))
+    assert (task, k, y.dtype) == ("regression", None, torch.float32)
+    y, task, k = _parse_labels(torch.tensor([0, 3, 1], dtype=torch.int32))
+    assert (task, k, y.dtype) == ("classification", 4, torch.int64)
+    assert _parse_labels(torch.zeros(0, dtype=torch.long))[1:] == ("classification", 0)
+    y, task, k = _parse_labels(torch.zeros(2, 4, dtype=torch.uint8))
+    assert (task, k, y.dtype) == ("iemocap", 4, torch.int64)
+    with pytest.raises(ModbalanceError, match=r"pass `labels\.view\(-1\)`"):
+        _parse_labels(torch.zeros(3, 1))
+    with pytest.raises(ModbalanceError, match="1 negative value"):
+        _parse_labels(torch.tensor([0, -2, 1]))
+
+
+def test_feature_span_matches_the_span_rules():
+    from modbalance.data.mmsa import (
+        _feature_span,
+        _frame_nonzero,
+        _spans_from_lengths,
+        _spans_from_nonzero,
+    )
+
+    x = torch.zeros(3, 5, 2)
+    x[0, :2], x[1, 1:], x[2, 2:4] = 1.0, 2.0, 3.0
+    for got, want in zip(_feature_span("a", x, 3, None), _spans_from_nonzero(_frame_nonzero(x))):
+        assert torch.equal(got, want)
+    ln = torch.tensor([2, 4, 2])
+    for got, want in zip(_feature_span("a", x, 3, ln), _spans_from_lengths(_frame_nonzero(x), ln)):
+        assert torch.equal(got, want)
+    start, end = _feature_span("v", torch.ones(3, 4), 3, None)  # a vector: one "frame"
+    assert start.tolist() == [0, 0, 0] and end.tolist() == [1, 1, 1]
+    with pytest.raises(ModbalanceError, match=r"`lengths\['v'\]` was given"):
+        _feature_span("v", torch.ones(3, 4), 3, ln)
+
+
+def test_pad_modality_and_collate_agree():
+    from modbalance.data.mmsa import _pad_modality
+
+    xs = [torch.ones(1, 2), 2 * torch.ones(3, 2)]
+    feats, mask, lengths = _pad_modality(xs)
+    assert feats.shape == (2, 3, 2) and lengths.tolist() == [1, 3]
+    assert mask.tolist() == [[True, False, False], [True, True, True]]
+    assert not feats[0, 1:].any()
+    items = [{"features": {"a": x}, "label": torch.tensor(0.0), "id": str(i)} for i, x in
+             enumerate(xs)]  # fmt: skip
+    out = collate_multimodal(items)
+    assert torch.equal(out["features"]["a"], feats) and torch.equal(out["mask"]["a"], mask)
+    vec, vmask, vlen = _pad_modality([torch.ones(4), torch.zeros(4)])
+    assert vec.shape == (2, 4) and vmask.tolist() == [True, True] and vlen.tolist() == [1, 1]
+
+
+def _make_split_reference(g, split, n, t, dims, proj, bases, rho, coverage, noise, text_noise,
+                          frame_noise, pooled=0.0):  # fmt: skip
+    """The generator's split as written before its helpers were extracted (one function)."""
+    import math
+
+    from modbalance.data import synthetic as syn
+
+    rank = proj.shape[0]
+    u = syn._randn(g, n)
+    r = {m: syn._R_MAX * (2 * torch.rand(n, generator=g) - 1) for m in syn._WEAK}
+    z = {m: r[m] * syn._Z_SCALE for m in syn._WEAK}
+    covered = {m: (torch.rand(n, generator=g) < coverage).float() for m in syn._WEAK}
+    eps = syn._randn(g, n)
+    lengths = torch.randint(math.ceil(t / 2), t + 1, (n,), generator=g)
+    valid = (torch.arange(t)[None, :] < lengths[:, None]).float()
+    q = None
+    if pooled > 0:
+        q = {m: syn._randn(g, n) for m in syn._WEAK}
+        a, b = math.sqrt(1.0 - pooled), math.sqrt(pooled)
+        z = {m: a * z[m] + b * q[m] for m in syn._WEAK}
+    core = syn._core(u.double(), z["audio"].double(), z["vision"].double(), rho)
+    y = (core + noise * eps.double()).clamp(-3.0, 3.0).float().numpy()
+    content = syn._randn(g, n, rank)
+    content[:, 0] = syn._TEXT_GAIN * u
+    content[:, 1] = syn._TEXT_GAIN * covered["audio"] * z["audio"]
+    content[:, 2] = syn._TEXT_GAIN * covered["vision"] * z["vision"]
+    frame = text_noise * syn._randn(g, n, t, rank)
+    frame[..., :3] = 0.0
+    low = content[:, None, :] + frame
+    text = (low.reshape(n * t, rank) @ proj).reshape(n, t, dims["text"]) * valid[:, :, None]
+    weak = {}
+    for m in syn._WEAK:
+        w = syn._parity_frames(g, r[m], t)
+        rest = frame_noise[m] * syn._randn(g, n, t, dims[m] - syn._ORDER)
+        if q is not None:
+            rest[..., 0] += syn._POOLED_GAIN * q[m][:, None]
+        weak[m] = (torch.cat([w, rest], -1) @ bases[m].T) * valid[:, :, None]
+    tok = torch.randint(1000, 30000, (n, t), generator=g)
+    tok[:, 0] = 101
+    tok[torch.arange(n), lengths - 1] = 102
+    attn = valid.long()
+    text_bert = torch.stack([tok * attn, attn, torch.zeros_like(attn)], dim=1)
+    return {"text": text.numpy(), "text_bert": text_bert.numpy(), "audio": weak["audio"].numpy(),
+            "vision": weak["vision"].numpy(), "audio_lengths": lengths.numpy().astype(np.int64),
+            "regression_labels": y}  # fmt: skip
+
+
+@pytest.mark.parametrize("pooled", [0.0, 0.4])
+def test_generator_split_is_bit_identical_to_the_single_function_version(pooled):
+    from modbalance.data import synthetic as syn
+
+    dims, t = {"text": 24, "audio": 5, "vision": 7}, 6
+    frame_noise = {"audio": 2.5, "vision": 0.5}
+    rho, coverage = syn._shares(0.9, 0.1)
+    outs = []
+    for fn in (syn._make_split, _make_split_reference):
+        g = torch.Generator().manual_seed(7)
+        proj = syn._orthonormal(g, dims["text"], 8).T.contiguous()
+        bases = {m: syn._orthonormal(g, dims[m], dims[m]) for m in syn._WEAK}
+        args = (g, "train", 11, t) + ((dims,) if fn is _make_split_reference else ())
+        outs.append(fn(*args, proj, bases, rho, coverage, 0.3, 0.3, frame_noise, pooled=pooled))
+    new, ref = outs
+    for key, value in ref.items():
+        assert new[key].dtype == value.dtype and np.array_equal(new[key], value), key

@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from modbalance.fusion import PrototypeGatedFusion
-from modbalance.modulation import OGMGEModulator, ShapleyGradModulator
+from modbalance.methods.modulators import OGMGEModulator, ShapleyGradModulator
 from modbalance.prototypes import PrototypeCalibrator
 from modbalance.shapley import ModalityGame
 

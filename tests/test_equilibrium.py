@@ -10,7 +10,7 @@ from torch import nn
 
 from modbalance._checks import ModbalanceError
 from modbalance.balancing import StepOutput
-from modbalance.equilibrium import ShapleyEquilibrium
+from modbalance.methods.equilibrium import ShapleyEquilibrium
 from modbalance.prototypes import PrototypeCalibrator
 from modbalance.shapley import GameResult, shapley_from_table
 

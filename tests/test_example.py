@@ -12,6 +12,7 @@ from torch import nn
 
 from examples import pase_mosi
 from examples.pase import (
+    PAPER_SWITCHES,
     CheckpointError,
     DataError,
     GuardedDataset,
@@ -43,6 +44,8 @@ def splits(tmp_path_factory):
 
 
 def _model_config(train, **kw) -> PaSEConfig:
+    """The paper's model (every prototype component, the fusion head alone), small."""
+    kw = PAPER_SWITCHES | kw
     return PaSEConfig(modalities=train.modalities, input_dims=dict(train.dims), dim=16, **kw)
 
 
@@ -163,9 +166,9 @@ def test_test_split_is_only_touched_by_the_final_evaluation(splits, monkeypatch)
     calls = []
     original = Trainer.evaluate
 
-    def spy(self, dataset):
+    def spy(self, dataset, **kw):
         calls.append(("test" if dataset is test else "valid", self.epoch))
-        return original(self, dataset)
+        return original(self, dataset, **kw)
 
     monkeypatch.setattr(Trainer, "evaluate", spy)
     trainer = Trainer(_model_config(train), _train_config(epochs=2), train, valid, test)
@@ -239,7 +242,8 @@ def test_method_switches(splits):
         Trainer(_model_config(train), _train_config(methods=("nope",)), train, valid, test)
     methods = pase_mosi.methods_from
     assert methods(pase_mosi.parse_args([])) == pase_mosi.PASE_METHODS == ("sge",)
-    assert methods(pase_mosi.parse_args(["--no-sgm"])) == ()
+    with pytest.raises(SystemExit):  # one flag per setting: --equilibrium none
+        pase_mosi.parse_args(["--no-sgm"])
     assert methods(pase_mosi.parse_args(["--equilibrium", "none"])) == ()
     assert methods(pase_mosi.parse_args(["--equilibrium", "pase"])) == ("sgm",)
     assert methods(pase_mosi.parse_args(["--baseline"])) == ()
@@ -360,6 +364,7 @@ def test_train_step_with_user_mlp_encoders_on_vectors_and_ten_classes():
         task="classification",
         num_outputs=10,
         num_classes=10,
+        **PAPER_SWITCHES,
     )
     encoders = {"a": _MLP(7, 16), "b": _MLP(5, 16)}
     parts = build(config, methods=("sgm", "ogm-ge"), encoders=encoders, switch_epoch=1)
@@ -489,7 +494,7 @@ def test_help_documents_every_flag_with_defaults(capsys):
     with pytest.raises(SystemExit):
         pase_mosi.parse_args(["--help"])
     text = capsys.readouterr().out
-    for flag in ("--device", "--epochs", "--lr", "--calibration", "--no-sgm", "--resume"):
+    for flag in ("--device", "--epochs", "--lr", "--calibration", "--equilibrium", "--resume"):
         line = next(ln for ln in text.splitlines() if ln.strip().startswith(flag))
         assert len(line.split(flag, 1)[1].strip()) > 0 or flag in text
     assert "(default: 14)" in text and "(default: 0.001)" in text
@@ -545,7 +550,7 @@ def test_gblending_trains_with_a_holdout_of_the_training_split(splits):
     assert not ids_train & ids_hold
     t.run()
     (gb,) = t.methods
-    assert int(gb.num_estimates) >= 1 and sum(gb.weights.values()) == pytest.approx(1.0, abs=1e-3)
+    assert int(gb.num_estimates) >= 1 and float(gb.blend.sum()) == pytest.approx(1.0, abs=1e-3)
 
 
 # ------------------------------------------------------------------------------------------
@@ -698,7 +703,7 @@ _NUMBER_CASES = [
     (["--layers", "0"], r"argument --layers: must be an integer >= 1 .*got 0"),
     (["--seed", "-1"], r"argument --seed: must be an integer >= 0 .*got -1"),
     (["--seed", str(2**32)], r"argument --seed: must be below 2\*\*32"),
-    (["--sgm-every", "0"], r"argument --sgm-every: must be an integer >= 1 .*got 0"),
+    (["--game-every", "0"], r"argument --game-every: must be an integer >= 1 .*got 0"),
     (["--max-steps-per-epoch", "0"], r"argument --max-steps-per-epoch: .*>= 1 .*got 0"),
     (["--patience", "0"], r"argument --patience: must be an integer >= 1 .*got 0"),
     (["--switch-epoch", "-1"], r"argument --switch-epoch: must be an integer >= 0 .*got -1"),

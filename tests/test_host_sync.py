@@ -40,7 +40,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 import modbalance
 from examples import pase_mosi
-from examples.pase import METHODS, PaSEConfig, build, train_step
+from examples.pase import METHODS, PAPER_SWITCHES, PaSEConfig, build, train_step
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -316,7 +316,9 @@ def test_counting_the_optimizer_step_would_see_a_sync():
 @pytest.mark.parametrize("method", sorted(METHODS))
 def test_train_step_does_not_synchronise(method):
     torch.manual_seed(0)
-    cfg = PaSEConfig(modalities=tuple(DIMS), input_dims=dict(DIMS), dim=8, heads=2)
+    cfg = PaSEConfig(
+        modalities=tuple(DIMS), input_dims=dict(DIMS), dim=8, heads=2, **PAPER_SWITCHES
+    )
     parts = build(cfg, methods=[method])
     counter = count_syncs(parts, make_batch())
     _assert_no_sync(counter, f"method {method!r} (regression)")
@@ -333,6 +335,7 @@ def test_train_step_does_not_synchronise_classification(method):
         task="classification",
         num_outputs=4,
         num_classes=4,
+        **PAPER_SWITCHES,
     )
     parts = build(cfg, methods=[method])
     counter = count_syncs(parts, make_batch("classification", 4))

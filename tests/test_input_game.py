@@ -20,8 +20,8 @@ from torch import nn
 
 import modbalance
 from modbalance._checks import ModbalanceError
-from modbalance.equilibrium import ShapleyEquilibrium
-from modbalance.modulation import ShapleyGradModulator
+from modbalance.methods.equilibrium import ShapleyEquilibrium
+from modbalance.methods.modulators import ShapleyGradModulator
 from modbalance.shapley import (
     GameResult,
     InputMaskingGame,
@@ -469,13 +469,14 @@ def test_permutation_sampling_over_coalition_values_for_many_modalities():
         game(inputs, y)
     value_fn = functools.partial(game.coalition_values, inputs, y)
     sampled = shapley_values(value_fn, 9, method="permutation", num_permutations=4,
-                             generator=torch.Generator().manual_seed(0), players=names)  # fmt: skip
-    assert sampled.values.shape == (9,) and sampled.players == tuple(names)
+                             generator=torch.Generator().manual_seed(0),
+                             modalities=names)  # fmt: skip
+    assert sampled.shapley.shape == (9,) and sampled.modalities == tuple(names)
     # exact through the same value function agrees with __call__ for a small game
     small = InputMaskingGame(model, names[:3], masking="zero")
     sub = {m: inputs[m] for m in names[:3]}
     exact = shapley_values(functools.partial(small.coalition_values, sub, y), 3)
-    torch.testing.assert_close(exact.values, small(sub, y).shapley)
+    torch.testing.assert_close(exact.shapley, small(sub, y).shapley)
 
 
 def test_result_follows_device(device):

@@ -373,3 +373,101 @@ def test_probe_score_classification():
 def test_probe_score_errors(args, kwargs, match):
     with pytest.raises(ModbalanceError, match=match):
         probe_score(*args, **kwargs)
+
+
+# ----------------------------------------------------------------------------------------------
+# one implementation each: WA/UA, the ridge probe, the shares
+# ----------------------------------------------------------------------------------------------
+
+
+@pytest.mark.filterwarnings("ignore:y_pred contains classes not in y_true")
+def test_wa_ua_is_accuracy_and_balanced_accuracy():
+    from modbalance.metrics import _wa_ua
+
+    rng = np.random.default_rng(3)
+    for n, c in ((50, 3), (200, 8), (7, 5)):
+        true, pred = rng.integers(0, c, n), rng.integers(0, c, n)
+        wa, ua = _wa_ua(torch.from_numpy(true), torch.from_numpy(pred))
+        assert wa == pytest.approx(accuracy_score(true, pred), abs=1e-15)
+        assert ua == pytest.approx(balanced_accuracy_score(true, pred), abs=1e-15)
+        # the example's former float32 loop (classes in range(C) present in the target)
+        t, p = torch.from_numpy(true), torch.from_numpy(pred)
+        hit = (p == t).float()
+        recalls = [hit[t == k].mean() for k in range(c) if bool((t == k).any())]
+        assert wa == pytest.approx(float(hit.mean()), abs=1e-6)
+        assert ua == pytest.approx(float(torch.stack(recalls).mean()), abs=1e-6)
+    assert all(math.isnan(v) for v in _wa_ua(np.zeros(0), np.zeros(0)))
+
+
+def test_example_metrics_of_uses_the_library_wa_ua():
+    from examples.pase.loop import metrics_of
+    from modbalance.metrics import _wa_ua
+
+    g = torch.Generator().manual_seed(0)
+    logits, target = torch.randn(40, 4, generator=g), torch.randint(0, 4, (40,), generator=g)
+    wa, ua = _wa_ua(target, logits.argmax(-1))
+    assert metrics_of(logits, target, "classification") == {"WA": wa, "UA": ua}
+
+
+def _legacy_suite_ridge(x_tr, y_tr, x_te, classes, alpha=1.0):
+    """The competition suite's former private ridge (unbiased std), for comparison."""
+    x_tr, x_te = x_tr.double(), x_te.double()
+    mu, sd = x_tr.mean(0), x_tr.std(0).clamp_min(1e-8)
+    a, b = (x_tr - mu) / sd, (x_te - mu) / sd
+    y = torch.nn.functional.one_hot(y_tr.long(), classes).double() if classes else y_tr.double()
+    y_mean = y.mean(0)
+    w = torch.linalg.solve(
+        a.T @ a + alpha * torch.eye(a.shape[1], dtype=a.dtype), a.T @ (y - y_mean)
+    )
+    return b @ w + y_mean
+
+
+def test_ridge_probe_is_probe_score_and_the_suites_former_ridge():
+    from modbalance.metrics import _ridge_probe
+
+    g = torch.Generator().manual_seed(0)
+    n, d = 64, 96  # more features than samples: the ridge strength matters
+    x = torch.relu(torch.randn(n + 32, d, generator=g))
+    x[:, :3] = 0.0  # dead units: centred, never divided by 0
+    y = x[:, 3:8].sum(1) + 0.3 * torch.randn(n + 32, generator=g)
+    pred, yte = _ridge_probe(x[:n], y[:n], x[n:], y[n:])
+    r2 = 1 - float(((yte - pred) ** 2).sum() / ((yte - yte.mean()) ** 2).sum())
+    assert probe_score(x[:n], y[:n], x[n:], y[n:]) == r2
+    # the suite standardised with the unbiased std: the same ridge with alpha * N / (N - 1)
+    legacy = _legacy_suite_ridge(x[:n], y[:n], x[n:], None)
+    same, _ = _ridge_probe(x[:n], y[:n], x[n:], y[n:], alpha=n / (n - 1))
+    torch.testing.assert_close(same, legacy, rtol=0, atol=1e-10)
+    # classification: predicted labels, the arg-max of the one-hot ridge (all classes in train)
+    cls = (x[:, 3] > x[:, 4]).long() + 2 * (x[:, 5] > 1.0).long()
+    labels, _ = _ridge_probe(x[:n], cls[:n], x[n:], cls[n:], task="classification")
+    scores = _legacy_suite_ridge(x[:n], cls[:n], x[n:], 4, alpha=(n - 1) / n)
+    assert torch.equal(labels.long(), scores.argmax(-1))
+    acc = probe_score(x[:n], cls[:n], x[n:], cls[n:], task="classification")
+    assert acc == float((labels == cls[n:]).double().mean())
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+def test_shapley_shares_is_pase_shares(dtype):
+    from modbalance.metrics import pase_shares
+
+    g = torch.Generator().manual_seed(0)
+    for scale in (1e-30, 1e-3, 1.0, 1e30):
+        v = (torch.randn(64, 4, generator=g) * scale).to(dtype)
+        v[::5] = -v[::5].abs()  # rows without a positive contribution: uniform
+        v[::7, 0] = 0.0
+        v = v[torch.isfinite(v).all(-1)]
+        assert torch.equal(shapley_shares(v), pase_shares(v))
+    big = torch.tensor([torch.finfo(dtype).max, torch.finfo(dtype).max / 2, -1.0], dtype=dtype)
+    assert torch.equal(shapley_shares(big), pase_shares(big))
+    assert bool(torch.isfinite(pase_shares(big)).all())
+
+
+def test_pase_shares_without_value_checks_gives_uniform_rows_for_non_finite_input():
+    from modbalance import value_checks
+    from modbalance.metrics import pase_shares
+
+    x = torch.tensor([[1.0, float("nan"), 2.0], [float("inf"), 1.0, 0.0], [3.0, 1.0, 0.0]])
+    with value_checks(False):
+        out = pase_shares(x)
+    torch.testing.assert_close(out[:2], torch.full((2, 3), 1 / 3))
+    torch.testing.assert_close(out[2], torch.tensor([0.75, 0.25, 0.0]))

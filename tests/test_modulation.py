@@ -1,4 +1,4 @@
-"""Tests for modbalance.modulation: ShapleyGradModulator and OGMGEModulator."""
+"""Tests for modbalance.methods.modulators: ShapleyGradModulator and OGMGEModulator."""
 
 from __future__ import annotations
 
@@ -12,14 +12,14 @@ from torch import nn
 
 from modbalance._checks import ModbalanceError, value_checks
 from modbalance.balancing import StepOutput
-from modbalance.modulation import (
+from modbalance.methods.modulators import (
     ModulatorHandle,
     OGMGEModulator,
     ShapleyGradModulator,
     ogmge_coefficients,
     pase_coefficients,
-    pase_shares,
 )
+from modbalance.metrics import pase_shares
 from modbalance.shapley import GameResult, ModalityGame, ShapleyResult, shapley_values
 
 # ------------------------------------------------------------------------------------------
@@ -413,7 +413,7 @@ def test_observe_errors():
         mod.observe({"text": 1.0, "audio": float("inf")})
     with pytest.raises(TypeError, match="bare tensor is refused"):
         mod.observe(torch.ones(2))
-    with pytest.raises(TypeError, match="without player names"):
+    with pytest.raises(TypeError, match="without modality names"):
         mod.observe(ShapleyResult(torch.ones(2), torch.zeros(2), 4))
     with pytest.raises(ModbalanceError, match="one value"):
         mod.observe({"text": torch.ones(2), "audio": 1.0})
@@ -587,7 +587,7 @@ def test_swapped_player_order_slows_the_dominant_modality():
     # the same through a ShapleyResult with player names, and through a mapping
     table = res.table
     sv = shapley_values(
-        lambda masks: table[(masks.long() * torch.tensor([1, 2])).sum(1)], 2, players=("b", "a")
+        lambda masks: table[(masks.long() * torch.tensor([1, 2])).sum(1)], 2, modalities=("b", "a")
     )
     torch.testing.assert_close(mod.observe(sv), expected)
     torch.testing.assert_close(mod.observe(dict(zip(res.modalities, res.shapley))), expected)
@@ -638,7 +638,9 @@ def test_around_step_observes_every_k_steps_and_modulates():
     model = TwoBranch()
     res = _swapped_game()
     game = GameResult(res.table, res.shapley, res.interactions, ("audio", "text"))
-    mod = ShapleyGradModulator({"text": model.text, "audio": model.audio}, momentum=0.0, every=2)
+    mod = ShapleyGradModulator(
+        {"text": model.text, "audio": model.audio}, momentum=0.0, game_every=2
+    )
     assert mod.needs_game
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     xt, xa, y = batch("cpu", 0)
@@ -646,7 +648,7 @@ def test_around_step_observes_every_k_steps_and_modulates():
     before = params_of(model)
     with mod.around_step(_step_output("regression", y, {"text": y, "audio": y}, game, 1), opt):
         opt.step()
-    assert not mod.initialized  # step 1 is not a multiple of every=2: no observation
+    assert not mod.initialized  # step 1 is not a multiple of game_every=2: no observation
     with mod.around_step(_step_output("regression", y, {"text": y, "audio": y}, game, 2), opt):
         opt.step()
     assert mod.initialized and mod.summary()["coefficient_audio"] < 1.0

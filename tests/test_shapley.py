@@ -21,12 +21,12 @@ from hypothesis import strategies as st
 from torch import nn
 
 from modbalance._checks import ModbalanceError
-from modbalance.modulation import (
+from modbalance.methods.modulators import (
     OGMGEModulator,
     ShapleyGradModulator,
     pase_coefficients,
-    pase_shares,
 )
+from modbalance.metrics import pase_shares
 from modbalance.shapley import (
     GameResult,
     ModalityGame,
@@ -234,7 +234,7 @@ def test_exact_method_uses_one_call():
     res = shapley_values(game, 5, method="exact")
     assert isinstance(res, ShapleyResult)
     assert game.calls == 1 and game.rows == 32 and res.num_evaluations == 32
-    torch.testing.assert_close(res.values, brute_force_shapley(table))
+    torch.testing.assert_close(res.shapley, brute_force_shapley(table))
     assert torch.equal(res.stderr, torch.zeros(5, dtype=torch.float64))
 
 
@@ -255,15 +255,15 @@ def test_permutation_estimator_is_efficient_and_seeded(antithetic):
     kwargs = dict(method="permutation", num_permutations=6, antithetic=antithetic)
     a = shapley_values(CountingGame(table), 7, generator=torch.Generator().manual_seed(5), **kwargs)
     b = shapley_values(CountingGame(table), 7, generator=torch.Generator().manual_seed(5), **kwargs)
-    assert torch.equal(a.values, b.values) and torch.equal(a.stderr, b.stderr)
-    torch.testing.assert_close(a.values.sum(), table[-1] - table[0])
+    assert torch.equal(a.shapley, b.shapley) and torch.equal(a.stderr, b.stderr)
+    torch.testing.assert_close(a.shapley.sum(), table[-1] - table[0])
 
 
 def test_antithetic_pairs_are_exact_for_two_players():
     # with M = 2 a permutation and its reverse enumerate every ordering
     table = random_table(2, 1)
     res = shapley_values(CountingGame(table), 2, method="permutation", num_permutations=2)
-    torch.testing.assert_close(res.values, brute_force_shapley(table))
+    torch.testing.assert_close(res.shapley, brute_force_shapley(table))
 
 
 @pytest.mark.parametrize("antithetic", [True, False])
@@ -283,14 +283,14 @@ def test_permutation_error_shrinks_and_stderr_covers(antithetic):
         )
 
     def rmse(n):
-        errs = torch.stack([run(n, s).values - exact for s in range(20)])
+        errs = torch.stack([run(n, s).shapley - exact for s in range(20)])
         return errs.square().mean().sqrt()
 
     assert rmse(128) < 0.5 * rmse(8)
     covered = []
     for seed in range(40):
         res = run(32, 100 + seed)
-        covered.append((res.values - exact).abs() <= 2.576 * res.stderr)
+        covered.append((res.shapley - exact).abs() <= 2.576 * res.stderr)
     frac = torch.cat(covered).double().mean()
     assert frac >= 0.85, frac
 
@@ -306,7 +306,7 @@ def test_permutation_estimator_is_unbiased():
                 method="permutation",
                 num_permutations=8,
                 generator=torch.Generator().manual_seed(s),
-            ).values
+            ).shapley
             for s in range(400)
         ]
     ).mean(0)
@@ -555,7 +555,7 @@ def test_coalition_values_feed_shapley_values(device):
     sub = coalition_masks(3)[[5, 2, 7]]
     torch.testing.assert_close(value_fn(sub), exact.table[[5, 2, 7]])
     res = shapley_values(value_fn, 3, method="exact", device=device)
-    torch.testing.assert_close(res.values, exact.shapley)
+    torch.testing.assert_close(res.shapley, exact.shapley)
 
 
 def test_regression_accuracy_all_zero_targets_is_zero(device):
@@ -676,10 +676,12 @@ def test_distributed_game_and_modulator_agree_with_global_batch(tmp_path):
 def test_players_are_returned(method):
     table = random_table(3, 4)
     res = shapley_values(
-        CountingGame(table), 3, method=method, num_permutations=4, players=["t", "a", "v"]
+        CountingGame(table), 3, method=method, num_permutations=4, modalities=["t", "a", "v"]
     )
-    assert res.players == ("t", "a", "v")
-    assert shapley_values(CountingGame(table), 3, method=method, num_permutations=4).players is None
+    assert res.modalities == ("t", "a", "v")
+    assert (
+        shapley_values(CountingGame(table), 3, method=method, num_permutations=4).modalities is None
+    )
     # the fourth field keeps positional unpacking of the first three readable
     values, stderr, n_eval, players, _ = res
     assert players == ("t", "a", "v") and values.shape == stderr.shape == (3,) and n_eval > 0
@@ -688,15 +690,15 @@ def test_players_are_returned(method):
 @pytest.mark.parametrize(
     ("players", "exc", "match"),
     [
-        (["t", "a"], ModbalanceError, r"`players` must name each of the num_players=3"),
-        (["t", "a", "a"], ModbalanceError, r"`players` must be distinct"),
-        ("tav", TypeError, r"`players` must be a sequence"),
-        ([0, 1, 2], TypeError, r"`players` must hold strings"),
+        (["t", "a"], ModbalanceError, r"`modalities` must name each of the num_players=3"),
+        (["t", "a", "a"], ModbalanceError, r"`modalities` must be distinct"),
+        ("tav", TypeError, r"`modalities` must be a sequence"),
+        ([0, 1, 2], TypeError, r"`modalities` must hold strings"),
     ],
 )
 def test_players_errors(players, exc, match):
     with pytest.raises(exc, match=match):
-        shapley_values(CountingGame(random_table(3)), 3, players=players)
+        shapley_values(CountingGame(random_table(3)), 3, modalities=players)
 
 
 def test_t_quantile_matches_tabulated_values():
@@ -725,7 +727,7 @@ def test_interval_covers_better_than_two_stderr_with_few_permutations():
         assert res.num_units == 4
         low, high = res.interval(0.95)
         student.append((low <= exact) & (exact <= high))
-        naive.append((res.values - exact).abs() <= 2 * res.stderr)
+        naive.append((res.shapley - exact).abs() <= 2 * res.stderr)
     naive_cov = torch.cat(naive).double().mean().item()
     t_cov = torch.cat(student).double().mean().item()
     assert naive_cov < 0.86  # the issue: ~80% for a "95%" interval
@@ -736,7 +738,9 @@ def test_interval_exact_and_errors():
     table = random_table(3, 2)
     res = shapley_values(CountingGame(table), 3, method="exact")
     low, high = res.interval()
-    assert res.num_units is None and torch.equal(low, res.values) and torch.equal(high, res.values)
+    assert (
+        res.num_units is None and torch.equal(low, res.shapley) and torch.equal(high, res.shapley)
+    )
     one = shapley_values(
         CountingGame(table), 3, method="permutation", num_permutations=1, antithetic=False
     )
@@ -760,7 +764,7 @@ def test_value_fn_returning_nan_is_an_error(method, bad):
 
     with modbalance.value_checks(False):  # the check reads the values: it can be switched off
         res = shapley_values(CountingGame(table), 3, method="exact")
-    assert not torch.isfinite(res.values).all()
+    assert not torch.isfinite(res.shapley).all()
 
 
 @pytest.mark.parametrize("where", ["features", "target", "head"])

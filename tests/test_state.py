@@ -13,7 +13,7 @@ import math
 import pytest
 import torch
 
-from examples.pase import METHODS, PaSEConfig, build
+from examples.pase import METHODS, PAPER_SWITCHES, PaSEConfig, build
 from modbalance import (
     Decision,
     ModalityGame,
@@ -30,8 +30,10 @@ SWAPPED = ("audio", "text", "vision")
 OTHER = ("text", "audio", "pose")
 
 
-def _parts(names, method):
-    cfg = PaSEConfig(modalities=names, input_dims=dict.fromkeys(names, 6), dim=8, heads=2)
+def _parts(names, method, **switches):
+    cfg = PaSEConfig(
+        modalities=names, input_dims=dict.fromkeys(names, 6), dim=8, heads=2, **switches
+    )
     torch.manual_seed(0)
     return build(cfg, methods=[method])
 
@@ -56,13 +58,14 @@ def test_method_state_refuses_other_order_and_other_names(method):
             torch.testing.assert_close(same.state_dict()[k], v, rtol=0, atol=0, equal_nan=True)
 
 
-def test_model_state_refuses_swapped_modalities():
-    saved = _parts(ORDER, "sge").model.state_dict()
+@pytest.mark.parametrize("switches", [{}, PAPER_SWITCHES], ids=["default", "paper"])
+def test_model_state_refuses_swapped_modalities(switches):
+    saved = _parts(ORDER, "sge", **switches).model.state_dict()
     assert any(k.endswith("_extra_state") for k in saved)
-    target = _parts(SWAPPED, "sge").model
+    target = _parts(SWAPPED, "sge", **switches).model
     with pytest.raises(ModbalanceError, match=r"saved with modalities \['text', 'audio'"):
         target.load_state_dict(saved)
-    _parts(ORDER, "sge").model.load_state_dict(saved)  # same names, same order: loads
+    _parts(ORDER, "sge", **switches).model.load_state_dict(saved)  # same names and order
 
 
 def test_state_saved_without_names_still_loads():
@@ -88,7 +91,7 @@ def _modulator(names=ORDER):
         (_modulator, "coefficients", -0.5, r"`coefficients` must be >= 0"),
         (lambda: ShapleyEquilibrium(ORDER), "shares", math.inf, "`shares` holds NaN or inf"),
         (lambda: ShapleyEquilibrium(ORDER), "unimodal_loss", -1.0, "`unimodal_loss` must be"),
-        (lambda: UnimodalLoss(ORDER), "weight", -1.0, "`weight` must be >= 0"),
+        (lambda: UnimodalLoss(ORDER), "coefficients", -1.0, "`coefficients` must be >= 0"),
         (
             lambda: Decision(ORDER, "regression", rule="precision"),
             "sq_error",

@@ -16,7 +16,7 @@ import os
 import random
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -27,43 +27,15 @@ from torch.utils.data import Dataset, Subset
 
 from modbalance import distributed as mbdist
 from modbalance.balancing import BalancingMethod, task_loss
-from modbalance.metrics import msa_regression_metrics, shapley_shares
+from modbalance.metrics import _wa_ua, msa_regression_metrics, shapley_shares
 
 from .data import GuardedDataset, make_loader, to_device
 from .model import PaSEConfig
-from .step import autocast, build, train_step
+from .step import TrainConfig, autocast, build, train_step
 
 
 class CheckpointError(RuntimeError):
     """A checkpoint that cannot be resumed, with the file's name and what to do."""
-
-
-@dataclass
-class TrainConfig:
-    """Optimisation and bookkeeping options of :class:`Trainer`."""
-
-    epochs: int = 30
-    batch_size: int = 64
-    lr: float = 1e-3
-    weight_decay: float = 1e-4
-    seed: int = 0
-    switch_epoch: int | None = 8
-    patience: int | None = None
-    methods: tuple[str, ...] = ("sge",)
-    game_every: int = 1
-    device: str = "cpu"
-    amp: str | None = None  # None or "bf16"
-    max_steps_per_epoch: int | None = None
-    progress: bool = True
-
-    def __post_init__(self) -> None:
-        steps = self.max_steps_per_epoch
-        bad = isinstance(steps, bool) or not isinstance(steps, int) or steps < 1
-        if steps is not None and bad:
-            raise ValueError(
-                f"`max_steps_per_epoch` must be None (whole epochs) or an integer >= 1, got "
-                f"{steps!r}: a cap of 0 would train nothing (--max-steps-per-epoch)."
-            )
 
 
 #: TrainConfig options that a resume cannot honour, with their command-line flags: the
@@ -89,9 +61,8 @@ def metrics_of(pred: Tensor, target: Tensor, task: str) -> dict[str, float]:
     """MMSA regression metrics, or accuracy (WA) and mean per-class recall (UA)."""
     if task == "regression":
         return {k: float(v) for k, v in msa_regression_metrics(pred, target).items()}
-    hit = (pred.argmax(-1) == target).float()
-    recalls = [hit[target == k].mean() for k in range(pred.shape[-1]) if bool((target == k).any())]
-    return {"WA": float(hit.mean()), "UA": float(torch.stack(recalls).mean())}
+    wa, ua = _wa_ua(target, pred.argmax(-1))
+    return {"WA": wa, "UA": ua}
 
 
 def _flatten(obj: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -170,20 +141,8 @@ class Trainer:
         self.out_dir = Path(out_dir) if out_dir is not None else None
         self.is_main = mbdist.rank() == 0
         seed_everything(config.seed)
-        self.parts = build(
-            model_config,
-            methods=config.methods if methods is None else methods,
-            encoders=encoders,
-            lr=config.lr,
-            weight_decay=config.weight_decay,
-            switch_epoch=config.switch_epoch,
-            patience=config.patience,
-            device=config.device,
-            amp=config.amp,
-            seed=config.seed,
-            game_every=config.game_every,
-            model=model,
-        )
+        own = {} if methods is None else {"methods": methods}
+        self.parts = build(model_config, config, encoders=encoders, model=model, **own)
         self.train_set, self.valid_set, self.test_set = train_set, valid_set, test_set
         self.holdout_set: Dataset | None = None
         if any(m.needs_holdout for m in self.methods):
@@ -194,7 +153,9 @@ class Trainer:
         self.best_epoch: int | None = None
         self.elapsed_s = 0.0  # training wall time over all sessions (resume included)
         self._best_state: dict[str, Tensor] | None = None
-        self.last_predictions: dict[str, Any] | None = None
+        #: After :meth:`finish`: :meth:`predict`'s output on the test split for the selected
+        #: checkpoint, from the one final test pass (e.g. for linear probes); ``None`` before.
+        self.test_predictions: dict[str, Any] | None = None
         #: After :meth:`resume`: the checkpoint, its epoch, its training options and the
         #: options this run changed (``{name: [checkpoint's, this run's]}``).
         self.resumed: dict[str, Any] | None = None
@@ -294,10 +255,13 @@ class Trainer:
             "target": torch.cat(targets),
         }
 
-    def evaluate(self, dataset: Dataset) -> dict[str, Any]:
-        """Metrics of fused and unimodal predictions, plus Shapley values of the fused head."""
+    def evaluate(self, dataset: Dataset, *, with_predictions: bool = False) -> Any:
+        """Metrics of fused and unimodal predictions, plus Shapley values of the fused head.
+
+        With ``with_predictions``: ``(metrics, predictions)``, the second :meth:`predict`'s
+        output from the same pass.
+        """
         p = self.predict(dataset)
-        self.last_predictions = p  # e.g. the final test pass, reused by the benchmarks' probes
         task = self.model_config.task
         result: dict[str, Any] = {
             k: metrics_of(v, p["target"], task) for k, v in p["preds"].items()
@@ -310,7 +274,7 @@ class Trainer:
         result["shapley"] = {m: float(v) for m, v in zip(mods, game.shapley.cpu())}
         shares = shapley_shares(game.shapley.cpu())
         result["shares"] = {m: float(v) for m, v in zip(mods, shares)}
-        return result
+        return (result, p) if with_predictions else result
 
     def _end_epoch(self, record: dict[str, Any]) -> None:
         """Phase switch (on the unimodal validation error in phase 1) and model selection."""
@@ -365,7 +329,10 @@ class Trainer:
         )
 
     def finish(self) -> dict[str, Any]:
-        """Load the validation-selected checkpoint and evaluate valid and test once."""
+        """Load the validation-selected checkpoint and evaluate valid and test once.
+
+        The test pass's predictions stay in :attr:`test_predictions`.
+        """
         best = self._load("best.pt")
         if best is not None:
             self.model.load_state_dict(best["model"])
@@ -373,11 +340,9 @@ class Trainer:
             self.model.load_state_dict(self._best_state)
         if isinstance(self.test_set, GuardedDataset):
             self.test_set.unlock()
-        final = {
-            "selected_epoch": self.best_epoch,
-            "valid": self.evaluate(self.valid_set),
-            "test": self.evaluate(self.test_set),
-        }
+        valid = self.evaluate(self.valid_set)
+        test, self.test_predictions = self.evaluate(self.test_set, with_predictions=True)
+        final = {"selected_epoch": self.best_epoch, "valid": valid, "test": test}
         if self.out_dir is not None and self.is_main:
             (self.out_dir / "final_metrics.json").write_text(json.dumps(final, indent=1))
         return final
@@ -474,7 +439,7 @@ class Trainer:
                 "delete it or pass another --out."
             )
         saved, now = state["model_config"], self.model_config.to_dict()
-        diff = sorted(k for k in now if k != "extra" and saved.get(k) != now[k])
+        diff = sorted(k for k in now if saved.get(k) != now[k])
         if diff:
             changes = ", ".join(f"{k}: {saved.get(k)!r} -> {now[k]!r}" for k in diff)
             raise CheckpointError(

@@ -13,20 +13,65 @@ from __future__ import annotations
 
 import inspect
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
+from functools import partial
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
+from modbalance import (
+    AGM,
+    CGGM,
+    MLA,
+    PMR,
+    GBlending,
+    InfoReg,
+    MMPareto,
+    OGMGEModulator,
+    ShapleyEquilibrium,
+    ShapleyGradModulator,
+    UnimodalLoss,
+)
 from modbalance import distributed as mbdist
 from modbalance.balancing import BalancingMethod, balanced_step
-from modbalance.modulation import OGMGEModulator, ShapleyGradModulator
 from modbalance.schedule import DualPhaseSchedule
 from modbalance.shapley import ModalityGame
 
 from .data import to_device
 from .model import PaSEConfig, PaSEModel
+
+
+@dataclass
+class TrainConfig:
+    """Training options: what :func:`build` assembles and how :class:`~.loop.Trainer` loops.
+
+    ``methods`` are names of :data:`METHODS` (or, for :func:`build`, ready instances);
+    ``game_every`` evaluates the Shapley game every this many steps (when a method needs it).
+    """
+
+    epochs: int = 30
+    batch_size: int = 64
+    lr: float = 1e-3
+    weight_decay: float = 1e-4
+    seed: int = 0
+    switch_epoch: int | None = 8
+    patience: int | None = None
+    methods: tuple[str, ...] = ("sge",)
+    game_every: int = 1
+    device: str = "cpu"
+    amp: str | None = None  # None or "bf16"
+    max_steps_per_epoch: int | None = None
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        steps = self.max_steps_per_epoch
+        bad = isinstance(steps, bool) or not isinstance(steps, int) or steps < 1
+        if steps is not None and bad:
+            raise ValueError(
+                f"`max_steps_per_epoch` must be None (whole epochs) or an integer >= 1, got "
+                f"{steps!r}: a cap of 0 would train nothing (--max-steps-per-epoch)."
+            )
 
 
 @dataclass
@@ -45,26 +90,10 @@ class Parts:
     game_every: int = 1  # evaluate the Shapley game every this many steps (if a method needs it)
 
 
-#: Balancing methods by name: ``factory(model, seed, device) -> BalancingMethod``.
-METHODS: dict[str, Callable[[PaSEModel, int, torch.device], BalancingMethod]] = {}
-
-
-def register_method(name: str):
-    """Register a method factory under ``name`` (used by the CLI and the benchmarks)."""
-
-    def deco(fn):
-        METHODS[name] = fn
-        return fn
-
-    return deco
-
-
-@register_method("sgm")
 def _sgm(model: PaSEModel, seed: int, device: torch.device) -> BalancingMethod:
     return ShapleyGradModulator(model.modality_groups(), momentum=0.9, apply="update")
 
 
-@register_method("ogm-ge")
 def _ogm(model: PaSEModel, seed: int, device: torch.device) -> BalancingMethod:
     gen = torch.Generator(device=device).manual_seed(seed + 17)
     return OGMGEModulator(
@@ -72,38 +101,7 @@ def _ogm(model: PaSEModel, seed: int, device: torch.device) -> BalancingMethod:
     )
 
 
-@register_method("unimodal")
-def _unimodal(model: PaSEModel, seed: int, device: torch.device) -> BalancingMethod:
-    from modbalance.methods import UnimodalLoss
-
-    return UnimodalLoss(model.modalities)
-
-
-@register_method("gblending")
-def _gblending(model: PaSEModel, seed: int, device: torch.device) -> BalancingMethod:
-    from modbalance.methods import GBlending
-
-    return GBlending(model.modalities, every=2)
-
-
-@register_method("mmpareto")
-def _mmpareto(model: PaSEModel, seed: int, device: torch.device) -> BalancingMethod:
-    from modbalance.methods import MMPareto
-
-    return MMPareto(model.modality_groups())
-
-
-@register_method("agm")
-def _agm(model: PaSEModel, seed: int, device: torch.device) -> BalancingMethod:
-    from modbalance.methods import AGM
-
-    return AGM(model.modalities, modules=[model])
-
-
-@register_method("pmr")
 def _pmr(model: PaSEModel, seed: int, device: torch.device) -> BalancingMethod:
-    from modbalance.methods import PMR
-
     c = model.config
     dims = {m: c.dim for m in model.modalities}
     if c.task == "regression":
@@ -111,48 +109,40 @@ def _pmr(model: PaSEModel, seed: int, device: torch.device) -> BalancingMethod:
     return PMR(dims, c.num_outputs)
 
 
-@register_method("mla")
-def _mla(model: PaSEModel, seed: int, device: torch.device) -> BalancingMethod:
-    from modbalance.methods import MLA
-
-    return MLA(model.modalities, model.config.dim, model.config.num_outputs)
-
-
-@register_method("cggm")
 def _cggm(model: PaSEModel, seed: int, device: torch.device) -> BalancingMethod:
-    from modbalance.methods import CGGM
-
     c = model.config
     heads = {m: nn.Linear(c.dim, c.num_outputs) for m in model.modalities}
     # AdamW cancels a gradient scale: the suite scales the update, and bounds the coefficient
     return CGGM(model.modality_groups(), heads, apply="update", max_abs_coefficient=10.0)
 
 
-@register_method("inforeg")
-def _inforeg(model: PaSEModel, seed: int, device: torch.device) -> BalancingMethod:
-    from modbalance.methods import InfoReg
-
-    return InfoReg(model.modality_groups())
-
-
-def _sge(**kw):
-    def factory(model: PaSEModel, seed: int, device: torch.device) -> BalancingMethod:
-        from modbalance.equilibrium import ShapleyEquilibrium
-
-        return ShapleyEquilibrium(
-            model.modalities, groups=model.modality_groups(), replace=("readout",), **kw
-        )
-
-    return factory
+def _sge(model: PaSEModel, seed: int, device: torch.device, **options: Any) -> BalancingMethod:
+    """PaSE's Shapley-based equilibrium in place of the example's detached read-out."""
+    groups = model.modality_groups()
+    return ShapleyEquilibrium(model.modalities, groups=groups, replace=("readout",), **options)
 
 
-#: PaSE's Shapley-based equilibrium: the default rule, and variants measured on the suite.
-METHODS["sge"] = _sge()
-METHODS["sge-beta0"] = _sge(beta=0.0)
-METHODS["sge-beta1"] = _sge(beta=1.0)
-METHODS["sge-w0.5"] = _sge(weight=0.5)
-METHODS["sge-paper"] = _sge(rule="pase")
-METHODS["sge-nolearn"] = _sge(learnable_margin=None)  # without the learnability factor
+#: Balancing methods by name: ``factory(model, seed, device) -> BalancingMethod``. Add your own
+#: by assigning a new name; :func:`make_methods` also takes ready instances.
+METHODS: dict[str, Callable[[PaSEModel, int, torch.device], BalancingMethod]] = {
+    "sgm": _sgm,  # the paper's update modulation (also ``--equilibrium pase``)
+    "ogm-ge": _ogm,
+    "unimodal": lambda model, seed, device: UnimodalLoss(model.modalities),
+    "gblending": lambda model, seed, device: GBlending(model.modalities, every=2),
+    "mmpareto": lambda model, seed, device: MMPareto(model.modality_groups()),
+    "agm": lambda model, seed, device: AGM(model.modalities, modules=[model]),
+    "pmr": _pmr,
+    "mla": lambda model, seed, device: MLA(
+        model.modalities, model.config.dim, model.config.num_outputs
+    ),
+    "cggm": _cggm,
+    "inforeg": lambda model, seed, device: InfoReg(model.modality_groups()),
+    # PaSE's Shapley-based equilibrium: the default rule, and the variants measured on the suite
+    "sge": _sge,
+    "sge-beta0": partial(_sge, beta=0.0),
+    "sge-w0.5": partial(_sge, weight=0.5),
+    "sge-nolearn": partial(_sge, learnable_margin=None),  # without the learnability factor
+}
 
 
 def make_methods(
@@ -173,39 +163,39 @@ def make_methods(
 
 def build(
     model_config: PaSEConfig,
+    config: TrainConfig | None = None,
     *,
-    methods: Sequence[str | BalancingMethod] = ("sge",),
     encoders: Mapping[str, nn.Module] | None = None,
-    lr: float = 1e-3,
-    weight_decay: float = 1e-4,
-    switch_epoch: int | None = 8,
-    patience: int | None = None,
-    device: str | torch.device = "cpu",
-    amp: str | None = None,
-    seed: int = 0,
-    game_every: int = 1,
     model: nn.Module | None = None,
+    **options: Any,
 ) -> Parts:
     """Model (optionally with your own encoders), DDP wrapper, optimizer, schedule, game, methods.
+
+    ``config`` (a :class:`TrainConfig`, its defaults if ``None``) holds the training options;
+    keyword ``options`` replace single fields of it (``build(model_config, methods=("sge",),
+    switch_epoch=2)``); ``methods`` may also hold ready :class:`BalancingMethod` instances. Of the
+    options, ``build`` reads ``methods``, ``lr``, ``weight_decay``, ``switch_epoch``,
+    ``patience``, ``device``, ``amp``, ``seed`` and ``game_every``; the rest are the loop's.
 
     The baseline (``model_config.baseline``) starts in phase 2; otherwise phase 1 lasts up to
     ``switch_epoch`` epochs (or until the validation plateau of ``patience`` epochs). ``model``
     replaces :class:`PaSEModel` by another backbone with the same interface (a subclass that
     overrides :meth:`PaSEModel.head_output`, as the suite's ``tfn``/``lmf``/``mult`` backbones do).
     """
-    device = torch.device(device)
+    c = replace(config or TrainConfig(), **options)
+    device = torch.device(c.device)
     if model is None:
         model = PaSEModel(model_config, encoders)
     elif encoders is not None:
         raise ValueError("pass `encoders` or a ready `model`, not both")
     model = model.to(device)
-    balancing = make_methods(methods, model, seed, device)
+    balancing = make_methods(c.methods, model, c.seed, device)
     # methods with parameters of their own (CGGM's classifiers, MLA's shared head) train too
     params = [*model.parameters(), *(p for m in balancing for p in m.parameters())]
-    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+    optimizer = torch.optim.AdamW(params, lr=c.lr, weight_decay=c.weight_decay)
     schedule = DualPhaseSchedule(
-        switch_epoch=0 if model_config.baseline else switch_epoch,
-        patience=None if model_config.baseline else patience,
+        switch_epoch=0 if model_config.baseline else c.switch_epoch,
+        patience=None if model_config.baseline else c.patience,
         mode="min",
         warm_head=bool(model_config.warm_head),
     )
@@ -225,8 +215,8 @@ def build(
         game=game,
         methods=balancing,
         device=device,
-        amp=amp,
-        game_every=game_every,
+        amp=c.amp,
+        game_every=c.game_every,
     )
 
 

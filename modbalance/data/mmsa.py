@@ -132,6 +132,125 @@ def _spans_from_lengths(nonzero: Tensor, lengths: Tensor) -> tuple[Tensor, Tenso
 # ----------------------------------------------------------------------------------------------
 
 
+def _parse_labels(labels: Any) -> tuple[Tensor, str, int | None]:
+    """Check the labels of a :class:`MultimodalDataset` and infer its task from them.
+
+    Args:
+        labels: (N,) float sentiment labels, (N,) integer class indices (>= 0) or (N, 4)
+            integer IEMOCAP emotion indicators.
+
+    Returns:
+        ``(labels, task, num_classes)``: the labels as (N,) float32, (N,) int64 or (N, 4) int64;
+        ``"regression"``, ``"classification"`` or ``"iemocap"``; ``None``,
+        ``labels.max() + 1`` (0 when empty) or 4.
+
+    Raises:
+        TypeError: If ``labels`` is not a tensor.
+        ModbalanceError: On another shape or dtype, negative class indices or NaN/inf
+            regression labels.
+    """
+    if not isinstance(labels, Tensor):
+        raise TypeError(f"`labels` must be a torch.Tensor, got {type(labels).__name__}.")
+    integer = not labels.is_floating_point() and not labels.is_complex()
+    integer = integer and labels.dtype != torch.bool
+    if labels.ndim == 1 and labels.is_floating_point():
+        return check_finite(labels.float(), "labels"), "regression", None
+    if labels.ndim == 1 and integer:
+        labels = labels.long()
+        if labels.numel() and bool((labels < 0).any()):
+            raise ModbalanceError(
+                f"`labels` holds integer class indices, which must be >= 0; got "
+                f"{int((labels < 0).sum())} negative value(s), e.g. {int(labels.min())}."
+            )
+        return labels, "classification", int(labels.max()) + 1 if labels.numel() else 0
+    if labels.ndim == 2 and labels.shape[1] == 4 and not labels.is_floating_point():
+        return labels.long(), "iemocap", 4
+    fix = ""
+    if labels.ndim >= 2 and labels.numel() == labels.shape[0]:  # (N, 1), (N, 1, 1)
+        fix = "; for one label per sample pass `labels.view(-1)` (shape (N,))"
+    raise ModbalanceError(
+        "`labels` must be (N,) float (sentiment regression), (N,) integer (class "
+        f"indices) or (N, 4) integer (IEMOCAP), got shape {tuple(labels.shape)} and dtype "
+        f"{labels.dtype}{fix}."
+    )
+
+
+def _feature_span(m: str, x: Any, n: int, length: Any) -> tuple[Tensor, Tensor]:
+    """Check ``features[m]`` and find the valid-frame span ``[start, end)`` of every sample.
+
+    Args:
+        m: The modality name (for messages).
+        x: Its features, (N, T, D) (a sequence) or (N, F) (a vector).
+        n: The number of labels N.
+        length: ``lengths[m]``, (N,) counts of valid frames, or ``None`` (span from the
+            non-zero frames).
+
+    Returns:
+        ``(start, end)``, each (N,) int64; ``0`` and ``1`` for a vector modality.
+
+    Raises:
+        TypeError: If ``x`` is not a tensor.
+        ModbalanceError: On a wrong rank or sample count, NaN/inf features, lengths given for a
+            vector modality or lengths out of ``[0, T]``.
+    """
+    if not isinstance(x, Tensor):
+        raise TypeError(f"`features[{m!r}]` must be a torch.Tensor, got {type(x).__name__}.")
+    if x.ndim not in (2, 3):
+        raise ModbalanceError(
+            f"`features[{m!r}]` must have shape (N, T, D) (a sequence) or (N, F) (a "
+            f"vector), got shape {tuple(x.shape)}."
+        )
+    if x.shape[0] != n:
+        raise ModbalanceError(
+            f"`features[{m!r}]` has {x.shape[0]} samples but `labels` has {n}; they must match."
+        )
+    _check_finite_features(x, f"features[{m!r}]")
+    if x.ndim == 2:
+        if length is not None:
+            raise ModbalanceError(
+                f"`lengths[{m!r}]` was given but `features[{m!r}]` is a vector modality "
+                f"of shape {tuple(x.shape)} (no time axis); drop it from `lengths`."
+            )
+        return torch.zeros(n, dtype=torch.long), torch.ones(n, dtype=torch.long)
+    if length is None:
+        return _spans_from_nonzero(_frame_nonzero(x))
+    nonzero = _frame_nonzero(x)
+    ln = torch.as_tensor(length).reshape(-1).long()
+    if ln.shape[0] != n or bool((ln < 0).any()) or bool((ln > x.shape[1]).any()):
+        raise ModbalanceError(
+            f"`lengths[{m!r}]` must hold {n} integers in [0, {x.shape[1]}], got shape "
+            f"{tuple(ln.shape)} with range "
+            f"[{int(ln.min()) if ln.numel() else 0}, "
+            f"{int(ln.max()) if ln.numel() else 0}]."
+        )
+    return _spans_from_lengths(nonzero, ln)
+
+
+def _sample_ids(ids: Sequence[str] | None, n: int, split: str) -> list[str]:
+    """The N sample ids as strings (default ``"<split>_<i>"``), checked against N."""
+    if ids is None:
+        ids = [f"{split}_{i}" for i in range(n)]
+    ids = [str(i) for i in ids]
+    if len(ids) != n:
+        raise ModbalanceError(f"`ids` has {len(ids)} entries but `labels` has {n}.")
+    return ids
+
+
+def _unimodal_label_tensors(
+    unimodal_labels: Mapping[str, Tensor] | None, n: int
+) -> dict[str, Tensor]:
+    """``{modality: (N,) float32}`` per-modality labels, checked (N entries, finite)."""
+    out: dict[str, Tensor] = {}
+    for m, y in (unimodal_labels or {}).items():
+        y = torch.as_tensor(y).reshape(-1).float()
+        if y.shape[0] != n:
+            raise ModbalanceError(
+                f"`unimodal_labels[{m!r}]` has {y.shape[0]} entries but `labels` has {n}."
+            )
+        out[m] = check_finite(y, f"unimodal_labels[{m!r}]")
+    return out
+
+
 class MultimodalDataset(Dataset):
     """Per-sample multimodal data: sequences with their valid-frame spans, or plain vectors.
 
@@ -231,41 +350,10 @@ class MultimodalDataset(Dataset):
                 "`features` must be a non-empty dict {modality: (N, T, D) or (N, F) tensor}, got "
                 f"{features!r:.80}."
             )
-        if not isinstance(labels, Tensor):
-            raise TypeError(f"`labels` must be a torch.Tensor, got {type(labels).__name__}.")
-        n = labels.shape[0] if labels.ndim > 0 else -1
-        integer = not labels.is_floating_point() and not labels.is_complex()
-        integer = integer and labels.dtype != torch.bool
-        self.num_classes: int | None
-        if labels.ndim == 1 and labels.is_floating_point():
-            self.task = "regression"
-            labels = check_finite(labels.float(), "labels")
-            self.num_classes = None
-        elif labels.ndim == 1 and integer:
-            self.task = "classification"
-            labels = labels.long()
-            if labels.numel() and bool((labels < 0).any()):
-                raise ModbalanceError(
-                    f"`labels` holds integer class indices, which must be >= 0; got "
-                    f"{int((labels < 0).sum())} negative value(s), e.g. {int(labels.min())}."
-                )
-            self.num_classes = int(labels.max()) + 1 if labels.numel() else 0
-        elif labels.ndim == 2 and labels.shape[1] == 4 and not labels.is_floating_point():
-            self.task = "iemocap"
-            labels = labels.long()
-            self.num_classes = 4
-        else:
-            fix = ""
-            if labels.ndim >= 2 and labels.numel() == labels.shape[0]:  # (N, 1), (N, 1, 1)
-                fix = "; for one label per sample pass `labels.view(-1)` (shape (N,))"
-            raise ModbalanceError(
-                "`labels` must be (N,) float (sentiment regression), (N,) integer (class "
-                f"indices) or (N, 4) integer (IEMOCAP), got shape {tuple(labels.shape)} and dtype "
-                f"{labels.dtype}{fix}."
-            )
-        self._features: dict[str, Tensor] = {}
-        self._start: dict[str, Tensor] = {}
-        self._end: dict[str, Tensor] = {}
+        labels, task, num_classes = _parse_labels(labels)
+        self.task: str = task
+        self.num_classes: int | None = num_classes
+        n = labels.shape[0]
         lengths = dict(lengths or {})
         unknown = set(lengths) - set(features)
         if unknown:
@@ -273,65 +361,20 @@ class MultimodalDataset(Dataset):
                 f"`lengths` has modalities {sorted(unknown)} that are not in `features` "
                 f"({sorted(features)})."
             )
-        vectors = []
+        self._features: dict[str, Tensor] = {}
+        self._start: dict[str, Tensor] = {}
+        self._end: dict[str, Tensor] = {}
         for m, x in features.items():
-            if not isinstance(x, Tensor):
-                raise TypeError(
-                    f"`features[{m!r}]` must be a torch.Tensor, got {type(x).__name__}."
-                )
-            if x.ndim not in (2, 3):
-                raise ModbalanceError(
-                    f"`features[{m!r}]` must have shape (N, T, D) (a sequence) or (N, F) (a "
-                    f"vector), got shape {tuple(x.shape)}."
-                )
-            if x.shape[0] != n:
-                raise ModbalanceError(
-                    f"`features[{m!r}]` has {x.shape[0]} samples but `labels` has {n}; "
-                    "they must match."
-                )
-            _check_finite_features(x, f"features[{m!r}]")
-            if x.ndim == 2:
-                if lengths.get(m) is not None:
-                    raise ModbalanceError(
-                        f"`lengths[{m!r}]` was given but `features[{m!r}]` is a vector modality "
-                        f"of shape {tuple(x.shape)} (no time axis); drop it from `lengths`."
-                    )
-                vectors.append(m)
-                start = torch.zeros(n, dtype=torch.long)
-                end = torch.ones(n, dtype=torch.long)
-            elif lengths.get(m) is not None:
-                nonzero = _frame_nonzero(x)
-                ln = torch.as_tensor(lengths[m]).reshape(-1).long()
-                if ln.shape[0] != n or bool((ln < 0).any()) or bool((ln > x.shape[1]).any()):
-                    raise ModbalanceError(
-                        f"`lengths[{m!r}]` must hold {n} integers in [0, {x.shape[1]}], got shape "
-                        f"{tuple(ln.shape)} with range "
-                        f"[{int(ln.min()) if ln.numel() else 0}, "
-                        f"{int(ln.max()) if ln.numel() else 0}]."
-                    )
-                start, end = _spans_from_lengths(nonzero, ln)
-            else:
-                start, end = _spans_from_nonzero(_frame_nonzero(x))
+            self._start[m], self._end[m] = _feature_span(m, x, n, lengths.get(m))
             self._features[m] = x
-            self._start[m], self._end[m] = start, end
-        if ids is None:
-            ids = [f"{split}_{i}" for i in range(n)]
-        ids = [str(i) for i in ids]
-        if len(ids) != n:
-            raise ModbalanceError(f"`ids` has {len(ids)} entries but `labels` has {n}.")
-        self._unimodal: dict[str, Tensor] = {}
-        for m, y in (unimodal_labels or {}).items():
-            y = torch.as_tensor(y).reshape(-1).float()
-            if y.shape[0] != n:
-                raise ModbalanceError(
-                    f"`unimodal_labels[{m!r}]` has {y.shape[0]} entries but `labels` has {n}."
-                )
-            self._unimodal[m] = check_finite(y, f"unimodal_labels[{m!r}]")
+        self._ids = _sample_ids(ids, n, split)
+        self._unimodal: dict[str, Tensor] = _unimodal_label_tensors(unimodal_labels, n)
         self._labels = labels
-        self._ids = ids
         self.split = split
         self.modalities: tuple[str, ...] = tuple(self._features)
-        self.vector_modalities: tuple[str, ...] = tuple(vectors)
+        self.vector_modalities: tuple[str, ...] = tuple(
+            m for m, x in self._features.items() if x.ndim == 2
+        )
         self.dims: dict[str, int] = {m: int(x.shape[-1]) for m, x in self._features.items()}
 
     def __len__(self) -> int:
@@ -440,6 +483,94 @@ def _stack_items(values: list[Any], what: str) -> Tensor:
     return torch.stack(values)
 
 
+def _batch_features(batch: Any) -> list[Mapping[str, Any]]:
+    """The ``"features"`` dict of every item of a non-empty ``batch``, checked."""
+    if not isinstance(batch, Sequence) or isinstance(batch, (str, bytes)):
+        raise ModbalanceError(
+            f"`batch` must be a list of dataset items, got a {type(batch).__name__}."
+        )
+    if not batch:
+        raise ModbalanceError("`batch` must contain at least one item, got an empty list.")
+    item_feats = [_item_part(item, b, "features") for b, item in enumerate(batch)]
+    for b, f in enumerate(item_feats):
+        if not isinstance(f, Mapping):
+            raise ModbalanceError(
+                f"item {b} of `batch` must have 'features' as a dict {{modality: tensor}}, got "
+                f"{type(f).__name__}."
+            )
+    return item_feats
+
+
+def _modality_items(
+    item_feats: list[Mapping[str, Any]], m: str, mods: tuple[str, ...]
+) -> list[Tensor]:
+    """Every item's features of modality ``m``: all (F,) or all (L_b, D...) with one D...
+
+    Raises:
+        ModbalanceError: If an item lacks ``m``, its features are not a tensor of rank >= 1,
+            or their shape disagrees with item 0's (the message names the item).
+    """
+    xs: list[Tensor] = []
+    for b, f in enumerate(item_feats):
+        if m not in f:
+            raise ModbalanceError(
+                f"item {b} of `batch` has no modality {m!r} in 'features' (it has "
+                f"{tuple(f)}); every item must have the modalities of item 0, {mods}."
+            )
+        x = f[m]
+        if not isinstance(x, Tensor) or x.ndim < 1:
+            raise ModbalanceError(
+                f"item {b} of `batch`: features[{m!r}] must be a (L, D) or (F,) tensor, got "
+                f"{type(x).__name__} of shape {tuple(getattr(x, 'shape', ()))}."
+            )
+        ref = xs[0] if xs else x
+        same = x.shape == ref.shape if ref.ndim == 1 else x.shape[1:] == ref.shape[1:]
+        if x.ndim != ref.ndim or not same:
+            want = _shape_pattern(ref)
+            raise ModbalanceError(
+                f"item {b} of `batch`: features[{m!r}] has shape {tuple(x.shape)} but item 0 "
+                f"has shape {tuple(ref.shape)}; every item needs shape {want} for this "
+                "modality (same feature size, any number of frames)."
+            )
+        xs.append(x)
+    return xs
+
+
+def _pad_modality(xs: list[Tensor]) -> tuple[Tensor, Tensor, Tensor]:
+    """Stack (F,) vectors, or zero-pad (L_b, D...) sequences after their valid frames.
+
+    Returns:
+        ``(features, mask, lengths)``: (B, F), (B,) all ``True``, (B,) ones for vectors;
+        (B, T, D...), (B, T) bool (``True`` on valid frames), (B,) int64 for sequences,
+        with T the longest L_b.
+    """
+    if xs[0].ndim == 1:  # vector modality
+        ones = torch.ones(len(xs), dtype=torch.long)
+        return torch.stack(xs), torch.ones(len(xs), dtype=torch.bool), ones
+    lengths = torch.tensor([x.shape[0] for x in xs], dtype=torch.long)
+    t_max = int(lengths.max())
+    out = xs[0].new_zeros((len(xs), t_max, *xs[0].shape[1:]))
+    for b, x in enumerate(xs):
+        out[b, : x.shape[0]] = x
+    return out, torch.arange(t_max)[None, :] < lengths[:, None], lengths
+
+
+def _collate_unimodal_labels(batch: Sequence[Any]) -> dict[str, Tensor]:
+    """``{modality: (B,)}`` stacked ``"unimodal_labels"`` of the items (item 0's modalities)."""
+    uni = [_item_part(item, b, "unimodal_labels") for b, item in enumerate(batch)]
+    out: dict[str, Tensor] = {}
+    for m in uni[0]:
+        vals = []
+        for b, u in enumerate(uni):
+            if m not in u:
+                raise ModbalanceError(
+                    f"item {b} of `batch` has no modality {m!r} in 'unimodal_labels'."
+                )
+            vals.append(u[m])
+        out[m] = _stack_items(vals, f"'unimodal_labels'[{m!r}]")
+    return out
+
+
 def collate_multimodal(batch: list[dict[str, Any]]) -> dict[str, Any]:
     """Pad a list of :class:`MultimodalDataset` items to a rectangular batch.
 
@@ -474,58 +605,11 @@ def collate_multimodal(batch: list[dict[str, Any]]) -> dict[str, Any]:
         >>> out["features"]["a"].shape, out["lengths"]["a"].tolist(), out["id"]
         (torch.Size([2, 3, 2]), [1, 3], ['1', '3'])
     """
-    if not isinstance(batch, Sequence) or isinstance(batch, (str, bytes)):
-        raise ModbalanceError(
-            f"`batch` must be a list of dataset items, got a {type(batch).__name__}."
-        )
-    if not batch:
-        raise ModbalanceError("`batch` must contain at least one item, got an empty list.")
-    item_feats = [_item_part(item, b, "features") for b, item in enumerate(batch)]
-    for b, f in enumerate(item_feats):
-        if not isinstance(f, Mapping):
-            raise ModbalanceError(
-                f"item {b} of `batch` must have 'features' as a dict {{modality: tensor}}, got "
-                f"{type(f).__name__}."
-            )
+    item_feats = _batch_features(batch)
     mods = tuple(item_feats[0])
     feats, masks, lens = {}, {}, {}
     for m in mods:
-        xs = []
-        for b, f in enumerate(item_feats):
-            if m not in f:
-                raise ModbalanceError(
-                    f"item {b} of `batch` has no modality {m!r} in 'features' (it has "
-                    f"{tuple(f)}); every item must have the modalities of item 0, {mods}."
-                )
-            x = f[m]
-            if not isinstance(x, Tensor) or x.ndim < 1:
-                raise ModbalanceError(
-                    f"item {b} of `batch`: features[{m!r}] must be a (L, D) or (F,) tensor, got "
-                    f"{type(x).__name__} of shape {tuple(getattr(x, 'shape', ()))}."
-                )
-            ref = xs[0] if xs else x
-            same = x.shape == ref.shape if ref.ndim == 1 else x.shape[1:] == ref.shape[1:]
-            if x.ndim != ref.ndim or not same:
-                want = _shape_pattern(ref)
-                raise ModbalanceError(
-                    f"item {b} of `batch`: features[{m!r}] has shape {tuple(x.shape)} but item 0 "
-                    f"has shape {tuple(ref.shape)}; every item needs shape {want} for this "
-                    "modality (same feature size, any number of frames)."
-                )
-            xs.append(x)
-        if xs[0].ndim == 1:  # vector modality
-            feats[m] = torch.stack(xs)
-            lens[m] = torch.ones(len(xs), dtype=torch.long)
-            masks[m] = torch.ones(len(xs), dtype=torch.bool)
-            continue
-        lengths = torch.tensor([x.shape[0] for x in xs], dtype=torch.long)
-        t_max = int(lengths.max())
-        out = xs[0].new_zeros((len(xs), t_max, *xs[0].shape[1:]))
-        for b, x in enumerate(xs):
-            out[b, : x.shape[0]] = x
-        feats[m] = out
-        lens[m] = lengths
-        masks[m] = torch.arange(t_max)[None, :] < lengths[:, None]
+        feats[m], masks[m], lens[m] = _pad_modality(_modality_items(item_feats, m, mods))
     labels = [_item_part(item, b, "label") for b, item in enumerate(batch)]
     ids = [_item_part(item, b, "id") for b, item in enumerate(batch)]
     result: dict[str, Any] = {
@@ -536,17 +620,7 @@ def collate_multimodal(batch: list[dict[str, Any]]) -> dict[str, Any]:
         "id": ids,
     }
     if "unimodal_labels" in batch[0]:
-        uni = [_item_part(item, b, "unimodal_labels") for b, item in enumerate(batch)]
-        result["unimodal_labels"] = {}
-        for m in uni[0]:
-            vals = []
-            for b, u in enumerate(uni):
-                if m not in u:
-                    raise ModbalanceError(
-                        f"item {b} of `batch` has no modality {m!r} in 'unimodal_labels'."
-                    )
-                vals.append(u[m])
-            result["unimodal_labels"][m] = _stack_items(vals, f"'unimodal_labels'[{m!r}]")
+        result["unimodal_labels"] = _collate_unimodal_labels(batch)
     return result
 
 
@@ -699,9 +773,8 @@ def _warn_repaired(repaired: list[str], split: str, where: str, stacklevel: int)
         )
 
 
-def _dataset_from_mmsa_split(
-    d: Mapping[str, Any], split: str, text_key: str, where: str, stacklevel: int = 4
-) -> MultimodalDataset:
+def _text_key(d: Mapping[str, Any], text_key: str, split: str) -> str:
+    """``"text"`` or ``"text_bert"``: ``text_key`` checked, ``"auto"`` resolved on the split."""
     if text_key not in ("auto", "text", "text_bert"):
         raise ModbalanceError(
             f"`text_key` must be one of 'auto', 'text', 'text_bert'; got {text_key!r}."
@@ -713,6 +786,19 @@ def _dataset_from_mmsa_split(
                 f"ids) (keys present: {sorted(map(str, d))})."
             )
         text_key = "text" if "text" in d else "text_bert"
+    return text_key
+
+
+def _mmsa_arrays(
+    d: Mapping[str, Any], text_key: str, split: str
+) -> tuple[dict[str, np.ndarray], dict[str, str]]:
+    """The arrays an MMSA split is built from, with their ranks checked.
+
+    Returns:
+        ``(raw, sims)``: ``{key: array}`` for the text key, ``audio``, ``vision``,
+        ``regression_labels``, the present ``*_lengths`` and CH-SIMS unimodal labels; and
+        ``sims``, ``{modality: unimodal label key}`` of the CH-SIMS keys present.
+    """
     raw: dict[str, np.ndarray] = {}
     raw[text_key] = _array(_require(d, text_key, split), text_key, split, (3,))
     raw["audio"] = _array(_require(d, "audio", split), "audio", split, (3,))
@@ -726,56 +812,81 @@ def _dataset_from_mmsa_split(
     sims = {m: k for m, k in _SIMS_UNIMODAL.items() if k in d}
     for k in sims.values():
         raw[k] = _array(d[k], k, split, (1, 2))
-    n = _check_n(raw, split)
-    if text_key == "text_bert" and raw["text_bert"].shape[1] != 3:
-        raise ModbalanceError(
-            f"key 'text_bert' of split {split!r} must have shape (N, 3, T) (input ids, attention "
-            f"mask, segment ids), got shape {tuple(raw['text_bert'].shape)}."
-        )
-    labels = raw["regression_labels"].reshape(n, -1)
-    if labels.shape[1] != 1:
+    return raw, sims
+
+
+def _mmsa_labels(labels: np.ndarray, n: int, split: str) -> Tensor:
+    """``regression_labels`` (N,) or (N, 1) as a finite (N,) float32 tensor (never repaired)."""
+    flat = labels.reshape(n, -1)
+    if flat.shape[1] != 1:
         raise ModbalanceError(
             f"key 'regression_labels' of split {split!r} must have one value per sample, got "
-            f"shape {tuple(raw['regression_labels'].shape)}."
+            f"shape {tuple(labels.shape)}."
         )
-    labels_t = torch.from_numpy(np.array(labels[:, 0], dtype=np.float32))
+    labels_t = torch.from_numpy(np.array(flat[:, 0], dtype=np.float32))
     if not bool(torch.isfinite(labels_t).all()):
         raise ModbalanceError(
             f"key 'regression_labels' of split {split!r} holds "
             f"{int((~torch.isfinite(labels_t)).sum())} non-finite value(s); labels cannot be "
             "repaired."
         )
+    return labels_t
+
+
+def _bert_tokens(tb: np.ndarray, split: str) -> tuple[Tensor, Tensor]:
+    """``text_bert`` (N, 3, T) token rows as the (N, T, 3) int64 ``"text"`` and its lengths.
+
+    Returns:
+        ``(tokens, lengths)``: (N, T, 3) int64 ``[input_ids, attention_mask, segment_ids]``
+        per frame, and the (N,) number of attended tokens (the attention-mask row's non-zeros).
+    """
+    if np.issubdtype(tb.dtype, np.floating):
+        if not np.all(np.isfinite(tb)) or not np.all(tb == np.round(tb)):
+            raise ModbalanceError(
+                f"key 'text_bert' of split {split!r} must hold integer token ids."
+            )
+    ids = torch.from_numpy(np.array(tb, dtype=np.int64))  # (N, 3, T)
+    return ids.transpose(1, 2).contiguous(), ids[:, 1].ne(0).sum(1)
+
+
+def _frame_counts(ln: np.ndarray, key: str, m: str, t: int, split: str) -> Tensor:
+    """``<m>_lengths`` as an (N,) int64 tensor of integers in ``[0, t]`` (``t`` frames of m)."""
+    if not np.all(np.isfinite(ln)) or not np.all(ln == np.round(ln)):
+        raise ModbalanceError(f"key {key!r} of split {split!r} must hold integers.")
+    ln_t = torch.from_numpy(np.array(ln, dtype=np.int64))
+    if bool((ln_t < 0).any()) or bool((ln_t > t).any()):
+        raise ModbalanceError(
+            f"key {key!r} of split {split!r} must lie in [0, {t}] (the number of frames "
+            f"of {m!r}), got range [{int(ln_t.min())}, {int(ln_t.max())}]."
+        )
+    return ln_t
+
+
+def _dataset_from_mmsa_split(
+    d: Mapping[str, Any], split: str, text_key: str, where: str, stacklevel: int = 4
+) -> MultimodalDataset:
+    text_key = _text_key(d, text_key, split)
+    raw, sims = _mmsa_arrays(d, text_key, split)
+    n = _check_n(raw, split)
+    if text_key == "text_bert" and raw["text_bert"].shape[1] != 3:
+        raise ModbalanceError(
+            f"key 'text_bert' of split {split!r} must have shape (N, 3, T) (input ids, attention "
+            f"mask, segment ids), got shape {tuple(raw['text_bert'].shape)}."
+        )
+    labels_t = _mmsa_labels(raw["regression_labels"], n, split)
     repaired: list[str] = []
     features: dict[str, Tensor] = {}
     lengths: dict[str, Tensor] = {}
     if text_key == "text":
         features["text"] = _float_features(raw["text"], "text", repaired)
     else:
-        tb = raw["text_bert"]
-        if np.issubdtype(tb.dtype, np.floating):
-            if not np.all(np.isfinite(tb)) or not np.all(tb == np.round(tb)):
-                raise ModbalanceError(
-                    f"key 'text_bert' of split {split!r} must hold integer token ids."
-                )
-        ids = torch.from_numpy(np.array(tb, dtype=np.int64))  # (N, 3, T)
-        features["text"] = ids.transpose(1, 2).contiguous()  # (N, T, 3)
-        lengths["text"] = ids[:, 1].ne(0).sum(1)
+        features["text"], lengths["text"] = _bert_tokens(raw["text_bert"], split)
     features["audio"] = _float_features(raw["audio"], "audio", repaired)
     features["vision"] = _float_features(raw["vision"], "vision", repaired)
     for m in ("audio", "vision"):
         key = f"{m}_lengths"
         if key in raw:
-            ln = raw[key]
-            if not np.all(np.isfinite(ln)) or not np.all(ln == np.round(ln)):
-                raise ModbalanceError(f"key {key!r} of split {split!r} must hold integers.")
-            ln_t = torch.from_numpy(np.array(ln, dtype=np.int64))
-            t = features[m].shape[1]
-            if bool((ln_t < 0).any()) or bool((ln_t > t).any()):
-                raise ModbalanceError(
-                    f"key {key!r} of split {split!r} must lie in [0, {t}] (the number of frames "
-                    f"of {m!r}), got range [{int(ln_t.min())}, {int(ln_t.max())}]."
-                )
-            lengths[m] = ln_t
+            lengths[m] = _frame_counts(raw[key], key, m, features[m].shape[1], split)
     unimodal = {}
     for m, k in sims.items():
         y = raw[k].reshape(n, -1)[:, 0].astype(np.float32)

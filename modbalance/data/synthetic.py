@@ -371,12 +371,101 @@ def _parity_frames(g: torch.Generator, r: torch.Tensor, t: int) -> torch.Tensor:
     return w
 
 
+def _text_frames(
+    g: torch.Generator,
+    u: torch.Tensor,
+    z: Mapping[str, torch.Tensor],
+    covered: Mapping[str, torch.Tensor],
+    valid: torch.Tensor,
+    proj: torch.Tensor,
+    text_noise: float,
+) -> torch.Tensor:
+    """Text frames: the label's latents exactly on 3 axes, noisy label-free content elsewhere.
+
+    Draws (n, r) then (n, t, r) normals from ``g`` (in this order).
+
+    Args:
+        g: The generator.
+        u: (n,) text-only latent.
+        z: ``{"audio": (n,), "vision": (n,)}`` weak-modality latents.
+        covered: ``{"audio": (n,), "vision": (n,)}`` 0/1: text carries that latent.
+        valid: (n, t) float, 1 on the valid frames and 0 on the padding.
+        proj: (r, D_t) orthonormal rows, the projection of the rank-r content.
+        text_noise: Per-frame noise of the label-free content.
+
+    Returns:
+        (n, t, D_t) float32 frames, zero on the padding.
+    """
+    n, t = valid.shape
+    rank = proj.shape[0]
+    content = _randn(g, n, rank)
+    content[:, 0] = _TEXT_GAIN * u
+    content[:, 1] = _TEXT_GAIN * covered["audio"] * z["audio"]
+    content[:, 2] = _TEXT_GAIN * covered["vision"] * z["vision"]
+    frame = text_noise * _randn(g, n, t, rank)
+    frame[..., :3] = 0.0
+    low = content[:, None, :] + frame
+    text = (low.reshape(n * t, rank) @ proj).reshape(n, t, proj.shape[1])
+    return text * valid[:, :, None]
+
+
+def _weak_frames(
+    g: torch.Generator,
+    r: torch.Tensor,
+    valid: torch.Tensor,
+    basis: torch.Tensor,
+    frame_noise: float,
+    pooled: torch.Tensor | None,
+) -> torch.Tensor:
+    """Frames of a weak modality: the per-frame parity signal, rotated into D_m dimensions.
+
+    Draws the parity frames, then (n, t, D_m - 3) normals from ``g`` (in this order).
+
+    Args:
+        g: The generator.
+        r: (n,) parity bias of the modality (:func:`_parity_frames`), on the first 3 axes.
+        valid: (n, t) float, 1 on the valid frames and 0 on the padding.
+        basis: (D_m, D_m) orthonormal rotation.
+        frame_noise: Standard deviation of the ``D_m - 3`` label-free axes.
+        pooled: (n,) signal that survives the time-mean, added to the first label-free axis
+            (the pooled variant), or ``None``.
+
+    Returns:
+        (n, t, D_m) float32 frames, zero on the padding.
+    """
+    n, t = valid.shape
+    w = _parity_frames(g, r, t)  # (n, t, 3)
+    rest = frame_noise * _randn(g, n, t, basis.shape[0] - _ORDER)
+    if pooled is not None:  # the part of the signal that survives the time-mean
+        rest[..., 0] += _POOLED_GAIN * pooled[:, None]
+    return (torch.cat([w, rest], -1) @ basis.T) * valid[:, :, None]
+
+
+def _bert_rows(g: torch.Generator, lengths: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """The ``text_bert`` rows of a split: token ids, attention mask and segment ids.
+
+    Args:
+        g: The generator (draws (n, t) token ids).
+        lengths: (n,) valid frames per sample.
+        valid: (n, t) float, 1 on the valid frames and 0 on the padding.
+
+    Returns:
+        (n, 3, t) int64: ids (``[CLS]`` 101 first, ``[SEP]`` 102 at ``lengths - 1``, 0 on the
+        padding), the attention mask and zero segment ids.
+    """
+    n, t = valid.shape
+    tok = torch.randint(1000, 30000, (n, t), generator=g)
+    tok[:, 0] = 101
+    tok[torch.arange(n), lengths - 1] = 102
+    attn = valid.long()
+    return torch.stack([tok * attn, attn, torch.zeros_like(attn)], dim=1)
+
+
 def _make_split(
     g: torch.Generator,
     split: str,
     n: int,
     t: int,
-    dims: Mapping[str, int],
     proj: torch.Tensor,
     bases: Mapping[str, torch.Tensor],
     rho: tuple[float, float, float],
@@ -386,7 +475,11 @@ def _make_split(
     frame_noise: Mapping[str, float],
     pooled: float = 0.0,
 ) -> dict[str, Any]:
-    rank = proj.shape[0]
+    """One split of :func:`make_competition_data` in the MMSA layout (arrays by key).
+
+    Draws from ``g`` in a fixed order (latents, lengths, [pooled signal], text, audio, vision,
+    tokens), so identical arguments give identical data.
+    """
     u = _randn(g, n)
     r = {m: _R_MAX * (2 * torch.rand(n, generator=g) - 1) for m in _WEAK}
     z = {m: r[m] * _Z_SCALE for m in _WEAK}
@@ -402,34 +495,13 @@ def _make_split(
 
     core = _core(u.double(), z["audio"].double(), z["vision"].double(), rho)
     y = (core + noise * eps.double()).clamp(-3.0, 3.0).float().numpy()
-
-    # text: (u, covered z_a, covered z_v) exactly on 3 axes; noisy label-free content on the rest
-    content = _randn(g, n, rank)
-    content[:, 0] = _TEXT_GAIN * u
-    content[:, 1] = _TEXT_GAIN * covered["audio"] * z["audio"]
-    content[:, 2] = _TEXT_GAIN * covered["vision"] * z["vision"]
-    frame = text_noise * _randn(g, n, t, rank)
-    frame[..., :3] = 0.0
-    low = content[:, None, :] + frame
-    text = (low.reshape(n * t, rank) @ proj).reshape(n, t, dims["text"])
-    text *= valid[:, :, None]
-
-    def weak(m: str) -> torch.Tensor:
-        w = _parity_frames(g, r[m], t)  # (n, t, 3)
-        rest = frame_noise[m] * _randn(g, n, t, dims[m] - _ORDER)
-        if q is not None:  # the part of the signal that survives the time-mean
-            rest[..., 0] += _POOLED_GAIN * q[m][:, None]
-        return (torch.cat([w, rest], -1) @ bases[m].T) * valid[:, :, None]
-
-    audio = weak("audio")
-    vision = weak("vision")
-
-    tok = torch.randint(1000, 30000, (n, t), generator=g)
-    tok[:, 0] = 101
-    tok[torch.arange(n), lengths - 1] = 102
-    attn = valid.long()
-    text_bert = torch.stack([tok * attn, attn, torch.zeros_like(attn)], dim=1)
-
+    # the generator's draws, in this order: text, audio, vision, tokens
+    text = _text_frames(g, u, z, covered, valid, proj, text_noise)
+    audio, vision = (
+        _weak_frames(g, r[m], valid, bases[m], frame_noise[m], None if q is None else q[m])
+        for m in _WEAK
+    )
+    text_bert = _bert_rows(g, lengths, valid)
     cls = np.where(y < 0, 0, np.where(y > 0, 2, 1)).astype(np.int64)
     names = np.array(["Negative", "Neutral", "Positive"])
     return {
@@ -445,6 +517,40 @@ def _make_split(
         "classification_labels": cls,
         "regression_labels": y,
     }
+
+
+def _frame_noise_dict(frame_noise: float | Mapping[str, float] | None) -> dict[str, float]:
+    """``frame_noise`` of :func:`make_competition_data` as ``{"audio": ..., "vision": ...}``.
+
+    ``None`` gives the defaults ``{"audio": 2.5, "vision": 0.5}``, a number is used for both.
+    """
+    if frame_noise is None:
+        frame_noise = {"audio": 2.5, "vision": 0.5}
+    elif not isinstance(frame_noise, Mapping):
+        frame_noise = dict.fromkeys(_WEAK, frame_noise)
+    if set(frame_noise) != set(_WEAK):
+        raise ModbalanceError(
+            "`frame_noise` must be a number or a dict with the keys 'audio' and 'vision', got "
+            f"{sorted(frame_noise)}."
+        )
+    return {m: check_real(frame_noise[m], f"frame_noise[{m!r}]", low=0) for m in _WEAK}
+
+
+def _dims_dict(dims: Mapping[str, int] | None) -> dict[str, int]:
+    """``dims`` of :func:`make_competition_data`, checked, as a new dict.
+
+    The default is MOSI's ``{"text": 768, "audio": 5, "vision": 20}``; text needs at least 3
+    features, audio and vision at least 4.
+    """
+    dims = dict({"text": 768, "audio": 5, "vision": 20} if dims is None else dims)
+    if set(dims) != set(_MODALITIES):
+        raise ModbalanceError(
+            f"`dims` must have exactly the keys 'text', 'audio', 'vision', got {sorted(dims)}."
+        )
+    dims["text"] = check_int(dims["text"], "dims['text']", low=3)
+    for m in _WEAK:
+        dims[m] = check_int(dims[m], f"dims[{m!r}]", low=_ORDER + 1)
+    return dims
 
 
 def make_competition_data(
@@ -538,25 +644,9 @@ def make_competition_data(
     text_unique = check_real(text_unique, "text_unique", low=0, high=1, high_inclusive=False)
     noise = check_real(noise, "noise", low=0)
     text_noise = check_real(text_noise, "text_noise", low=0)
-    if frame_noise is None:
-        frame_noise = {"audio": 2.5, "vision": 0.5}
-    elif not isinstance(frame_noise, Mapping):
-        frame_noise = dict.fromkeys(_WEAK, frame_noise)
-    if set(frame_noise) != set(_WEAK):
-        raise ModbalanceError(
-            "`frame_noise` must be a number or a dict with the keys 'audio' and 'vision', got "
-            f"{sorted(frame_noise)}."
-        )
-    frame_noise = {m: check_real(frame_noise[m], f"frame_noise[{m!r}]", low=0) for m in _WEAK}
+    frame_noise = _frame_noise_dict(frame_noise)
     pooled_share = check_real(pooled_share, "pooled_share", low=0, high=1, high_inclusive=False)
-    dims = dict({"text": 768, "audio": 5, "vision": 20} if dims is None else dims)
-    if set(dims) != set(_MODALITIES):
-        raise ModbalanceError(
-            f"`dims` must have exactly the keys 'text', 'audio', 'vision', got {sorted(dims)}."
-        )
-    dims["text"] = check_int(dims["text"], "dims['text']", low=3)
-    for m in _WEAK:
-        dims[m] = check_int(dims[m], f"dims[{m!r}]", low=_ORDER + 1)
+    dims = _dims_dict(dims)
 
     rho, coverage = _shares(text_strength, text_unique)
     if pooled_share > 0:
@@ -574,7 +664,7 @@ def make_competition_data(
     data = {}
     for split, n in (("train", n_train), ("valid", n_valid), ("test", n_test)):
         data[split] = _make_split(
-            g, split, n, seq_len, dims, proj, bases, rho, coverage, noise, text_noise, frame_noise,
+            g, split, n, seq_len, proj, bases, rho, coverage, noise, text_noise, frame_noise,
             pooled=pooled_share,
         )  # fmt: skip
     config = {

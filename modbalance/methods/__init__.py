@@ -6,10 +6,18 @@ model, Adam, regression and M > 2 support) and every method's math.
 
 from modbalance.methods.agm import AGM, agm_coefficients, mono_modal_responses
 from modbalance.methods.cggm import CGGM, cggm_coefficients, cggm_direction_loss, unimodal_accuracy
+from modbalance.methods.equilibrium import ShapleyEquilibrium
 from modbalance.methods.gblending import GBlending, gblend_weights
 from modbalance.methods.inforeg import InfoReg, inforeg_beta, inforeg_window_k
 from modbalance.methods.mla import MLA, mla_entropy_weights, mla_fuse
 from modbalance.methods.mmpareto import MMPareto, min_norm_2
+from modbalance.methods.modulators import (
+    ModulatorHandle,
+    OGMGEModulator,
+    ShapleyGradModulator,
+    ogmge_coefficients,
+    pase_coefficients,
+)
 from modbalance.methods.pmr import PMR, pmr_coefficients
 from modbalance.methods.unimodal import UnimodalLoss, unimodal_task_loss
 
@@ -21,6 +29,10 @@ __all__ = [
     "GBlending",
     "InfoReg",
     "MMPareto",
+    "ModulatorHandle",
+    "OGMGEModulator",
+    "ShapleyEquilibrium",
+    "ShapleyGradModulator",
     "UnimodalLoss",
     "agm_coefficients",
     "cggm_coefficients",
@@ -32,6 +44,8 @@ __all__ = [
     "mla_entropy_weights",
     "mla_fuse",
     "mono_modal_responses",
+    "ogmge_coefficients",
+    "pase_coefficients",
     "pmr_coefficients",
     "unimodal_accuracy",
     "unimodal_task_loss",

@@ -18,12 +18,14 @@ from modbalance._checks import (
     ModbalanceError,
     check_choice,
     check_modality_keys,
+    check_modality_names,
     check_real,
+    check_target,
     check_tensor,
 )
-from modbalance.balancing import BalancingMethod, StepOutput, task_loss
+from modbalance._modes import EvalMode
+from modbalance.balancing import BalancingMethod, StepOutput, check_phases, task_loss
 from modbalance.distributed import all_reduce_mean
-from modbalance.methods.unimodal import _check_names, _check_phases, _check_target
 from modbalance.shapley import coalition_masks, shapley_from_table
 
 __all__ = ["AGM", "agm_coefficients", "mono_modal_responses"]
@@ -83,23 +85,6 @@ def agm_coefficients(
     return torch.exp(alpha * diff)
 
 
-class _EvalMode:
-    """Put modules in eval mode inside the block; restore every submodule's flag after."""
-
-    def __init__(self, modules: Sequence[nn.Module]) -> None:
-        self.modules = modules
-        self.saved: list[tuple[nn.Module, bool]] = []
-
-    def __enter__(self) -> None:
-        self.saved = [(mod, mod.training) for top in self.modules for mod in top.modules()]
-        for top in self.modules:
-            top.eval()
-
-    def __exit__(self, *exc: object) -> None:
-        for mod, flag in self.saved:
-            mod.training = flag
-
-
 def mono_modal_responses(
     fuse: Callable[[Mapping[str, Tensor], Mapping[str, Tensor]], Tensor],
     features: Mapping[str, Tensor],
@@ -157,7 +142,7 @@ def mono_modal_responses(
             if masking == "zero":
                 rep = rep * keep.view(c, n, *([1] * (x.ndim - 1))).to(x.dtype)
             feats[name] = rep.reshape(c * n, *x.shape[1:])
-        with _EvalMode(eval_modules):
+        with EvalMode(eval_modules):
             res = fuse(feats, flags)
         if res.shape[0] != c * n or res.numel() != c * n * z.shape[1]:
             raise ModbalanceError(
@@ -228,7 +213,7 @@ class AGM(BalancingMethod):
       whose slowly varying part Adam's normalisation cancels; the authors train with SGD.
 
     State lives in buffers: ``score_avg`` (running :math:`\bar s`), ``iteration``, and the last
-    ``score``, ``coefficient``, ``ratio`` (:math:`r`) and ``reference_ratio``
+    ``score``, ``coefficients``, ``ratio`` (:math:`r`) and ``reference_ratio``
     (:math:`\hat r`).
 
     Args:
@@ -265,11 +250,14 @@ class AGM(BalancingMethod):
         >>> losses = agm.losses(out, {"task": task_loss(out.fused, out.target, out.task)})
         >>> sorted(losses), float(losses["agm"].detach())
         (['agm', 'task'], 0.0)
-        >>> agm.coefficient.shape, int(agm.iteration)
+        >>> agm.coefficients.shape, int(agm.iteration)
         (torch.Size([2]), 1)
     """
 
-    _checked_state: ClassVar[dict[str, str]] = {"coefficient": "nonnegative", "score_avg": "finite"}
+    _checked_state: ClassVar[dict[str, str]] = {
+        "coefficients": "nonnegative",
+        "score_avg": "finite",
+    }
 
     def __init__(
         self,
@@ -285,7 +273,7 @@ class AGM(BalancingMethod):
         phases: Iterable[int] = (2,),
     ) -> None:
         super().__init__()
-        self.modalities = _check_names(modalities)
+        self.modalities = check_modality_names(modalities)
         if len(self.modalities) < 2:
             raise ModbalanceError(
                 f"AGM balances at least 2 modalities (its ratio compares each with the mean of "
@@ -322,13 +310,13 @@ class AGM(BalancingMethod):
         if watch is not None and self.clip_norm is None:
             raise ModbalanceError("`clip_watch` only acts with `clip_norm`; set clip_norm=1.0.")
         self._clip_watch = watch
-        self.phases = _check_phases(phases)
+        self.phases = check_phases(phases)
         m = len(self.modalities)
         f64 = torch.float64
         self.register_buffer("score_avg", torch.zeros(m, dtype=f64))
         self.register_buffer("iteration", torch.zeros((), dtype=torch.long))
         self.register_buffer("score", torch.full((m,), math.nan, dtype=f64))
-        self.register_buffer("coefficient", torch.ones(m, dtype=f64))
+        self.register_buffer("coefficients", torch.ones(m, dtype=f64))
         self.register_buffer("ratio", torch.full((m,), math.nan, dtype=f64))
         self.register_buffer("reference_ratio", torch.full((m,), math.nan, dtype=f64))
 
@@ -374,7 +362,7 @@ class AGM(BalancingMethod):
                 "AGM(head=...)) to evaluate the masked coalitions."
             )
         check_modality_keys(out.features, "out.features", self.modalities)
-        _check_target(out.target, out.task, out.fused.shape[0])  # before any state changes
+        check_target(out.target, out.task, out.fused.shape[0])  # before any state changes
         o = mono_modal_responses(
             fuse,
             out.features,
@@ -394,7 +382,7 @@ class AGM(BalancingMethod):
             t = self.iteration.to(s.dtype)
             self.score_avg.mul_((t - 1) / t).add_(s / t)
             self.score.copy_(s)
-            self.coefficient.copy_(k)
+            self.coefficients.copy_(k)
         z = (out.fused if out.fused.ndim == 2 else out.fused.reshape(-1, 1)).detach()
         km1 = (k - 1.0).to(device=o.device, dtype=o.dtype)
         arg = z + ((o - o.detach()) * km1).sum(-1)  # value: f(N); gradient: sum (k_m - 1) do_m

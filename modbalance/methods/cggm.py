@@ -18,11 +18,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from modbalance._checks import ModbalanceError, check_choice, check_real, check_tensor
+from modbalance._checks import ModbalanceError, check_choice, check_real, check_target, check_tensor
 from modbalance._groups import ADAPTIVE_OPTIMIZERS, GroupScaler, parse_groups, warn_adaptive
 from modbalance.balancing import BalancingMethod, StepOutput, task_loss
 from modbalance.distributed import all_reduce_mean
-from modbalance.methods.unimodal import _check_target
 
 __all__ = ["CGGM", "cggm_coefficients", "cggm_direction_loss", "unimodal_accuracy"]
 
@@ -121,7 +120,7 @@ def unimodal_accuracy(
         ...                   "regression")
         tensor(0.6667, dtype=torch.float64)
     """
-    _check_target(target, task, pred.shape[0], "target")
+    check_target(target, task, pred.shape[0], "target")
     with torch.no_grad():
         if task == "regression":
             p = pred.reshape(pred.shape[0], -1)[:, 0] if pred.ndim == 2 else pred
@@ -236,13 +235,13 @@ class CGGM(BalancingMethod):
         ...     opt.step()
     """
 
-    coefficient: Tensor
+    coefficients: Tensor
     accuracy: Tensor
     previous_accuracy: Tensor
     cosine: Tensor
 
     _checked_state: ClassVar[dict[str, str]] = {
-        "coefficient": "finite",
+        "coefficients": "finite",
         "accuracy": "nonnegative",
         "previous_accuracy": "nonnegative",
     }
@@ -303,7 +302,7 @@ class CGGM(BalancingMethod):
         self.eps = check_real(eps, "eps", low=0.0)
         m = len(names)
         # float64 state: accuracy differences near zero must keep eps = 1e-8 meaningful.
-        self.register_buffer("coefficient", torch.ones(m, dtype=torch.float64))
+        self.register_buffer("coefficients", torch.ones(m, dtype=torch.float64))
         self.register_buffer("accuracy", torch.zeros(m, dtype=torch.float64))
         self.register_buffer("previous_accuracy", torch.zeros(m, dtype=torch.float64))
         self.register_buffer("cosine", torch.full((m,), float("nan")))
@@ -317,18 +316,12 @@ class CGGM(BalancingMethod):
             f"max_abs_coefficient={self.max_abs_coefficient}"
         )
 
-    @property
-    def coefficients(self) -> dict[str, Tensor]:
-        """The current :math:`B_m` by modality (0-dim tensors)."""
-        coef = self.coefficient.detach().clone()
-        return {n: coef[i] for i, n in enumerate(self.modalities)}
-
     def losses(self, out: StepOutput, losses: Mapping[str, Tensor]) -> dict[str, Tensor]:
         """Train the classifiers, update :math:`B` and add the direction loss.
 
         Adds ``"cggm_classifier"`` (always) and ``"cggm_direction"`` (when ``lam > 0`` and
         ``out.fused`` is available). In training mode, updates the buffers ``accuracy``,
-        ``previous_accuracy`` and ``coefficient``.
+        ``previous_accuracy`` and ``coefficients``.
         """
         missing = [n for n in self.modalities if n not in out.features]
         if missing:
@@ -369,36 +362,43 @@ class CGGM(BalancingMethod):
                     coef = coef.clamp(-c, c)
                 self.previous_accuracy.copy_(self.accuracy)
                 self.accuracy.copy_(acc)
-                self.coefficient.copy_(coef)
+                self.coefficients.copy_(coef)
 
         if self.lam > 0 and out.fused is not None:
-            fused_loss = task_loss(out.fused, target, out.task)
-            feats = [out.features[n] for n in self.modalities]
-            if not all(f.requires_grad for f in feats):
-                raise ModbalanceError(
-                    "CGGM's direction loss needs `out.features` that require grad (the encoders' "
-                    "outputs, not detached copies); set lam=0 to use the magnitude part only."
-                )
-            g_fused = torch.autograd.grad(fused_loss, feats, create_graph=True, allow_unused=True)
-            g_uni = torch.autograd.grad(head_losses, leaves, retain_graph=True, allow_unused=True)
-            cosines = []
-            for j, _n in enumerate(self.modalities):
-                gf = g_fused[j]
-                gu = g_uni[j]
-                if gf is None or gu is None:
-                    cosines.append(feats[j].sum() * 0.0)
-                    continue
-                # a common dtype of at least float32 (bf16 features under autocast)
-                dt = torch.promote_types(torch.promote_types(gu.dtype, gf.dtype), torch.float32)
-                mf = masks[j].unsqueeze(1).to(dt)
-                gu_m = (gu.detach().to(dt) * mf).reshape(-1)
-                gf_m = (gf.to(dt) * mf).reshape(-1)
-                cosines.append(F.cosine_similarity(gu_m, gf_m, dim=0))
-            cos = torch.stack(cosines)
-            with torch.no_grad():
-                self.cosine.copy_(cos.detach().to(self.cosine))
-            result["cggm_direction"] = self.lam * cggm_direction_loss(self.coefficient, cos)
+            cos = self._cosines(out, head_losses, leaves, masks)
+            result["cggm_direction"] = self.lam * cggm_direction_loss(self.coefficients, cos)
         return result
+
+    def _cosines(
+        self, out: StepOutput, head_losses: list[Tensor], leaves: list[Tensor], masks: list[Tensor]
+    ) -> Tensor:
+        """``(M,)`` cosines between each encoder's fused and unimodal gradients (buffer too)."""
+        fused_loss = task_loss(out.fused, out.target, out.task)
+        feats = [out.features[n] for n in self.modalities]
+        if not all(f.requires_grad for f in feats):
+            raise ModbalanceError(
+                "CGGM's direction loss needs `out.features` that require grad (the encoders' "
+                "outputs, not detached copies); set lam=0 to use the magnitude part only."
+            )
+        g_fused = torch.autograd.grad(fused_loss, feats, create_graph=True, allow_unused=True)
+        g_uni = torch.autograd.grad(head_losses, leaves, retain_graph=True, allow_unused=True)
+        cosines = []
+        for j, _n in enumerate(self.modalities):
+            gf = g_fused[j]
+            gu = g_uni[j]
+            if gf is None or gu is None:
+                cosines.append(feats[j].sum() * 0.0)
+                continue
+            # a common dtype of at least float32 (bf16 features under autocast)
+            dt = torch.promote_types(torch.promote_types(gu.dtype, gf.dtype), torch.float32)
+            mf = masks[j].unsqueeze(1).to(dt)
+            gu_m = (gu.detach().to(dt) * mf).reshape(-1)
+            gf_m = (gf.to(dt) * mf).reshape(-1)
+            cosines.append(F.cosine_similarity(gu_m, gf_m, dim=0))
+        cos = torch.stack(cosines)
+        with torch.no_grad():
+            self.cosine.copy_(cos.detach().to(self.cosine))
+        return cos
 
     @contextlib.contextmanager
     def around_step(self, out: StepOutput, optimizer: torch.optim.Optimizer) -> Iterator[None]:
@@ -407,7 +407,7 @@ class CGGM(BalancingMethod):
             yield
             return
         self._scaler.check_optimizer(optimizer)
-        k = self.rho * self.coefficient
+        k = self.rho * self.coefficients
         if self.apply_mode == "grad":
             if isinstance(optimizer, ADAPTIVE_OPTIMIZERS) and not self._warned:
                 self._warned = True

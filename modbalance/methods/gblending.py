@@ -19,15 +19,11 @@ from modbalance._checks import (
     check_choice,
     check_int,
     check_modality_keys,
+    check_modality_names,
     check_real,
+    check_replace,
 )
-from modbalance.balancing import BalancingMethod, StepOutput
-from modbalance.methods.unimodal import (
-    _check_names,
-    _check_phases,
-    _check_replace,
-    _unimodal_terms,
-)
+from modbalance.balancing import BalancingMethod, StepOutput, check_phases, unimodal_terms
 
 __all__ = ["GBlending", "gblend_weights"]
 
@@ -145,7 +141,8 @@ class GBlending(BalancingMethod):
     the terms on a shared encoder keep their effect (they change the gradient's direction); a
     weight on a head's own parameters is a constant scale that Adam cancels.
 
-    State (``weight``, the previous measurement, the last raw ratios) lives in buffers.
+    State (``blend``: the weights of the unimodal losses, then the fused one; the previous
+    measurement, the last raw ratios) lives in buffers; :attr:`coefficients` are the unimodal ones.
 
     Args:
         modalities: Modality names (at least one, distinct, none called ``"fused"``).
@@ -164,20 +161,20 @@ class GBlending(BalancingMethod):
         >>> import torch
         >>> from modbalance.methods.gblending import GBlending
         >>> gb = GBlending(["text", "audio"], mode="final")
-        >>> gb.weights
-        {'text': 0.3333, 'audio': 0.3333, 'fused': 0.3333}
+        >>> gb.summary()
+        {'coefficient_text': 0.3333, 'coefficient_audio': 0.3333, 'coefficient_fused': 0.3333}
         >>> def evaluate():
         ...     return {"train": {"fused": 0.2, "text": 0.5, "audio": 0.9},
         ...             "holdout": {"fused": 0.8, "text": 0.7, "audio": 1.0}}
         >>> gb.epoch_end(0, evaluate)
-        >>> gb.weights
-        {'text': 0.1462, 'audio': 0.8353, 'fused': 0.0186}
+        >>> gb.summary()
+        {'coefficient_text': 0.1462, 'coefficient_audio': 0.8353, 'coefficient_fused': 0.0186}
     """
 
     #: Tells a training loop to hold out part of the training data for :meth:`epoch_end`.
     needs_holdout = True
 
-    _checked_state: ClassVar[dict[str, str]] = {"weight": "nonnegative"}
+    _checked_state: ClassVar[dict[str, str]] = {"blend": "nonnegative"}
 
     def __init__(
         self,
@@ -190,7 +187,7 @@ class GBlending(BalancingMethod):
         phases: Iterable[int] = (2,),
     ) -> None:
         super().__init__()
-        self.modalities = _check_names(modalities)
+        self.modalities = check_modality_names(modalities)
         if FUSED in self.modalities:
             raise ModbalanceError(
                 f"`modalities` must not contain {FUSED!r}: G-Blending names the fused head so."
@@ -199,10 +196,10 @@ class GBlending(BalancingMethod):
         self.every = check_int(every, "every", low=1)
         self.mode = check_choice(mode, "mode", ("delta", "final"))
         self.eps = check_real(eps, "eps", low=0.0, low_inclusive=False)
-        self.replace = _check_replace(replace)
-        self.phases = _check_phases(phases)
+        self.replace = check_replace(replace)
+        self.phases = check_phases(phases)
         k = len(self.heads)
-        self.register_buffer("weight", torch.full((k,), 1.0 / k, dtype=torch.float64))
+        self.register_buffer("blend", torch.full((k,), 1.0 / k, dtype=torch.float64))
         self.register_buffer("prev_train", torch.full((k,), math.nan, dtype=torch.float64))
         self.register_buffer("prev_holdout", torch.full((k,), math.nan, dtype=torch.float64))
         self.register_buffer("has_prev", torch.zeros((), dtype=torch.bool))
@@ -210,9 +207,13 @@ class GBlending(BalancingMethod):
         self.register_buffer("num_estimates", torch.zeros((), dtype=torch.long))
 
     @property
-    def weights(self) -> dict[str, float]:
-        """Current weight of each head (modalities, then ``"fused"``), rounded to 4 digits."""
-        return {k: round(float(w), 4) for k, w in zip(self.heads, self.weight)}
+    def coefficients(self) -> Tensor:
+        """``(M,)`` current weights of the unimodal losses (the fused one is ``blend[-1]``)."""
+        return self.blend[:-1]
+
+    def summary(self) -> dict[str, float]:
+        """``coefficient_<head>`` for every head (modalities, then ``fused``), 4 digits."""
+        return {f"coefficient_{k}": round(w, 4) for k, w in zip(self.heads, self.blend.tolist())}
 
     # ---------------------------------------------------------------------------- loss
     def losses(self, out: StepOutput, losses: Mapping[str, Tensor]) -> dict[str, Tensor]:
@@ -231,10 +232,10 @@ class GBlending(BalancingMethod):
                 f"are {sorted(losses)}."
             )
         new = {k: v for k, v in losses.items() if k not in self.replace}
-        w = self.weight
+        w = self.blend
         task = new["task"]
         new["task"] = w[-1].to(device=task.device, dtype=task.dtype) * task
-        new.update(_unimodal_terms(out, self.modalities, w[:-1], "GBlending"))
+        new.update(unimodal_terms(out, self.modalities, w[:-1], "GBlending"))
         return new
 
     # ---------------------------------------------------------------------------- epoch
@@ -270,14 +271,14 @@ class GBlending(BalancingMethod):
                 v = float(v.detach().reshape(()))
             v = check_real(v, f"{name}[{k!r}]")
             items.append(v)
-        return torch.tensor(items, dtype=torch.float64, device=self.weight.device)
+        return torch.tensor(items, dtype=torch.float64, device=self.blend.device)
 
     @torch.no_grad()
-    def observe(self, measurement: Mapping[str, Mapping[str, Any]]) -> dict[str, float]:
+    def observe(self, measurement: Mapping[str, Mapping[str, Any]]) -> Tensor:
         """Update the weights from one measurement (the return value of ``evaluate()``).
 
         Returns:
-            The weights after the update (see :attr:`weights`).
+            ``(M + 1,)`` the weights after the update (:attr:`blend`: modalities, then fused).
 
         Raises:
             TypeError, ModbalanceError: If the measurement does not have the documented form.
@@ -299,12 +300,12 @@ class GBlending(BalancingMethod):
             self.raw.copy_(raw)
             new = raw / raw.sum()
             if bool(torch.isfinite(new).all()):
-                self.weight.copy_(new)
+                self.blend.copy_(new)
                 self.num_estimates += 1
         self.prev_train.copy_(train)
         self.prev_holdout.copy_(holdout)
         self.has_prev.fill_(True)
-        return self.weights
+        return self.blend.clone()
 
     def extra_repr(self) -> str:
         """Summarise the configuration for ``repr``."""

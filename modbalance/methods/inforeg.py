@@ -16,11 +16,10 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor, nn
 
-from modbalance._checks import ModbalanceError, check_int, check_real, check_tensor
+from modbalance._checks import ModbalanceError, check_int, check_real, check_target, check_tensor
 from modbalance._groups import GroupScaler, by_device_dtype, parse_groups
 from modbalance.balancing import BalancingMethod, StepOutput
 from modbalance.distributed import all_reduce_sum
-from modbalance.methods.unimodal import _check_target
 
 __all__ = ["InfoReg", "inforeg_beta", "inforeg_window_k"]
 
@@ -204,13 +203,13 @@ class InfoReg(BalancingMethod):
     trace_count: Tensor
     epoch_trace: Tensor
     k: Tensor
-    beta: Tensor
+    coefficients: Tensor
     scores: Tensor
     anchored: Tensor
 
     _checked_state: ClassVar[dict[str, str]] = {
         "k": "finite",
-        "beta": "finite",
+        "coefficients": "nonnegative",
         "traces": "finite",
         "epoch_trace": "finite",
     }
@@ -236,13 +235,12 @@ class InfoReg(BalancingMethod):
         self.register_buffer("trace_count", torch.zeros((), dtype=torch.long))
         self.register_buffer("epoch_trace", torch.zeros(m, dtype=torch.float64))
         self.register_buffer("k", torch.ones(m, dtype=torch.float64))
-        self.register_buffer("beta", torch.zeros(m))
+        self.register_buffer("coefficients", torch.zeros(m))  # beta_m, the pull strengths
         self.register_buffer("scores", torch.full((m,), float("nan")))
         self.register_buffer("anchored", torch.zeros((), dtype=torch.bool))
         for i, ps in enumerate(params):
             for j, p in enumerate(ps):
                 self.register_buffer(f"anchor_{i}_{j}", p.detach().clone())
-        self._pending: Tensor | None = None
         # Host-side "``anchored`` is known to be True" (it never goes back to False during a
         # run), so that around_step need not read the buffer; reset by ``load_state_dict``.
         self._anchored_host = False
@@ -276,8 +274,8 @@ class InfoReg(BalancingMethod):
         self.anchored.fill_(True)
         self._anchored_host = True
 
-    def losses(self, out: StepOutput, losses: Mapping[str, Tensor]) -> dict[str, Tensor]:
-        """Record this step's unimodal scores (the losses are returned unchanged).
+    def _check_out(self, out: StepOutput) -> None:
+        """Every modality's unimodal prediction and an ``(N,)`` target of the task's kind.
 
         Raises:
             ModbalanceError: When ``out.unimodal`` lacks a modality or ``out.target`` is not
@@ -291,35 +289,44 @@ class InfoReg(BalancingMethod):
                 f"InfoReg needs the unimodal predictions `out.unimodal` of {missing} (it "
                 "compares the modalities' scores)."
             )
-        _check_target(out.target, out.task, out.unimodal[self.modalities[0]].shape[0])
+        check_target(out.target, out.task, out.unimodal[self.modalities[0]].shape[0])
+
+    @torch.no_grad()
+    def _scores(self, out: StepOutput) -> Tensor:
+        """``(M,)`` this step's summed unimodal scores (true-class probability or exp(-|error|))."""
+        self._check_out(out)
         sums = []
-        with torch.no_grad():
-            for n in self.modalities:
-                z = out.unimodal[n].detach()
-                mask = out.present.get(n) if out.present is not None else None
-                if mask is None:
-                    mask = torch.ones(z.shape[0], dtype=torch.bool, device=z.device)
-                mask = mask.to(z.device)
-                if out.task == "regression":
-                    pred = z.reshape(z.shape[0], -1)[:, 0]
-                    s = torch.exp(-(pred.float() - out.target.float()).abs())
-                else:
-                    check_tensor(z, f"out.unimodal[{n!r}]", ndim=2, dtype="floating")
-                    p = torch.softmax(z.float(), dim=-1)
-                    s = p.gather(1, out.target.long().clamp_min(0).unsqueeze(1)).squeeze(1)
-                sums.append(torch.where(mask, s, 0.0).sum())
-            self._pending = torch.stack(sums)
+        for n in self.modalities:
+            z = out.unimodal[n].detach()
+            mask = out.present.get(n) if out.present is not None else None
+            if mask is None:
+                mask = torch.ones(z.shape[0], dtype=torch.bool, device=z.device)
+            mask = mask.to(z.device)
+            if out.task == "regression":
+                pred = z.reshape(z.shape[0], -1)[:, 0]
+                s = torch.exp(-(pred.float() - out.target.float()).abs())
+            else:
+                check_tensor(z, f"out.unimodal[{n!r}]", ndim=2, dtype="floating")
+                p = torch.softmax(z.float(), dim=-1)
+                s = p.gather(1, out.target.long().clamp_min(0).unsqueeze(1)).squeeze(1)
+            sums.append(torch.where(mask, s, 0.0).sum())
+        return torch.stack(sums)
+
+    def losses(self, out: StepOutput, losses: Mapping[str, Tensor]) -> dict[str, Tensor]:
+        """Check the step's unimodal predictions; the losses are returned unchanged.
+
+        InfoReg adds no loss term: :meth:`around_step` scores the modalities from ``out``.
+
+        Raises:
+            ModbalanceError, TypeError: As :meth:`around_step`, before the backward pass.
+        """
+        self._check_out(out)
         return dict(losses)
 
     @contextlib.contextmanager
     def around_step(self, out: StepOutput, optimizer: torch.optim.Optimizer) -> Iterator[None]:
         r"""Add :math:`\beta_m(\theta - \theta^{(e)})` to the gradients, accumulate the traces."""
-        scores, self._pending = self._pending, None
-        if scores is None:
-            raise ModbalanceError(
-                "InfoReg.around_step needs the scores recorded by InfoReg.losses of the same "
-                "step; call losses() first."
-            )
+        scores = self._scores(out)
         self._scaler.check_optimizer(optimizer)
         with torch.no_grad():
             if not self._anchored_host:
@@ -328,7 +335,7 @@ class InfoReg(BalancingMethod):
             all_reduce_sum(scores)
             beta = inforeg_beta(scores, self.k, scale=self.scale, threshold=self.threshold)
             self.scores.copy_(scores)
-            self.beta.copy_(beta)
+            self.coefficients.copy_(beta)
             for i, ps in enumerate(self._group_params):
                 live = [(p, a) for p, a in zip(ps, self._anchors(i)) if p.grad is not None]
                 if not live:

@@ -347,7 +347,6 @@ class MLA(BalancingMethod):
         self.register_buffer("projector", torch.eye(self.dim, dtype=w.dtype, device=w.device))
         self.register_buffer("updates", torch.zeros((), dtype=torch.long))
         self.register_buffer("batch_in_epoch", torch.zeros((), dtype=torch.long))
-        self._pending: Tensor | None = None
 
     def extra_repr(self) -> str:
         """Hyperparameters shown by ``repr``."""
@@ -374,15 +373,19 @@ class MLA(BalancingMethod):
             )
         return h
 
-    def losses(self, out: StepOutput, losses: Mapping[str, Tensor]) -> dict[str, Tensor]:
-        """Return ``{"mla_<modality>": loss}`` for this step's modality (and the ``keep`` terms)."""
-        name = self.current(out.step)
+    def _present_features(self, out: StepOutput, name: str) -> tuple[Tensor, Tensor]:
+        """``(N, D)`` features of ``name`` with absent rows zeroed, and the ``(N,)`` mask."""
         h = self._features(out.features, name)
         mask = out.present.get(name) if out.present is not None else None
         if mask is None:
             mask = torch.ones(h.shape[0], dtype=torch.bool, device=h.device)
         mask = mask.to(h.device)
-        h = torch.where(mask.unsqueeze(1), h, 0.0)  # absent rows may hold anything (even NaN)
+        return torch.where(mask.unsqueeze(1), h, 0.0), mask  # absent rows may hold NaN
+
+    def losses(self, out: StepOutput, losses: Mapping[str, Tensor]) -> dict[str, Tensor]:
+        """Return ``{"mla_<modality>": loss}`` for this step's modality (and the ``keep`` terms)."""
+        name = self.current(out.step)
+        h, mask = self._present_features(out, name)
         pred = self.head(h.to(self.head.weight.dtype))  # features may come from autocast
         if out.task == "regression" and self.out_dim != 1:
             raise ModbalanceError(
@@ -391,11 +394,6 @@ class MLA(BalancingMethod):
         per = task_loss(pred, out.target, out.task, reduction="none")
         mf = mask.to(per.dtype)
         loss = (per * mf).sum() / mf.sum().clamp_min(1)
-        with torch.no_grad():
-            # (sum of present features, their count); averaged over ranks in around_step
-            hp = h.detach().to(self.projector.dtype)
-            r_sum = (hp * mf.unsqueeze(1).to(hp.dtype)).sum(0, keepdim=True)
-            self._pending = torch.cat([r_sum, mf.sum().to(hp.dtype).reshape(1, 1)], dim=1)
         kept = {k: v for k, v in losses.items() if k in self.keep}
         return {**kept, f"mla_{name}": loss}
 
@@ -438,13 +436,15 @@ class MLA(BalancingMethod):
     @contextlib.contextmanager
     def around_step(self, out: StepOutput, optimizer: torch.optim.Optimizer) -> Iterator[None]:
         """Project the shared head's gradient before ``optimizer.step()``."""
-        pending, self._pending = self._pending, None
-        if pending is None:
-            raise ModbalanceError(
-                "MLA.around_step needs the mean feature recorded by MLA.losses of the same step; "
-                "call losses() first."
+        with torch.no_grad():
+            h, mask = self._present_features(out, self.current(out.step))
+            hp = h.detach().to(self.projector.dtype)
+            mf = mask.to(hp.dtype)
+            # (sum of present features, their count); every rank must build the same projector,
+            # so the mean feature is taken over all ranks
+            pending = torch.cat(
+                [(hp * mf.unsqueeze(1)).sum(0, keepdim=True), mf.sum().reshape(1, 1)], 1
             )
-        # Every rank must build the same projector: the mean feature is taken over all ranks.
         all_reduce_sum(pending)
         r = pending[:, :-1] / pending[:, -1:].clamp_min(1)
         self.project_gradient(r)

@@ -11,11 +11,16 @@ from collections.abc import Iterable, Iterator, Mapping
 import torch
 from torch import Tensor, nn
 
-from modbalance._checks import ModbalanceError, check_real
+from modbalance._checks import ModbalanceError, check_real, check_replace
 from modbalance._groups import parse_groups
-from modbalance.balancing import BalancingMethod, StepOutput, combine_losses
+from modbalance.balancing import (
+    BalancingMethod,
+    StepOutput,
+    check_phases,
+    combine_losses,
+    unimodal_terms,
+)
 from modbalance.distributed import all_reduce_mean, is_distributed
-from modbalance.methods.unimodal import _check_phases, _check_replace, _unimodal_terms
 
 __all__ = ["MMPareto", "min_norm_2"]
 
@@ -137,8 +142,9 @@ class MMPareto(BalancingMethod):
       but the magnitude part (:math:`\gamma` and the rescaling, a constant factor per tensor)
       largely cancels; the authors run SGD.
 
-    The diagnostics of the last step live in buffers: ``cosine`` (``(M,)``), ``weights``
-    (``(M, 2)``, :math:`(k_1, k_2)` per encoder) and ``conflict`` (``(M,)`` bool).
+    The diagnostics of the last step live in buffers: ``cosine`` (``(M,)``), ``pareto_weights``
+    (``(M, 2)``, :math:`(k_1, k_2)` per encoder; :attr:`coefficients` is :math:`k_2`, the
+    unimodal gradient's weight) and ``conflict`` (``(M,)`` bool).
 
     Args:
         groups: ``{modality: encoder module or its parameters}``, at least two, disjoint; the
@@ -191,13 +197,18 @@ class MMPareto(BalancingMethod):
         self.modalities: tuple[str, ...] = names
         self._group_params: list[list[nn.Parameter]] = params  # plain list: not registered
         self.gamma = check_real(gamma, "gamma", low=0.0, low_inclusive=False)
-        self.replace = _check_replace(replace)
-        self.phases = _check_phases(phases)
+        self.replace = check_replace(replace)
+        self.phases = check_phases(phases)
         m = len(names)
         self.register_buffer("cosine", torch.full((m,), float("nan")))
-        self.register_buffer("weights", torch.full((m, 2), float("nan")))
+        self.register_buffer("pareto_weights", torch.full((m, 2), float("nan")))
         self.register_buffer("conflict", torch.zeros(m, dtype=torch.bool))
         self._backward_ran = False
+
+    @property
+    def coefficients(self) -> Tensor:
+        """``(M,)`` the last step's weight :math:`k_2` of each unimodal gradient (NaN before)."""
+        return self.pareto_weights[:, 1]
 
     # ---------------------------------------------------------------------------- loss
     def losses(self, out: StepOutput, losses: Mapping[str, Tensor]) -> dict[str, Tensor]:
@@ -205,7 +216,7 @@ class MMPareto(BalancingMethod):
         if out.phase not in self.phases:
             return dict(losses)
         new = {k: v for k, v in losses.items() if k not in self.replace}
-        new.update(_unimodal_terms(out, self.modalities, None, "MMPareto"))
+        new.update(unimodal_terms(out, self.modalities, None, "MMPareto"))
         return new
 
     # ---------------------------------------------------------------------------- backward
@@ -231,7 +242,7 @@ class MMPareto(BalancingMethod):
         if all(k in losses for k in uni_keys):
             uni = [losses[k] for k in uni_keys]
         else:  # losses() was not called: compute the unimodal terms from the step's outputs
-            terms = _unimodal_terms(out, self.modalities, None, "MMPareto")
+            terms = unimodal_terms(out, self.modalities, None, "MMPareto")
             uni = [terms[k] for k in uni_keys]
             losses = {**losses, **terms}
         others = [v for k, v in losses.items() if k != "task" and k not in uni_keys]
@@ -311,8 +322,8 @@ class MMPareto(BalancingMethod):
                 )
                 new[i] = n * (boost * self.gamma)
             self.cosine[m] = (v12 / denom).to(self.cosine)
-            self.weights[m, 0] = k1.to(self.weights)
-            self.weights[m, 1] = k2.to(self.weights)
+            self.pareto_weights[m, 0] = k1.to(self.pareto_weights)
+            self.pareto_weights[m, 1] = k2.to(self.pareto_weights)
             self.conflict[m] = conflict
         return new
 

@@ -90,6 +90,74 @@ def _ratio(scores: Tensor) -> Tensor:
     return scores / others
 
 
+def _given_calibrators(
+    calibrators: Any, num_classes: int | None
+) -> tuple[list[str], dict[str, PrototypeCalibrator], int]:
+    """Names, calibrators and their common number of classes, from the user's calibrators."""
+    if not isinstance(calibrators, Mapping):
+        raise TypeError(
+            "`calibrators` must be a mapping {modality: PrototypeCalibrator}, got "
+            f"{type(calibrators).__name__}."
+        )
+    for name, calib in calibrators.items():
+        if not isinstance(calib, PrototypeCalibrator):
+            raise TypeError(
+                f"`calibrators[{name!r}]` must be a PrototypeCalibrator, got "
+                f"{type(calib).__name__}."
+            )
+    ks = {c.num_classes for c in calibrators.values()}
+    if len(ks) != 1:
+        raise ModbalanceError(
+            "every calibrator must have the same `num_classes`, got "
+            f"{ {n: c.num_classes for n, c in calibrators.items()} }."
+        )
+    k = ks.pop()
+    if num_classes is not None and num_classes != k:
+        raise ModbalanceError(f"`num_classes` ({num_classes}) differs from the calibrators' ({k}).")
+    num_classes = k
+    return list(calibrators), dict(calibrators), num_classes
+
+
+def _new_calibrators(
+    dims: Any, num_classes: int | None, label_bins: int | None, momentum: float
+) -> tuple[list[str], dict[str, PrototypeCalibrator], int]:
+    """Names, one new squared-Euclidean calibrator per modality, and the number of classes."""
+    if dims is None:
+        raise ModbalanceError("pass `dims` ({modality: feature dimension}) or `calibrators`.")
+    if not isinstance(dims, Mapping):
+        raise TypeError(
+            f"`dims` must be a mapping {{modality: feature dimension}}, got {type(dims).__name__}."
+        )
+    if num_classes is None:
+        num_classes = label_bins
+    if num_classes is None:
+        raise ModbalanceError(
+            "`num_classes` is required (or `label_bins` for binned regression targets)."
+        )
+    check_int(num_classes, "num_classes", low=2)
+    names = list(dims)
+    calibs = {
+        n: PrototypeCalibrator(
+            num_classes,
+            check_int(d, f"dims[{n!r}]", low=1),
+            momentum=momentum,
+            metric="sqeuclidean",
+        )
+        for n, d in dims.items()
+    }
+    return names, calibs, num_classes
+
+
+def _check_pmr_names(names: list[str]) -> None:
+    if len(names) < 2:
+        raise ModbalanceError(f"PMR balances at least 2 modalities, got {len(names)} ({names}).")
+    for n in names:
+        if not isinstance(n, str) or not n or "." in n:
+            raise ModbalanceError(
+                f"modality names must be non-empty strings without '.', got {n!r}."
+            )
+
+
 class PMR(BalancingMethod):
     r"""Prototypical modal rebalance: prototype cross-entropy for the modalities that lag behind.
 
@@ -204,18 +272,18 @@ class PMR(BalancingMethod):
         >>> losses = pmr.losses(out, {"task": torch.tensor(0.0)})
         >>> sorted(losses)
         ['pmr', 'task']
-        >>> sorted(pmr.coefficient.tolist())  # the lagging modality gets alpha = 1
+        >>> sorted(pmr.coefficients.tolist())  # the lagging modality gets alpha = 1
         [0.0, 1.0]
         >>> losses["pmr"].backward()
         >>> pmr.epoch_end(0)  # folds this epoch's class means into the prototypes
     """
 
-    coefficient: Tensor
+    coefficients: Tensor
     ratio: Tensor
     scores: Tensor
     epoch: Tensor
 
-    _checked_state: ClassVar[dict[str, str]] = {"coefficient": "finite"}
+    _checked_state: ClassVar[dict[str, str]] = {"coefficients": "finite"}
 
     def __init__(
         self,
@@ -249,67 +317,12 @@ class PMR(BalancingMethod):
         self.entropy_epochs = check_int(entropy_epochs, "entropy_epochs", low=0)
 
         if calibrators is not None:
-            if not isinstance(calibrators, Mapping):
-                raise TypeError(
-                    "`calibrators` must be a mapping {modality: PrototypeCalibrator}, got "
-                    f"{type(calibrators).__name__}."
-                )
-            for name, calib in calibrators.items():
-                if not isinstance(calib, PrototypeCalibrator):
-                    raise TypeError(
-                        f"`calibrators[{name!r}]` must be a PrototypeCalibrator, got "
-                        f"{type(calib).__name__}."
-                    )
-            ks = {c.num_classes for c in calibrators.values()}
-            if len(ks) != 1:
-                raise ModbalanceError(
-                    "every calibrator must have the same `num_classes`, got "
-                    f"{ {n: c.num_classes for n, c in calibrators.items()} }."
-                )
-            k = ks.pop()
-            if num_classes is not None and num_classes != k:
-                raise ModbalanceError(
-                    f"`num_classes` ({num_classes}) differs from the calibrators' ({k})."
-                )
-            num_classes = k
-            names = list(calibrators)
-            calibs = dict(calibrators)
+            names, calibs, num_classes = _given_calibrators(calibrators, num_classes)
         else:
-            if dims is None:
-                raise ModbalanceError(
-                    "pass `dims` ({modality: feature dimension}) or `calibrators`."
-                )
-            if not isinstance(dims, Mapping):
-                raise TypeError(
-                    f"`dims` must be a mapping {{modality: feature dimension}}, got "
-                    f"{type(dims).__name__}."
-                )
-            if num_classes is None:
-                num_classes = label_bins
-            if num_classes is None:
-                raise ModbalanceError(
-                    "`num_classes` is required (or `label_bins` for binned regression targets)."
-                )
-            check_int(num_classes, "num_classes", low=2)
-            names = list(dims)
-            calibs = {
-                n: PrototypeCalibrator(
-                    num_classes,
-                    check_int(d, f"dims[{n!r}]", low=1),
-                    momentum=self.momentum,
-                    metric="sqeuclidean",
-                )
-                for n, d in dims.items()
-            }
-        if len(names) < 2:
-            raise ModbalanceError(
-                f"PMR balances at least 2 modalities, got {len(names)} ({names})."
+            names, calibs, num_classes = _new_calibrators(
+                dims, num_classes, label_bins, self.momentum
             )
-        for n in names:
-            if not isinstance(n, str) or not n or "." in n:
-                raise ModbalanceError(
-                    f"modality names must be non-empty strings without '.', got {n!r}."
-                )
+        _check_pmr_names(names)
         if label_bins is not None and label_bins != num_classes:
             raise ModbalanceError(
                 f"`label_bins` ({label_bins}) must equal `num_classes` ({num_classes}): the "
@@ -323,7 +336,7 @@ class PMR(BalancingMethod):
             c = calibs[n]
             self.register_buffer(f"acc_sums_{i}", torch.zeros(c.num_classes, c.dim))
             self.register_buffer(f"acc_counts_{i}", torch.zeros(c.num_classes))
-        self.register_buffer("coefficient", torch.zeros(m))
+        self.register_buffer("coefficients", torch.zeros(m))
         self.register_buffer("ratio", torch.full((m,), float("nan")))
         self.register_buffer("scores", torch.full((m,), float("nan")))
         self.register_buffer("epoch", torch.zeros((), dtype=torch.long))
@@ -456,39 +469,33 @@ class PMR(BalancingMethod):
         e = self._epoch_host  # never ``int(self.epoch)``: that would wait for the device
         return e >= self.start_epoch and (self.end_epoch is None or e <= self.end_epoch)
 
-    def losses(self, out: StepOutput, losses: Mapping[str, Tensor]) -> dict[str, Tensor]:
-        """Add ``"pmr"`` (and ``"pmr_entropy"`` when the regulariser is on) to the losses.
+    @torch.no_grad()
+    def _update_prototypes(self, inputs: list[Any], y: Tensor) -> None:
+        """Fold (``update="step"``) or accumulate (``"epoch"``) this batch's class means."""
+        for i, _name, calib, h, mask in inputs:
+            stats = class_means(
+                self._embed(calib, h.detach()), y.to(h.device), calib.num_classes, mask
+            )
+            sums = stats.means * stats.counts.unsqueeze(1)
+            if self.update == "step":
+                all_reduce_sum(sums)
+                all_reduce_sum(stats.counts)
+                self._fold(calib, sums, stats.counts, new_only=False)
+            else:
+                acc_s = getattr(self, f"acc_sums_{i}")
+                acc_c = getattr(self, f"acc_counts_{i}")
+                acc_s.add_(sums.to(acc_s.dtype))
+                acc_c.add_(stats.counts.to(acc_c.dtype))
+                # Classes never seen get a prototype at once (the code's initial pass).
+                g_sums, g_counts = sums.clone(), stats.counts.clone()
+                all_reduce_sum(g_sums)
+                all_reduce_sum(g_counts)
+                self._fold(calib, g_sums, g_counts, new_only=True)
 
-        Updates the prototypes (``update="epoch"`` accumulates, ``"step"`` folds), computes the
-        scores, the ratios and the coefficients (buffers ``scores``, ``ratio``,
-        ``coefficient``), and outside ``[start_epoch, end_epoch]`` returns ``losses`` unchanged.
-        """
-        y = self._labels(out.target, out.task)
-        inputs = self._inputs(out.features, out.present)
-        if self.training and self.update != "manual":
-            with torch.no_grad():
-                for i, _name, calib, h, mask in inputs:
-                    stats = class_means(
-                        self._embed(calib, h.detach()), y.to(h.device), calib.num_classes, mask
-                    )
-                    sums = stats.means * stats.counts.unsqueeze(1)
-                    if self.update == "step":
-                        all_reduce_sum(sums)
-                        all_reduce_sum(stats.counts)
-                        self._fold(calib, sums, stats.counts, new_only=False)
-                    else:
-                        acc_s = getattr(self, f"acc_sums_{i}")
-                        acc_c = getattr(self, f"acc_counts_{i}")
-                        acc_s.add_(sums.to(acc_s.dtype))
-                        acc_c.add_(stats.counts.to(acc_c.dtype))
-                        # Classes never seen get a prototype at once (the code's initial pass).
-                        g_sums, g_counts = sums.clone(), stats.counts.clone()
-                        all_reduce_sum(g_sums)
-                        all_reduce_sum(g_counts)
-                        self._fold(calib, g_sums, g_counts, new_only=True)
-        if not self._active():
-            return dict(losses)
-
+    def _prototype_terms(
+        self, inputs: list[Any], y: Tensor
+    ) -> tuple[list[Tensor], list[Tensor], list[Tensor]]:
+        """Per modality: prototype cross-entropy, entropy, and (score sum, count) of the batch."""
         pce, ent, stat = [], [], []
         for _i, name, calib, h, mask in inputs:
             yy = y.to(h.device)
@@ -514,7 +521,24 @@ class PMR(BalancingMethod):
                     [(torch.where(qualified, logp_y.detach().exp(), 0.0)).sum(), n.detach()]
                 )
             )
-        stats = torch.stack(stat, 1).to(self.coefficient)  # (2, M): score sums and counts
+        return pce, ent, stat
+
+    def losses(self, out: StepOutput, losses: Mapping[str, Tensor]) -> dict[str, Tensor]:
+        """Add ``"pmr"`` (and ``"pmr_entropy"`` when the regulariser is on) to the losses.
+
+        Updates the prototypes (``update="epoch"`` accumulates, ``"step"`` folds), computes the
+        scores, the ratios and the coefficients (buffers ``scores``, ``ratio``,
+        ``coefficients``), and outside ``[start_epoch, end_epoch]`` returns ``losses`` unchanged.
+        """
+        y = self._labels(out.target, out.task)
+        inputs = self._inputs(out.features, out.present)
+        if self.training and self.update != "manual":
+            self._update_prototypes(inputs, y)
+        if not self._active():
+            return dict(losses)
+
+        pce, ent, stat = self._prototype_terms(inputs, y)
+        stats = torch.stack(stat, 1).to(self.coefficients)  # (2, M): score sums and counts
         all_reduce_sum(stats)
         valid = stats[1] > 0
         scores = torch.where(valid, stats[0] / stats[1].clamp_min(1), torch.nan)
@@ -526,7 +550,7 @@ class PMR(BalancingMethod):
         with torch.no_grad():
             self.scores.copy_(scores)
             self.ratio.copy_(ratio)
-            self.coefficient.copy_(coef)
+            self.coefficients.copy_(coef)
         total = pce[0] * coef[0].to(pce[0].dtype)
         for j in range(1, len(pce)):
             total = total + pce[j] * coef[j].to(pce[j].dtype)

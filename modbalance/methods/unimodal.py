@@ -3,7 +3,7 @@ r"""Unimodal auxiliary losses: every encoder is also trained through its own hea
 The simple baseline that the literature keeps finding strong (OGM-GE issue #36: the released
 code computes the unimodal losses and never uses them; users who add them gain accuracy).
 :class:`UnimodalLoss` adds one weighted, gradient-carrying task loss per modality; G-Blending and
-MMPareto reuse its loss helper :func:`unimodal_task_loss`.
+MMPareto reuse the loss helper :func:`~modbalance.balancing.unimodal_task_loss`.
 """
 
 from __future__ import annotations
@@ -15,127 +15,20 @@ import torch
 from torch import Tensor
 
 from modbalance._checks import (
-    ModbalanceError,
-    check_choice,
     check_modality_keys,
     check_modality_names,
     check_real,
+    check_replace,
 )
-from modbalance.balancing import BalancingMethod, StepOutput, check_phases, task_loss
+from modbalance.balancing import (
+    BalancingMethod,
+    StepOutput,
+    check_phases,
+    unimodal_task_loss,
+    unimodal_terms,
+)
 
 __all__ = ["UnimodalLoss", "unimodal_task_loss"]
-
-
-def unimodal_task_loss(
-    pred: Tensor, target: Tensor, task: str, present: Tensor | None = None
-) -> Tensor:
-    r"""Task loss of one modality's prediction, averaged over the samples that have the modality.
-
-    .. math::
-
-        \mathcal L_m = \frac{\sum_i [\text{present}_{im}]\;\ell(\hat y_{im}, y_i)}
-                            {\max\bigl(1, \sum_i [\text{present}_{im}]\bigr)},
-
-    with :math:`\ell` the L1 loss (regression) or the cross-entropy (classification) of
-    :func:`~modbalance.balancing.task_loss`. A batch without the modality gives a zero that still
-    belongs to the autograd graph (its gradient is zero), so callers never need a special case.
-
-    Args:
-        pred: ``(N,)``/``(N, 1)`` predictions or ``(N, C)`` logits of the unimodal head.
-        target: ``(N,)`` targets.
-        task: ``"regression"`` or ``"classification"``.
-        present: ``(N,)`` boolean presence mask, or ``None`` (every sample present).
-
-    Returns:
-        A scalar loss.
-
-    Raises:
-        TypeError: A floating ``target`` with ``task="classification"`` (see
-            :func:`~modbalance.balancing.task_loss`).
-        ModbalanceError: A ``target`` that is not ``(N,)`` (e.g. ``(N, 1)``), shapes of ``pred``
-            and ``target`` that do not fit the task, or a presence mask that is not ``(N,)``.
-
-    Example:
-        >>> import torch
-        >>> from modbalance.methods.unimodal import unimodal_task_loss
-        >>> pred, y = torch.tensor([0.0, 3.0]), torch.tensor([1.0, 1.0])
-        >>> unimodal_task_loss(pred, y, "regression", torch.tensor([True, False]))
-        tensor(1.)
-    """
-    per = task_loss(pred, target, task, reduction="none")
-    if present is None:
-        return per.mean()
-    if present.shape != per.shape:
-        raise ModbalanceError(
-            f"the presence mask must have shape {tuple(per.shape)} (one flag per sample), got "
-            f"shape {tuple(present.shape)}."
-        )
-    mask = present.to(device=per.device, dtype=per.dtype)
-    return (per * mask).sum() / mask.sum().clamp_min(1.0)
-
-
-def _check_target(target: Tensor, task: str, n: int, name: str = "out.target") -> Tensor:
-    """Structural check of a step's target (no host synchronisation); returns it unchanged.
-
-    ``(N,)`` for both tasks (an ``(N, 1)`` target would broadcast against ``(N,)``
-    predictions), integer class indices for classification (a float target is never truncated).
-    """
-    if not isinstance(target, Tensor):
-        raise TypeError(f"`{name}` must be a torch.Tensor, got {type(target).__name__}.")
-    if task == "classification" and (target.is_floating_point() or target.is_complex()):
-        raise TypeError(
-            f"`{name}` must hold integer class indices for task='classification', got dtype "
-            f"{target.dtype}; fractional labels are never truncated. Pass class indices "
-            "(`target.long()` after checking the values are whole), or task='regression'."
-        )
-    if target.shape != (n,):
-        fix = "; pass `target.view(-1)`" if target.shape == (n, 1) else ""
-        raise ModbalanceError(
-            f"`{name}` must have shape (N,) = ({n},), one value per sample, got shape "
-            f"{tuple(target.shape)}{fix}."
-        )
-    return target
-
-
-def _check_names(modalities: Sequence[str], name: str = "modalities") -> tuple[str, ...]:
-    return check_modality_names(modalities, name)
-
-
-def _check_phases(phases: Iterable[int]) -> tuple[int, ...]:
-    return check_phases(phases)
-
-
-def _check_replace(replace: Iterable[str]) -> tuple[str, ...]:
-    if isinstance(replace, str):
-        replace = (replace,)
-    out = tuple(replace)
-    if any(not isinstance(k, str) for k in out):
-        raise TypeError(f"`replace` must be loss-term names (str), got {out!r}.")
-    return out
-
-
-def _check_unimodal(out: StepOutput, modalities: Sequence[str], method: str) -> None:
-    check_choice(out.task, "out.task", ("regression", "classification"))
-    missing = [m for m in modalities if m not in out.unimodal]
-    if missing:
-        raise ModbalanceError(
-            f"{method} needs a unimodal prediction for every modality: `out.unimodal` is missing "
-            f"{missing[0]!r} (has {sorted(out.unimodal)}); give the model one head per modality."
-        )
-
-
-def _unimodal_terms(
-    out: StepOutput, modalities: Sequence[str], weights: Tensor | None, method: str
-) -> dict[str, Tensor]:
-    """``{"unimodal_<m>": w_m * L_m}`` for every modality (gradient-carrying)."""
-    _check_unimodal(out, modalities, method)
-    terms: dict[str, Tensor] = {}
-    for i, m in enumerate(modalities):
-        loss = unimodal_task_loss(out.unimodal[m], out.target, out.task, out.present.get(m))
-        if weights is not None:
-            loss = weights[i].to(device=loss.device, dtype=loss.dtype) * loss
-        terms[f"unimodal_{m}"] = loss
-    return terms
 
 
 class UnimodalLoss(BalancingMethod):
@@ -162,8 +55,8 @@ class UnimodalLoss(BalancingMethod):
 
     Works for any number of modalities (one or more), for classification and for regression.
     Under Adam it keeps its effect: it adds a gradient *direction* (the unimodal one) to every
-    encoder, it does not merely rescale one. The weights live in the buffer ``weight`` (modality
-    order), so ``state_dict()`` and ``.to()`` carry them.
+    encoder, it does not merely rescale one. The weights live in the buffer ``coefficients``
+    (modality order), so ``state_dict()`` and ``.to()`` carry them.
 
     Args:
         modalities: Modality names (at least one, distinct).
@@ -194,7 +87,7 @@ class UnimodalLoss(BalancingMethod):
         ['task', 'unimodal_audio', 'unimodal_text']
     """
 
-    _checked_state: ClassVar[dict[str, str]] = {"weight": "nonnegative"}
+    _checked_state: ClassVar[dict[str, str]] = {"coefficients": "nonnegative"}
 
     def __init__(
         self,
@@ -205,14 +98,14 @@ class UnimodalLoss(BalancingMethod):
         phases: Iterable[int] = (2,),
     ) -> None:
         super().__init__()
-        self.modalities = _check_names(modalities)
+        self.modalities = check_modality_names(modalities)
         values = [1.0] * len(self.modalities)
         if weights is not None:
             check_modality_keys(weights, "weights", self.modalities)
             values = [check_real(weights[m], f"weights[{m!r}]", low=0.0) for m in self.modalities]
-        self.register_buffer("weight", torch.tensor(values, dtype=torch.float32))
-        self.replace = _check_replace(replace)
-        self.phases = _check_phases(phases)
+        self.register_buffer("coefficients", torch.tensor(values, dtype=torch.float32))
+        self.replace = check_replace(replace)
+        self.phases = check_phases(phases)
 
     def losses(self, out: StepOutput, losses: Mapping[str, Tensor]) -> dict[str, Tensor]:
         """Drop the ``replace`` terms and add ``"unimodal_<m>"``, weighted, for every modality.
@@ -223,10 +116,10 @@ class UnimodalLoss(BalancingMethod):
         if out.phase not in self.phases:
             return dict(losses)
         new = {k: v for k, v in losses.items() if k not in self.replace}
-        new.update(_unimodal_terms(out, self.modalities, self.weight, "UnimodalLoss"))
+        new.update(unimodal_terms(out, self.modalities, self.coefficients, "UnimodalLoss"))
         return new
 
     def extra_repr(self) -> str:
         """Summarise the configuration for ``repr``."""
-        w = {m: round(float(v), 4) for m, v in zip(self.modalities, self.weight)}
+        w = {m: round(float(v), 4) for m, v in zip(self.modalities, self.coefficients)}
         return f"weights={w}, replace={self.replace!r}, phases={self.phases!r}"

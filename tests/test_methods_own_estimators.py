@@ -240,7 +240,7 @@ def test_pmr_three_modalities_boosts_laggards_and_grads_reach_encoders():
     _set_prototypes(pmr, protos)
     losses = pmr.losses(_out(feats, y), {})
     assert set(losses) == {"pmr", "pmr_entropy"}
-    coef = dict(zip(names, pmr.coefficient.tolist()))
+    coef = dict(zip(names, pmr.coefficients.tolist()))
     assert coef["video"] == 1.0
     for term in ("pmr", "pmr_entropy"):
         enc.zero_grad()
@@ -284,7 +284,7 @@ def test_pmr_window_and_presence():
     pmr2 = PMR(dict.fromkeys(names, 4), 3)
     present = {"text": torch.ones(12, dtype=torch.bool), "audio": torch.zeros(12, dtype=torch.bool)}
     losses = pmr2.losses(_out(feats, y, present=present), {})
-    assert pmr2.coefficient.tolist() == [0.0, 0.0]
+    assert pmr2.coefficients.tolist() == [0.0, 0.0]
     assert torch.isfinite(losses["pmr"])
 
 
@@ -385,7 +385,7 @@ def test_cggm_parity_coefficients_over_steps_regression():
         preds = {m: torch.randn(n, 1) for m in names}
         acc_seq.append([official_train_eval_senti(preds[m], y) for m in names])
         cggm.losses(_out(preds, y, task="regression"), {})
-        ours.append(cggm.coefficient.tolist())
+        ours.append(cggm.coefficients.tolist())
         np.testing.assert_allclose(cggm.accuracy.tolist(), acc_seq[-1], rtol=1e-6)
     ref = official_cggm_coefficients(acc_seq, 3)
     np.testing.assert_allclose(np.array(ours), np.array(ref), rtol=1e-4, atol=1e-4)
@@ -398,11 +398,11 @@ def test_cggm_parity_magnitude_scaling_and_direction_formula():
     enc = nn.ModuleDict({m: nn.Linear(3, 4) for m in names})
     cggm = CGGM(dict(enc), {m: nn.Linear(4, 2) for m in names}, rho=rou, lam=0.0)
     with torch.no_grad():
-        cggm.coefficient.copy_(torch.tensor([0.4, -2.0, 1.7]))
+        cggm.coefficients.copy_(torch.tensor([0.4, -2.0, 1.7]))
     for p in enc.parameters():
         p.grad = torch.randn_like(p)
     expected = {}
-    coeff = cggm.coefficient.tolist()
+    coeff = cggm.coefficients.tolist()
     for i, m in enumerate(names):  # official: params.grad *= (coeff[i] * hyp_params.rou)
         for j, p in enumerate(enc[m].parameters()):
             expected[(m, j)] = p.grad.clone() * (coeff[i] * rou)
@@ -465,7 +465,7 @@ def test_cggm_terms_carry_gradient_where_documented():
     # make the accuracies change so B differs from 1
     losses = cggm.losses(_cggm_forward(names, enc, fusion, x, y), {})
     with torch.no_grad():
-        cggm.coefficient.copy_(torch.tensor([0.5, 1.0, 1.5]))
+        cggm.coefficients.copy_(torch.tensor([0.5, 1.0, 1.5]))
     losses = cggm.losses(_cggm_forward(names, enc, fusion, x, y), {})
     enc.zero_grad()
     cggm.zero_grad()
@@ -522,7 +522,7 @@ def test_cggm_max_abs_coefficient_and_state_dict():
         cggm.accuracy.copy_(acc_prev)
     cggm.losses(_cggm_forward(names, enc, fusion, x, y), {})
     raw = cggm_coefficients(cggm.accuracy, acc_prev)
-    torch.testing.assert_close(cggm.coefficient, raw.clamp(-2, 2))
+    torch.testing.assert_close(cggm.coefficients, raw.clamp(-2, 2))
     other = CGGM(dict(enc), {m: nn.Linear(4, 3) for m in names})
     other.load_state_dict(cggm.state_dict())
     for key, val in cggm.state_dict().items():
@@ -778,8 +778,9 @@ def test_mla_state_dict_and_checks():
         MLA(names, 3, 2).losses(
             _out({"a": torch.randn(2, 5), "b": torch.randn(2, 3)}, torch.tensor([0, 1])), {}
         )
-    with pytest.raises(ModbalanceError, match="losses\\(\\) first"):
-        with MLA(names, 3, 2).around_step(None, None):  # type: ignore[arg-type]
+    with pytest.raises(ModbalanceError, match="lacks modality"):  # around_step reads `out`
+        lacking = _out({"b": torch.randn(2, 3)}, torch.tensor([0, 1]))  # step 0 trains "a"
+        with MLA(names, 3, 2).around_step(lacking, None):  # type: ignore[arg-type]
             pass
     with pytest.raises(ModbalanceError, match="steps_per_epoch"):
         MLA(names, 3, 2, steps_per_epoch=0)
@@ -1007,8 +1008,8 @@ def test_inforeg_parity_step_rule_and_trace():
         beta, beta2, fim = official_inforeg_step(ref_a, ref_v, g_audio, g_visual, ra, rv, y, 1)
         ref_opt.step()
         ref_trace += fim
-        assert float(reg.beta[0]) == pytest.approx(beta) and beta > 0
-        assert float(reg.beta[1]) == beta2 == 0
+        assert float(reg.coefficients[0]) == pytest.approx(beta) and beta > 0
+        assert float(reg.coefficients[1]) == beta2 == 0
         for p, q in zip(
             [*audio.parameters(), *visual.parameters()], [*ref_a.parameters(), *ref_v.parameters()]
         ):
@@ -1041,7 +1042,7 @@ def test_inforeg_regulates_visual_too_and_three_modalities():
     opt = torch.optim.SGD([*audio.parameters(), *visual.parameters()], lr=0)
     with reg.around_step(_out(uni, y, unimodal=uni), opt):
         pass
-    assert float(reg.beta[1]) > 0 and float(reg.beta[0]) == 0
+    assert float(reg.coefficients[1]) > 0 and float(reg.coefficients[0]) == 0
     assert inforeg_beta(torch.tensor([5.0, 1.0, 1.0]), torch.ones(3)).gt(0).tolist() == [
         True,
         False,
@@ -1064,8 +1065,8 @@ def test_inforeg_pull_carries_gradient_toward_anchor_regression_and_state():
         before = {m: [p.grad.clone() for p in enc[m].parameters()] for m in enc}
         with reg.around_step(out, opt):
             opt.step()
-    i = int(reg.beta.argmax())
-    assert float(reg.beta[i]) > 0  # the better regressor is pulled back
+    i = int(reg.coefficients.argmax())
+    assert float(reg.coefficients[i]) > 0  # the better regressor is pulled back
     name = reg.modalities[i]
     anchors = [getattr(reg, f"anchor_{i}_{j}") for j in range(2)]
     assert not torch.equal(anchors[0], enc[name].weight)
@@ -1081,9 +1082,16 @@ def test_inforeg_pull_carries_gradient_toward_anchor_regression_and_state():
         InfoReg(dict(enc), window=0)
     with pytest.raises(ModbalanceError, match="unimodal"):
         InfoReg(dict(enc)).losses(_out(uni, y, task="regression"), {})
-    with pytest.raises(ModbalanceError, match="losses\\(\\) first"):
-        with InfoReg(dict(enc)).around_step(out, opt):
+    with pytest.raises(ModbalanceError, match="unimodal"):  # around_step scores from `out`
+        with InfoReg(dict(enc)).around_step(_out(uni, y, task="regression"), opt):
             pass
+    # no hidden state between losses() and around_step(): the same scores without losses()
+    a, b = InfoReg(dict(enc)), InfoReg(dict(enc))
+    a.losses(out, {})
+    for method in (a, b):
+        with method.around_step(out, torch.optim.SGD(enc.parameters(), lr=0.0)):
+            pass
+    assert torch.equal(a.scores, b.scores) and torch.equal(a.coefficients, b.coefficients)
 
 
 @pytest.mark.parity

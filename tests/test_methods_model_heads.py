@@ -68,6 +68,9 @@ class TinyModel(nn.Module):
         return out, losses
 
 
+THIRDS = ("coefficient_text", "coefficient_audio", "coefficient_fused")
+
+
 def make_data(dims, n, task, classes=3, seed=0):
     g = torch.Generator().manual_seed(seed)
     x = {m: torch.randn(n, d, generator=g) for m, d in dims.items()}
@@ -197,7 +200,7 @@ def test_unimodal_state_dict_round_trip():
     a = UnimodalLoss(["audio", "visual"], weights={"audio": 0.3, "visual": 0.7})
     b = UnimodalLoss(["audio", "visual"])
     b.load_state_dict(a.state_dict())
-    torch.testing.assert_close(b.weight, torch.tensor([0.3, 0.7]))
+    torch.testing.assert_close(b.coefficients, torch.tensor([0.3, 0.7]))
 
 
 # ==========================================================================================
@@ -300,7 +303,7 @@ def test_mmpareto_parity_with_official_code_both_branches():
         assert_grads_close(ours, theirs)
         for i, m in enumerate(model.modalities):
             torch.testing.assert_close(
-                method.weights[i],
+                method.pareto_weights[i],
                 torch.tensor([float(k[m][0]), float(k[m][1])]),
                 rtol=1e-5,
                 atol=1e-6,
@@ -475,7 +478,7 @@ def test_mmpareto_state_dict_round_trip():
     _, a = ours_mmpareto_step(model, *make_data(DIMS2, 8, "classification"), "classification")
     b = MMPareto({m: model.encoders[m] for m in model.modalities})
     b.load_state_dict(a.state_dict())
-    for name in ("cosine", "weights", "conflict"):
+    for name in ("cosine", "pareto_weights", "conflict"):
         assert torch.equal(getattr(a, name), getattr(b, name))
 
 
@@ -522,14 +525,14 @@ def test_gblending_parity_with_multibench(mode):
             h[1] = t[1] - 0.05  # a negative gap: MultiBench's 1e-4 floor
         got = gb.observe(_measure(heads, t, h))
         want = official_gblend(prev_t, prev_h, t, h, delta=mode == "delta")
-        np.testing.assert_allclose(gb.weight.numpy(), want, rtol=1e-12)
-        assert list(got) == list(heads)
+        np.testing.assert_allclose(gb.blend.numpy(), want, rtol=1e-12)
+        assert torch.equal(got, gb.blend)  # modalities, then fused (gb.heads)
         # a perturbed rule is caught: squared gap -> |gap|^2.01, floor 1e-4 -> 1e-3
         bad = official_gblend(prev_t, prev_h, t, h, delta=mode == "delta", power=2.01)
-        assert not np.allclose(gb.weight.numpy(), bad, rtol=1e-6, atol=0)
+        assert not np.allclose(gb.blend.numpy(), bad, rtol=1e-6, atol=0)
         if mode == "final":
             bad = official_gblend(prev_t, prev_h, t, h, delta=False, clamp=0.001)
-            assert not np.allclose(gb.weight.numpy(), bad, rtol=1e-6, atol=0)
+            assert not np.allclose(gb.blend.numpy(), bad, rtol=1e-6, atol=0)
         prev_t, prev_h = t, h
 
 
@@ -548,7 +551,7 @@ def test_gblending_losses_weight_task_and_unimodal_terms():
     out, base = model.step(x, y, "classification")
     new = gb.losses(out, base)
     assert set(new) == {"task", "unimodal_audio", "unimodal_visual"}
-    w = gb.weight.float()
+    w = gb.blend.float()
     torch.testing.assert_close(new["task"], w[2] * base["task"])
     for i, m in enumerate(("audio", "visual")):
         torch.testing.assert_close(
@@ -577,14 +580,14 @@ def test_gblending_epoch_end_schedule_and_delta_baseline():
     gb.epoch_end(0, evaluate)
     assert not calls
     gb.epoch_end(1, evaluate)  # records the baseline only
-    assert len(calls) == 1 and gb.weights == {"text": 0.3333, "audio": 0.3333, "fused": 0.3333}
+    assert len(calls) == 1 and gb.summary() == dict.fromkeys(THIRDS, 0.3333)
     gb.epoch_end(2, evaluate)
     gb.epoch_end(3, evaluate)
     assert len(calls) == 2 and int(gb.num_estimates) == 1
     want = official_gblend(
         [1.0, 1.0, 1.0], [1.2, 1.3, 1.1], [0.6, 0.9, 0.5], [1.0, 1.25, 0.9], True
     )
-    np.testing.assert_allclose(gb.weight.numpy(), want, rtol=1e-12)
+    np.testing.assert_allclose(gb.blend.numpy(), want, rtol=1e-12)
 
 
 def test_gblending_keeps_weights_when_nothing_changed_and_floors_delta():
@@ -592,11 +595,11 @@ def test_gblending_keeps_weights_when_nothing_changed_and_floors_delta():
     m = _measure(gb.heads, [1.0, 1.0, 1.0], [1.2, 1.3, 1.1])
     gb.observe(m)
     gb.observe(m)  # Delta G = 0 everywhere: 0/0, the weights stay
-    assert gb.weights == {"text": 0.3333, "audio": 0.3333, "fused": 0.3333}
+    assert gb.summary() == dict.fromkeys(THIRDS, 0.3333)
     # Delta O = 0 for one head: floored at eps^2 instead of dividing by zero
     gb.observe(_measure(gb.heads, [0.9, 0.8, 0.9], [1.1, 1.2, 1.05]))
-    assert torch.isfinite(gb.weight).all()
-    assert gb.weight[0] > 0.99
+    assert torch.isfinite(gb.blend).all()
+    assert gb.blend[0] > 0.99
 
 
 def test_gblending_regression_three_modalities_in_a_step():
@@ -608,7 +611,7 @@ def test_gblending_regression_three_modalities_in_a_step():
     out, base = model.step(x, y, "regression")
     new = gb.losses(out, base)
     torch.testing.assert_close(
-        new["unimodal_text"], gb.weight[0].float() * (out.unimodal["text"] - y).abs().mean()
+        new["unimodal_text"], gb.blend[0].float() * (out.unimodal["text"] - y).abs().mean()
     )
 
 
@@ -645,7 +648,7 @@ def test_gblending_state_dict_round_trip():
     b.load_state_dict(a.state_dict())
     for name, buf in a.named_buffers():
         assert torch.equal(buf, getattr(b, name)), name
-    assert b.weights == a.weights
+    assert b.summary() == a.summary()
 
 
 # ==========================================================================================
@@ -768,7 +771,7 @@ def ours_agm_train(model, batches, alpha, cap, lr=0.1):
         assert float(losses["agm"].detach()) == 0.0
         opt.zero_grad()
         combine_losses(losses).backward()
-        history.append((agm.coefficient.tolist(), grads(model)))
+        history.append((agm.coefficients.tolist(), grads(model)))
         opt.step()
     return history, agm
 
@@ -870,7 +873,7 @@ def test_agm_term_reaches_encoders_and_head():
         losses = agm.losses(out, base)
     model.zero_grad()
     losses["agm"].backward()
-    assert agm.coefficient.sub(1).abs().max() > 1e-3
+    assert agm.coefficients.sub(1).abs().max() > 1e-3
     for name in ("encoders.audio.weight", "encoders.visual.weight", "fusion.weight"):
         assert dict(model.named_parameters())[name].grad.abs().sum() > 0, name
 
@@ -925,7 +928,7 @@ def test_agm_uses_scores_averaged_over_ranks(monkeypatch):
     agm.losses(out, base)
     s = torch.tensor([0.2, 1.4], dtype=torch.float64)
     torch.testing.assert_close(agm.score, s)
-    torch.testing.assert_close(agm.coefficient, agm_coefficients(s, torch.zeros(2).double(), 1.0))
+    torch.testing.assert_close(agm.coefficients, agm_coefficients(s, torch.zeros(2).double(), 1.0))
 
 
 def test_agm_state_dict_round_trip():
