@@ -459,6 +459,51 @@ def _mean_std(values: Sequence[float]) -> tuple[float, float]:
     return statistics.mean(values), statistics.stdev(values) if len(values) > 1 else 0.0
 
 
+def _method_row(
+    name: str,
+    seeds: dict[int, dict[str, Any]],
+    joint: dict[int, dict[str, Any]],
+    primary: str,
+    mods: Sequence[str],
+    weak: Sequence[str],
+    alone_probe: dict[str, float],
+    joint_probe: dict[str, float],
+    gap: dict[str, float],
+) -> dict[str, Any]:
+    """One method's row of :func:`summarize`: means over its seeds, deltas paired with joint."""
+    row: dict[str, Any] = {"seeds": sorted(seeds)}
+    fused = [r["fused"].get(primary) for r in seeds.values()]
+    row["fused"] = _mean_std(fused)
+    if primary == "Non0_acc_2":
+        row["MAE"] = _mean_std([r["fused"].get("MAE") for r in seeds.values()])
+    probe = {m: _mean_std([r["probe"][m] for r in seeds.values()]) for m in mods}
+    row["probe"] = probe
+    row["ratio"] = {
+        m: probe[m][0] / alone_probe[m] if alone_probe[m] > 0 else math.nan for m in mods
+    }
+    closed = [(probe[m][0] - joint_probe[m]) / gap[m] for m in weak if gap[m] > 0]
+    row["gap_closed"] = statistics.mean(closed) if closed else math.nan
+    paired = [s for s in seeds if s in joint]
+    row["delta_fused"] = (
+        _mean_std(
+            [seeds[s]["fused"].get(primary, math.nan) - joint[s]["fused"][primary] for s in paired]
+        )
+        if name != "alone"
+        else (math.nan, math.nan)
+    )
+    if primary == "Non0_acc_2" and name != "alone":
+        row["delta_MAE"] = _mean_std(
+            [seeds[s]["fused"]["MAE"] - joint[s]["fused"]["MAE"] for s in paired]
+        )
+    row["delta_weak_probe"] = _mean_std(
+        [statistics.mean(seeds[s]["probe"][m] - joint[s]["probe"][m] for m in weak) for s in paired]
+    )
+    shares = [r["shares"] for r in seeds.values() if r.get("shares")]
+    row["shares"] = {m: statistics.mean(s[m] for s in shares) for m in mods} if shares else {}
+    row["time_s"] = _mean_std([r["time_s"] for r in seeds.values()])[0]
+    return row
+
+
 def summarize(result: dict[str, Any]) -> dict[str, Any]:
     """Per method: fused metric, probes and ratios, gap closed, paired deltas vs joint."""
     runs, primary = result["runs"], result["primary"]
@@ -472,45 +517,10 @@ def summarize(result: dict[str, Any]) -> dict[str, Any]:
     alone_probe = {m: _mean_std([r["probe"][m] for r in alone.values()])[0] for m in mods}
     joint_probe = {m: _mean_std([r["probe"][m] for r in joint.values()])[0] for m in mods}
     gap = {m: alone_probe[m] - joint_probe[m] for m in mods}
-    table = {}
-    for name, seeds in by.items():
-        row: dict[str, Any] = {"seeds": sorted(seeds)}
-        fused = [r["fused"].get(primary) for r in seeds.values()]
-        row["fused"] = _mean_std(fused)
-        if primary == "Non0_acc_2":
-            row["MAE"] = _mean_std([r["fused"].get("MAE") for r in seeds.values()])
-        probe = {m: _mean_std([r["probe"][m] for r in seeds.values()]) for m in mods}
-        row["probe"] = probe
-        row["ratio"] = {
-            m: probe[m][0] / alone_probe[m] if alone_probe[m] > 0 else math.nan for m in mods
-        }
-        closed = [(probe[m][0] - joint_probe[m]) / gap[m] for m in weak if gap[m] > 0]
-        row["gap_closed"] = statistics.mean(closed) if closed else math.nan
-        paired = [s for s in seeds if s in joint]
-        row["delta_fused"] = (
-            _mean_std(
-                [
-                    seeds[s]["fused"].get(primary, math.nan) - joint[s]["fused"][primary]
-                    for s in paired
-                ]
-            )
-            if name != "alone"
-            else (math.nan, math.nan)
-        )
-        if primary == "Non0_acc_2" and name != "alone":
-            row["delta_MAE"] = _mean_std(
-                [seeds[s]["fused"]["MAE"] - joint[s]["fused"]["MAE"] for s in paired]
-            )
-        row["delta_weak_probe"] = _mean_std(
-            [
-                statistics.mean(seeds[s]["probe"][m] - joint[s]["probe"][m] for m in weak)
-                for s in paired
-            ]
-        )
-        shares = [r["shares"] for r in seeds.values() if r.get("shares")]
-        row["shares"] = {m: statistics.mean(s[m] for s in shares) for m in mods} if shares else {}
-        row["time_s"] = _mean_std([r["time_s"] for r in seeds.values()])[0]
-        table[name] = row
+    table = {
+        name: _method_row(name, seeds, joint, primary, mods, weak, alone_probe, joint_probe, gap)
+        for name, seeds in by.items()
+    }
     return {
         "task": result["task"],
         "backbone": result.get("backbone", "late"),
@@ -697,7 +707,7 @@ def plot(summary: dict[str, Any], path: Path) -> Path:
     return path
 
 
-def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
+def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--task", default="all", help=f"one of {', '.join(TASK_NAMES)}, or all")
     p.add_argument("--methods", default=None, help="comma-separated (default: the standard set)")
@@ -719,6 +729,24 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
         action="store_true",
         help="only rebuild OUT/leaderboard.md from the saved per-task summaries",
     )
+    return p
+
+
+def _write_task(result: dict[str, Any], out: Path, name: str, backbone: str, quick: bool) -> None:
+    """The task's tables (markdown, validation, reST, JSON) and plot in ``out``."""
+    summary = summarize(result)
+    suffix = ("" if backbone == "late" else f"_{backbone}") + ("_quick" if quick else "")
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"competition_{name}{suffix}.md").write_text(to_markdown(summary))
+    (out / f"competition_{name}{suffix}_validation.md").write_text(validation_table(result))
+    (out / f"competition_{name}{suffix}.rst").write_text(to_rst(summary))
+    (out / f"competition_{name}{suffix}.json").write_text(json.dumps(summary, indent=1))
+    plot(summary, out / f"competition_{name}{suffix}.png")
+    print(to_markdown(summary))
+
+
+def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
+    p = _parser()
     args = p.parse_args(argv)
     tasks = TASK_NAMES if args.task == "all" else tuple(args.task.split(","))
     methods = tuple(args.methods.split(",")) if args.methods else DEFAULT_METHODS + REFERENCES
@@ -759,17 +787,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
                 Path(args.json) if len(tasks) == 1 else Path(args.json).with_suffix(f".{name}.json")
             )
             path.write_text(json.dumps(result, indent=1))
-        summary = summarize(result)
-        suffix = ("" if args.backbone == "late" else f"_{args.backbone}") + (
-            "_quick" if args.quick else ""
-        )
-        out.mkdir(parents=True, exist_ok=True)
-        (out / f"competition_{name}{suffix}.md").write_text(to_markdown(summary))
-        (out / f"competition_{name}{suffix}_validation.md").write_text(validation_table(result))
-        (out / f"competition_{name}{suffix}.rst").write_text(to_rst(summary))
-        (out / f"competition_{name}{suffix}.json").write_text(json.dumps(summary, indent=1))
-        plot(summary, out / f"competition_{name}{suffix}.png")
-        print(to_markdown(summary))
+        _write_task(result, out, name, args.backbone, args.quick)
     return results
 
 

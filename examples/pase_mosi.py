@@ -350,8 +350,8 @@ def _add_method_args(group: argparse._ArgumentGroup) -> None:
     add(
         "--modulator",
         choices=("sgm", "ogm-ge", "none"),
-        default=None,
-        help="an extra gradient modulator on top (default: none)",
+        default="none",
+        help="an extra gradient modulator on top",
     )
     add(
         "--game-every",

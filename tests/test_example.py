@@ -807,3 +807,39 @@ def test_threads_flag_sets_torch_threads_and_is_recorded(finished_run, tmp_path,
     assert json.loads((out / "summary.json").read_text())["threads"] == 1
     assert torch.get_num_threads() == before  # restored: main() may run inside another program
     assert pase_mosi.parse_args([]).threads == pase_mosi.default_threads() >= 1
+
+
+def test_shapley_share_plot_draws_phase_two_only(tmp_path, monkeypatch):
+    """The shares are the fused head's, which the warm-up does not train: no phase-1 points."""
+    import matplotlib.axes
+
+    from examples.pase.plots import plot_history
+
+    calls = []
+    real_plot = matplotlib.axes.Axes.plot
+
+    def recording_plot(self, *args, **kwargs):
+        calls.append((self, list(args[0]), kwargs.get("label")))
+        return real_plot(self, *args, **kwargs)
+
+    monkeypatch.setattr(matplotlib.axes.Axes, "plot", recording_plot)
+    names = ("text", "audio")
+    history = [
+        {
+            "epoch": e,
+            "phase": 1 if e <= 2 else 2,
+            "val": {
+                "shares": {"text": 0.7, "audio": 0.3},
+                **{k: {"MAE": 0.5} for k in ("text", "audio", "fused")},
+            },
+        }
+        for e in (1, 2, 3, 4)
+    ]
+    plot_history(history, names, tmp_path)
+    drawn = {}
+    for ax, xs, label in calls:  # titled after plotting: group by the axes' final title
+        drawn.setdefault(ax.get_title(), []).append((xs, label))
+    shares = next(v for k, v in drawn.items() if k.startswith("Shapley share"))
+    assert [x for x, label in shares if label in names] == [[3, 4], [3, 4]]
+    scores = next(v for k, v in drawn.items() if k.startswith("Validation error"))
+    assert [x for x, label in scores if label in names] == [[1, 2, 3, 4], [1, 2, 3, 4]]

@@ -25,7 +25,6 @@ def plot_history(
 ) -> list[Path]:
     """Write shapley_shares.png, coefficients.png and val_scores.png; return their paths."""
     plt = _plt()
-    epochs = [r["epoch"] for r in history]
     written = []
     panels = [
         (
@@ -52,8 +51,12 @@ def plot_history(
         )
     for fname, title, ylabel, get in panels:
         fig, ax = plt.subplots(figsize=(6, 3.5))
+        # the shares are those of the fused head, which the warm-up does not train: phase 2 only
+        rows = [r for r in history if r["phase"] == 2 or fname != "shapley_shares.png"]
         for m in modalities:
-            ax.plot(epochs, [get(r, m) for r in history], marker="o", ms=3, label=m)
+            ax.plot(
+                [r["epoch"] for r in rows], [get(r, m) for r in rows], marker="o", ms=3, label=m
+            )
         if fname == "val_scores.png":
             fused = [(r["epoch"], error_of(r["val"]["fused"])) for r in history if r["phase"] == 2]
             if fused:  # the fused head is not trained in phase 1: plot phase 2 only
