@@ -908,6 +908,15 @@ def _num_sampled_coalitions(num_players: int, num_cycles: int) -> int:
     return 2 * num_players + 2 + num_cycles * num_players * max(num_players - 3, 0)
 
 
+def _check_coalition_masks(coalitions: Tensor, num_players: int) -> None:
+    """``(C, M)`` boolean coalition masks in the game's player order."""
+    check_tensor(coalitions, "coalitions", ndim=2, dtype="bool")
+    if coalitions.shape[1] != num_players:
+        raise ModbalanceError(
+            f"`coalitions` must have shape (C, {num_players}), got {tuple(coalitions.shape)}."
+        )
+
+
 def _check_absent_embeddings(
     absent_embeddings: Mapping[str, Tensor] | None, masking: str, names: tuple[str, ...]
 ) -> Mapping[str, Tensor] | None:
@@ -1319,12 +1328,7 @@ class ModalityGame:
             ``(C,)`` coalition values (at least float32).
         """
         target, n = self._check_inputs(features, target)
-        check_tensor(coalitions, "coalitions", ndim=2, dtype="bool")
-        if coalitions.shape[1] != self.num_players:
-            raise ModbalanceError(
-                f"`coalitions` must have shape (C, {self.num_players}), got "
-                f"{tuple(coalitions.shape)}."
-            )
+        _check_coalition_masks(coalitions, self.num_players)
         ref = features[self.modalities[0]]
         if coalitions.shape[0] == 0:
             return _finish_values([], [], ref)
@@ -1707,12 +1711,7 @@ class InputMaskingGame:
             ``(C,)`` coalition values (at least float32).
         """
         target, n = self._check_inputs(inputs, target, masks)
-        check_tensor(coalitions, "coalitions", ndim=2, dtype="bool")
-        if coalitions.shape[1] != self.num_players:
-            raise ModbalanceError(
-                f"`coalitions` must have shape (C, {self.num_players}), got "
-                f"{tuple(coalitions.shape)}."
-            )
+        _check_coalition_masks(coalitions, self.num_players)
         ref = inputs[self.modalities[0]]
         coalitions = coalitions.to(ref.device)
         total_c = coalitions.shape[0]
