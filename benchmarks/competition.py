@@ -180,7 +180,7 @@ def spec_of(name: str) -> Spec:
 
 
 REFERENCES = ("alone", "alone-ensemble", "alone-probe")
-FIELD = ("unimodal", "gblending", "mmpareto", "agm", "pmr", "mla", "cggm", "inforeg")
+FIELD = ("unimodal", "gblending", "mmpareto", "agm", "pmr", "mla", "cggm", "inforeg", "dgl", "ume")
 ABLATIONS = (
     "pase-no-warmup", "pase-no-sge", "pase-no-residual", "pase-beta0",
     "pase+calibration", "pase+alignment", "pase+gate", "pase+sgm",

@@ -31,8 +31,10 @@ from modbalance.fusion import FusionOutput, PrototypeGatedFusion
 from modbalance.methods import (
     AGM,
     CGGM,
+    DGL,
     MLA,
     PMR,
+    UME,
     GBlending,
     InfoReg,
     MMPareto,
@@ -84,8 +86,10 @@ __version__ = "0.1.0"
 __all__ = [
     "AGM",
     "CGGM",
+    "DGL",
     "MLA",
     "PMR",
+    "UME",
     "AlignmentResult",
     "BalancingMethod",
     "CalibrationOutput",

@@ -23,8 +23,9 @@ from modbalance.balancing import BalancingMethod
 
 ROOT = Path(__file__).resolve().parents[1]
 NAMES = ("text", "audio", "vision")
-#: Methods without a per-modality factor: MLA alternates modalities through one shared head.
-NO_FACTOR = {"MLA"}
+#: Methods without a per-modality factor: MLA alternates modalities through one shared head, UME
+#: trains the unimodal models apart (both predict with a rule of their own).
+NO_FACTOR = {"MLA", "UME"}
 #: Names the per-modality factor used to have; none may come back as a public attribute.
 OLD_NAMES = ("coefficient", "coefficient_dict", "weights", "beta")
 

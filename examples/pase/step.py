@@ -23,8 +23,10 @@ from torch import Tensor, nn
 from modbalance import (
     AGM,
     CGGM,
+    DGL,
     MLA,
     PMR,
+    UME,
     GBlending,
     InfoReg,
     MMPareto,
@@ -137,6 +139,8 @@ METHODS: dict[str, Callable[[PaSEModel, int, torch.device], BalancingMethod]] = 
     ),
     "cggm": _cggm,
     "inforeg": lambda model, seed, device: InfoReg(model.modality_groups()),
+    "dgl": lambda model, seed, device: DGL(model.modalities),
+    "ume": lambda model, seed, device: UME(model.modalities, model.unimodal_heads),
     # PaSE's Shapley-based equilibrium: the default rule, and the variants measured on the suite
     "sge": _sge,
     "sge-beta0": partial(_sge, beta=0.0),

@@ -6,6 +6,7 @@ model, Adam, regression and M > 2 support) and every method's math.
 
 from modbalance.methods.agm import AGM, agm_coefficients, mono_modal_responses
 from modbalance.methods.cggm import CGGM, cggm_coefficients, cggm_direction_loss, unimodal_accuracy
+from modbalance.methods.dgl import DGL, encoder_only
 from modbalance.methods.equilibrium import ShapleyEquilibrium
 from modbalance.methods.gblending import GBlending, gblend_weights
 from modbalance.methods.inforeg import InfoReg, inforeg_beta, inforeg_window_k
@@ -19,13 +20,16 @@ from modbalance.methods.modulators import (
     pase_coefficients,
 )
 from modbalance.methods.pmr import PMR, pmr_coefficients
+from modbalance.methods.ume import UME, ume_ensemble
 from modbalance.methods.unimodal import UnimodalLoss, unimodal_task_loss
 
 __all__ = [
     "AGM",
     "CGGM",
+    "DGL",
     "MLA",
     "PMR",
+    "UME",
     "GBlending",
     "InfoReg",
     "MMPareto",
@@ -37,6 +41,7 @@ __all__ = [
     "agm_coefficients",
     "cggm_coefficients",
     "cggm_direction_loss",
+    "encoder_only",
     "gblend_weights",
     "inforeg_beta",
     "inforeg_window_k",
@@ -47,6 +52,7 @@ __all__ = [
     "ogmge_coefficients",
     "pase_coefficients",
     "pmr_coefficients",
+    "ume_ensemble",
     "unimodal_accuracy",
     "unimodal_task_loss",
 ]
