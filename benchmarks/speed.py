@@ -381,6 +381,40 @@ def _informative_batch(dims: dict[str, int], batch: int, seq: int, seed: int) ->
     return out
 
 
+def _accuracy_of_model(
+    recipe, dims, k, cycles, share_err, phi_err, spread, coalitions, *, batch_size, seq,
+    train_steps, batches, draws,
+):  # fmt: skip
+    """Train model ``k`` of ``recipe``, then append its exact/sampled errors to the lists."""
+    beta = momentum = None
+    torch.manual_seed(k)
+    parts = build(True, dims, "cpu", recipe=recipe)
+    for i in range(train_steps):
+        batch = _informative_batch(dims, batch_size, seq, 100 + i)
+        train_step(parts, batch, 1 if i < 3 else 2)
+    if recipe == "default":
+        beta, momentum = parts.methods[0].beta, parts.methods[0].momentum
+    game = parts.game
+    exact_shares = []
+    for j in range(batches):
+        batch = _informative_batch(dims, batch_size, seq, 10_000 + 100 * k + j)
+        call = _game_call(parts, batch)
+        game.estimator = "exact"
+        phi = call().shapley.double()
+        psi = pase_shares(phi)
+        exact_shares.append(psi)
+        game.estimator = "sampled"
+        for c in cycles:
+            game.num_cycles = c
+            coalitions[c] = game.num_coalitions
+            for _ in range(draws):
+                est = call().shapley.double()
+                share_err[c].append(float((pase_shares(est) - psi).abs().max()))
+                phi_err[c].append(float((est - phi).norm() / phi.norm()))
+    spread.append(float(torch.stack(exact_shares).std(0).max()))
+    return beta, momentum
+
+
 def sampled_accuracy(
     ms: Sequence[int],
     *,
@@ -411,31 +445,11 @@ def sampled_accuracy(
             phi_err: dict[int, list[float]] = {c: [] for c in cycles}
             spread, coalitions, beta, momentum = [], {}, None, None
             for k in range(models):
-                torch.manual_seed(k)
-                parts = build(True, dims, "cpu", recipe=recipe)
-                for i in range(train_steps):
-                    batch = _informative_batch(dims, batch_size, seq, 100 + i)
-                    train_step(parts, batch, 1 if i < 3 else 2)
-                if recipe == "default":
-                    beta, momentum = parts.methods[0].beta, parts.methods[0].momentum
-                game = parts.game
-                exact_shares = []
-                for j in range(batches):
-                    batch = _informative_batch(dims, batch_size, seq, 10_000 + 100 * k + j)
-                    call = _game_call(parts, batch)
-                    game.estimator = "exact"
-                    phi = call().shapley.double()
-                    psi = pase_shares(phi)
-                    exact_shares.append(psi)
-                    game.estimator = "sampled"
-                    for c in cycles:
-                        game.num_cycles = c
-                        coalitions[c] = game.num_coalitions
-                        for _ in range(draws):
-                            est = call().shapley.double()
-                            share_err[c].append(float((pase_shares(est) - psi).abs().max()))
-                            phi_err[c].append(float((est - phi).norm() / phi.norm()))
-                spread.append(float(torch.stack(exact_shares).std(0).max()))
+                beta, momentum = _accuracy_of_model(
+                    recipe, dims, k, cycles, share_err, phi_err, spread, coalitions,
+                    batch_size=batch_size, seq=seq, train_steps=train_steps, batches=batches,
+                    draws=draws,
+                )  # fmt: skip
             for c in cycles:
                 rows.append(
                     {
@@ -465,38 +479,9 @@ def _quantile(values: Sequence[float], q: float) -> float:
 
 
 # ------------------------------------------------------------------------------------ breakdown
-def breakdown(
-    dims: dict[str, int], batch_size: int, seq: int, device: str, amp: str | None, repeats: int
-) -> list[dict[str, Any]]:
-    """Median time of each piece of the PaSE phase-2 step, alone, on one batch."""
-    plain_tr, batch, _ = _prepare(False, dims, batch_size, seq, device, amp)
-    tr, _, _ = _prepare(True, dims, batch_size, seq, device, amp)
-    model, pmodel = tr.model, plain_tr.model
-    feats_m = batch["features"]
-    masks = batch["mask"]
-    label = batch["label"]
-    with torch.no_grad():
-        base_feats, present = model.encode(feats_m, masks)
-
-    def leaves():
-        return {m: f.detach().clone().requires_grad_(True) for m, f in base_feats.items()}
-
-    def encoders():
-        with _autocast(device, amp):
-            feats, _ = model.encode(feats_m, masks)
-            loss = sum(f.float().square().mean() for f in feats.values())
-        loss.backward()
-
-    def mean_fusion_head():
-        with _autocast(device, amp):
-            loss = pmodel.task_loss(pmodel.fuse(leaves(), present), label)
-        loss.backward()
-
-    def gated_fusion_head():
-        with _autocast(device, amp):
-            loss = model.task_loss(model.fuse(leaves(), present), label)
-        loss.backward()
-
+def _paper_pieces(tr, base_feats, present, label, leaves, device, amp):
+    """The paper's own pieces (calibration, OT, game, modulator), timed by :func:`breakdown`."""
+    model = tr.model
     labels_c = model.class_labels(label)
 
     def calibration():
@@ -529,6 +514,49 @@ def breakdown(
     def observe():
         modulator.observe(result)
 
+    pieces = [
+        ("calibration fwd+bwd (PaSE)", calibration),
+        ("OT alignment fwd+bwd (PaSE)", alignment),
+        ("Shapley game, 2^M coalitions (PaSE)", game),
+        ("modulator observe (PaSE)", observe),
+    ]
+    return pieces, modulator
+
+
+def breakdown(
+    dims: dict[str, int], batch_size: int, seq: int, device: str, amp: str | None, repeats: int
+) -> list[dict[str, Any]]:
+    """Median time of each piece of the PaSE phase-2 step, alone, on one batch."""
+    plain_tr, batch, _ = _prepare(False, dims, batch_size, seq, device, amp)
+    tr, _, _ = _prepare(True, dims, batch_size, seq, device, amp)
+    model, pmodel = tr.model, plain_tr.model
+    feats_m = batch["features"]
+    masks = batch["mask"]
+    label = batch["label"]
+    with torch.no_grad():
+        base_feats, present = model.encode(feats_m, masks)
+
+    def leaves():
+        return {m: f.detach().clone().requires_grad_(True) for m, f in base_feats.items()}
+
+    def encoders():
+        with _autocast(device, amp):
+            feats, _ = model.encode(feats_m, masks)
+            loss = sum(f.float().square().mean() for f in feats.values())
+        loss.backward()
+
+    def mean_fusion_head():
+        with _autocast(device, amp):
+            loss = pmodel.task_loss(pmodel.fuse(leaves(), present), label)
+        loss.backward()
+
+    def gated_fusion_head():
+        with _autocast(device, amp):
+            loss = model.task_loss(model.fuse(leaves(), present), label)
+        loss.backward()
+
+    extra, modulator = _paper_pieces(tr, base_feats, present, label, leaves, device, amp)
+
     # optimizer step with and without the modulator (gradients left in place: AdamW updates do
     # not depend on whether they are the "real" ones)
     tr.optimizer.zero_grad(set_to_none=True)
@@ -541,10 +569,7 @@ def breakdown(
         ("encoders fwd+bwd (both)", encoders),
         ("mean fusion + head fwd+bwd (plain)", mean_fusion_head),
         ("gated fusion + head fwd+bwd (PaSE)", gated_fusion_head),
-        ("calibration fwd+bwd (PaSE)", calibration),
-        ("OT alignment fwd+bwd (PaSE)", alignment),
-        ("Shapley game, 2^M coalitions (PaSE)", game),
-        ("modulator observe (PaSE)", observe),
+        *extra,
         ("AdamW step (plain model)", plain_tr.optimizer.step),
         ("AdamW step + modulator (PaSE model)", lambda: modulator.step(tr.optimizer)),
     ]
@@ -619,28 +644,17 @@ def peak_memory(
 
 
 # ------------------------------------------------------------------------------------ run
-def run(quick: bool = False, device: str = "cpu", amp: str | None = None) -> dict[str, Any]:
-    """Measure everything; returns a dict of row lists (see :func:`to_markdown`)."""
-    start = time.perf_counter()
-    if quick:
-        dims, batch_size, seq = {"text": 16, "audio": 5, "vision": 8}, 16, 8
-        steps, repeats, sweep_steps, grid_steps = 3, 2, 2, 2
-        grid_budget = dict(budget_s=0.0, max_steps=None)
-        batches, classes = (8, 16), (2, 3)
-        grid_ms, grid_batches, acc_ms = (2, 7), (16,), (7,)
-        accuracy_kw = dict(models=1, batches=2, draws=2, cycles=(1,), batch_size=16, seq=4)
-        accuracy_kw["train_steps"] = 4
-    else:
-        dims, batch_size, seq = dict(MOSI_DIMS), 64, 50
-        steps, repeats, sweep_steps, grid_steps = 60, 15, 20, 5
-        grid_budget = dict(budget_s=8.0, max_steps=41)
-        batches, classes = (16, 32, 64, 128, 256), (2, 7, 16, 32, 64)
-        grid_ms, grid_batches, acc_ms = tuple(range(2, 9)), (16, 32, 64, 128, 256), (6, 7, 8)
-        accuracy_kw = {}
-    both = compare_recipes(dims, batch_size, seq, device, amp, steps)
-    main = {**both["paper"], "batch": batch_size, "seq": seq, "steps": steps}
-    main_default = {**both["default"], "batch": batch_size, "seq": seq, "steps": steps}
-    parts = breakdown(dims, batch_size, seq, device, amp, repeats)
+def _sweep(
+    dims: dict[str, int],
+    batch_size: int,
+    seq: int,
+    device: str,
+    amp: str | None,
+    sweep_steps: int,
+    batches: Sequence[int],
+    classes: Sequence[int],
+) -> list[dict[str, Any]]:
+    """The paper's step against the batch size and (classification) the number of classes."""
     sweep: list[dict[str, Any]] = []
     for b in batches:
         sweep.append(
@@ -663,6 +677,32 @@ def run(quick: bool = False, device: str = "cpu", amp: str | None = None) -> dic
                 ),
             }
         )
+    return sweep
+
+
+def run(quick: bool = False, device: str = "cpu", amp: str | None = None) -> dict[str, Any]:
+    """Measure everything; returns a dict of row lists (see :func:`to_markdown`)."""
+    start = time.perf_counter()
+    if quick:
+        dims, batch_size, seq = {"text": 16, "audio": 5, "vision": 8}, 16, 8
+        steps, repeats, sweep_steps, grid_steps = 3, 2, 2, 2
+        grid_budget = dict(budget_s=0.0, max_steps=None)
+        batches, classes = (8, 16), (2, 3)
+        grid_ms, grid_batches, acc_ms = (2, 7), (16,), (7,)
+        accuracy_kw = dict(models=1, batches=2, draws=2, cycles=(1,), batch_size=16, seq=4)
+        accuracy_kw["train_steps"] = 4
+    else:
+        dims, batch_size, seq = dict(MOSI_DIMS), 64, 50
+        steps, repeats, sweep_steps, grid_steps = 60, 15, 20, 5
+        grid_budget = dict(budget_s=8.0, max_steps=41)
+        batches, classes = (16, 32, 64, 128, 256), (2, 7, 16, 32, 64)
+        grid_ms, grid_batches, acc_ms = tuple(range(2, 9)), (16, 32, 64, 128, 256), (6, 7, 8)
+        accuracy_kw = {}
+    both = compare_recipes(dims, batch_size, seq, device, amp, steps)
+    main = {**both["paper"], "batch": batch_size, "seq": seq, "steps": steps}
+    main_default = {**both["default"], "batch": batch_size, "seq": seq, "steps": steps}
+    parts = breakdown(dims, batch_size, seq, device, amp, repeats)
+    sweep = _sweep(dims, batch_size, seq, device, amp, sweep_steps, batches, classes)
     grid = scaling_grid(
         grid_ms, grid_batches, 50 if not quick else seq, device, amp, grid_steps, **grid_budget
     )
@@ -772,8 +812,8 @@ def _misses(rows: list[dict[str, Any]]) -> list[str]:
     return lines
 
 
-def to_markdown(result: dict[str, Any]) -> str:
-    """Render :func:`run`'s result as Markdown tables."""
+def _main_lines(result: dict[str, Any]) -> list[str]:
+    """The main table (default recipe, paper's configuration), the breakdown and the sweep."""
     m = result["main"]
     d = result.get("main_default")
     clock = result.get("clock", "wall")
@@ -821,6 +861,12 @@ def to_markdown(result: dict[str, Any]) -> str:
         f"{r['ratio']:.2f} | {r['extra_ms']:.2f} |"
         for r in result["sweep"]
     ]
+    return lines
+
+
+def _grid_lines(result: dict[str, Any]) -> list[str]:
+    """The M x batch grid of both recipes, with the target's misses and the notes."""
+    lines: list[str] = []
     grid = result.get("grid")
     if grid:
         counts = sorted({r["rounds"] for r in grid})
@@ -845,6 +891,12 @@ def to_markdown(result: dict[str, Any]) -> str:
             lines += ["", f"{label[0].upper() + label[1:]}:", "", *_grid_table(grid, recipe)]
         lines += ["", f"Target <= {TARGET:.2f}x:", "", *_misses(grid)]
         lines += ["", NOTES.strip()]
+    return lines
+
+
+def _accuracy_lines(result: dict[str, Any]) -> list[str]:
+    """The sampled game's error against the exact game."""
+    lines: list[str] = []
     acc = result.get("accuracy")
     if acc:
         lines += [
@@ -874,6 +926,12 @@ def to_markdown(result: dict[str, Any]) -> str:
                 f"{r['phi_rel_err_mean']:.3f} / {r['phi_rel_err_p95']:.3f} | "
                 f"{r['exact_share_spread']:.3f} | {'-' if w is None else f'{w:.3f}'} |"
             )
+    return lines
+
+
+def to_markdown(result: dict[str, Any]) -> str:
+    """Render :func:`run`'s result as Markdown tables."""
+    lines = [*_main_lines(result), *_grid_lines(result), *_accuracy_lines(result)]
     mem = result["memory"]
     lines += [
         "",
@@ -891,21 +949,53 @@ extra cost is the recipe's other per-step work (default recipe: the equilibrium'
 Shapley-weighted unimodal losses; paper's configuration: prototype calibration, OT alignment of
 every modality pair, the gated fusion and the modulator), which the game's options cannot change.
 
-Why the paper's configuration misses the target at small batches, and what would fix it. Its
-other components cost a roughly fixed amount per step, dozens of small operations each
+Why the paper's configuration costs more at small batches, and what was done about it (issue
+23). Its other components cost a roughly fixed amount per step, dozens of small operations each
 (calibration of every modality, 50 Sinkhorn iterations over every modality pair, the gated
 fusion's per-modality prototype confidences, the modulator's observe and update hooks; see the
-breakdown above), so against the short plain steps of the smallest batches they alone can exceed
-20 %, whatever the game does (the line above lists the cells that stay above without the game).
-The game adds the rest: the gated head costs far more per row than the plain head, and the game
-runs it on 2^M N rows (64 N at M = 6) or on the sampled game's rows (44 N at M = 7, 58 N at
-M = 8). Fixes outside the game: fewer, fused kernels in the OT loop and the calibration
-(``torch.compile``, CUDA graphs on a GPU), calibration and OT every few steps, a gated head that
-computes each modality's prototype confidence once per sample instead of once per coalition row.
-On the game's side, ``game_every=2`` (``--game-every 2``) halves its share, and
-``max_exact_players=5`` would sample at M = 6 (32 coalitions instead of 64). The default recipe,
-whose fusion head is the plain MLP, stays within the target everywhere.
+breakdown above), which weigh most against the short plain steps of the smallest batches. They
+now run in fewer operations, with the same results up to float rounding
+(``tests/test_speed_paths.py``): the graph-free Sinkhorn iterations of all pairs in the scaling
+domain (two batched matrix-vector products per iteration instead of two log-sum-exps, where the
+normalised cost keeps them in range), the last iteration, the envelope value and the structure
+term as one autograd node, the cosine calibration of each modality as one autograd node with its
+batch statistics computed once, value checks with one reduction and one host read each, and in
+the game each sample's prototype confidence and gate scores computed once for all its coalition
+rows (the gated head ran them on 2^M N rows). What is left above the target is at batch 16 and
+M <= 6, mostly a fixed cost outside these pieces' reach: the model calls the calibration once per
+modality, the modulator's hooks run on every parameter, and the game's head pass remains. On the
+game's side, ``game_every=2`` (``--game-every 2``) halves its share, and ``max_exact_players=5``
+would sample at M = 6 (32 coalitions instead of 64). The default recipe, whose fusion head is the
+plain MLP, stays within the target everywhere.
 """
+
+
+def _plot_accuracy(ax: Any, acc: list[dict[str, Any]]) -> None:
+    """The sampled game's share error against M, with the exact shares' batch-to-batch spread."""
+    for recipe, _, _label in RECIPES:
+        for c in sorted({r["cycles"] for r in acc}):
+            rows = sorted(
+                (r for r in acc if r["recipe"] == recipe and r["cycles"] == c),
+                key=lambda r: r["M"],
+            )
+            ax.plot(
+                [r["M"] for r in rows],
+                [r["share_err_mean"] for r in rows],
+                "o-",
+                label=f"{recipe}, {c} cycle(s)",
+            )
+        rows = sorted((r for r in acc if r["recipe"] == recipe), key=lambda r: r["M"])
+        ax.plot(
+            [r["M"] for r in rows],
+            [r["exact_share_spread"] for r in rows],
+            "kx:" if recipe == "default" else "k+--",
+            label=f"{recipe}: exact shares, batch-to-batch sd",
+        )
+    ax.set_yscale("log")
+    ax.set_xlabel("modalities M")
+    ax.set_ylabel("share error (mean max abs)")
+    ax.set_title("sampled game vs exact", fontsize=9)
+    ax.legend(fontsize=6)
 
 
 def plot(result: dict[str, Any], path: Path) -> Path:
@@ -948,32 +1038,7 @@ def plot(result: dict[str, Any], path: Path) -> Path:
         ax.set_ylabel("PaSE step / plain step")
         ax.set_title(label.replace("`", ""), fontsize=9)
         ax.legend(fontsize=7)
-    ax = axes[1][2]
-    acc = result.get("accuracy", [])
-    for recipe, _, _label in RECIPES:
-        for c in sorted({r["cycles"] for r in acc}):
-            rows = sorted(
-                (r for r in acc if r["recipe"] == recipe and r["cycles"] == c),
-                key=lambda r: r["M"],
-            )
-            ax.plot(
-                [r["M"] for r in rows],
-                [r["share_err_mean"] for r in rows],
-                "o-",
-                label=f"{recipe}, {c} cycle(s)",
-            )
-        rows = sorted((r for r in acc if r["recipe"] == recipe), key=lambda r: r["M"])
-        ax.plot(
-            [r["M"] for r in rows],
-            [r["exact_share_spread"] for r in rows],
-            "kx:" if recipe == "default" else "k+--",
-            label=f"{recipe}: exact shares, batch-to-batch sd",
-        )
-    ax.set_yscale("log")
-    ax.set_xlabel("modalities M")
-    ax.set_ylabel("share error (mean max abs)")
-    ax.set_title("sampled game vs exact", fontsize=9)
-    ax.legend(fontsize=6)
+    _plot_accuracy(axes[1][2], result.get("accuracy", []))
     fig.suptitle(f"training step time, {result['device_name']} {result['amp']}", fontsize=10)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -29,6 +29,7 @@ __all__ = [
     "ModbalanceError",
     "check_choice",
     "check_finite",
+    "check_finite_sums",
     "check_int",
     "check_modality_keys",
     "check_ndim",
@@ -488,3 +489,23 @@ def check_signal(x: Tensor, name: str, *, positive: bool = False) -> None:
             f"`{name}` must be positive (higher is better, e.g. summed true-class probabilities "
             f"or exp(-MAE)); got {x.tolist() if x.numel() <= 16 else 'non-positive entries'}."
         )
+
+
+def check_finite_sums(*named: tuple[Tensor, str]) -> None:
+    """:func:`check_finite` of each ``(tensor, name)``, with one host read when all are finite.
+
+    A finite sum of the tensors means that every element is finite; otherwise (a NaN/inf, or a
+    sum that merely overflowed) the element-wise checks run in order and name the first
+    non-finite tensor. Skipped when value checks are disabled.
+    """
+    if not value_checks_enabled():
+        return
+    floats = [(x, name) for x, name in named if x.is_floating_point()]
+    if not floats:
+        return
+    total = floats[0][0].detach().sum()
+    for x, _ in floats[1:]:
+        total = total + x.detach().sum()
+    if not math.isfinite(float(total)):
+        for x, name in floats:
+            check_finite(x, name)

@@ -20,7 +20,7 @@ from torch import Tensor, nn
 from modbalance._checks import (
     ModbalanceError,
     check_choice,
-    check_finite,
+    check_finite_sums,
     check_int,
     check_modality_keys,
     check_real,
@@ -30,6 +30,10 @@ from modbalance._checks import (
 from modbalance._state import ModalityState
 
 __all__ = ["FusionOutput", "PrototypeGatedFusion"]
+
+
+#: Set on repeated game rows (see ``modbalance.prototypes._TILES``): ``(base, count)``.
+_TILES = "_modbalance_tiles"
 
 
 class FusionOutput(NamedTuple):
@@ -194,39 +198,40 @@ class PrototypeGatedFusion(ModalityState, nn.Module):
                 f"`confidence` must have shape (N, {len(self.modalities)}) (one column per "
                 f"modality), got shape {tuple(confidence.shape)}."
             )
+        return self._scores(confidence)
+
+    def _tiled_scores(self, confs: list[Tensor], n: int) -> Tensor | None:
+        """Gate scores of game rows once per sample, repeated; ``None`` if they are not game rows.
+
+        Inside :class:`~modbalance.shapley.ModalityGame` (``masking="present"``, no grad mode)
+        the confidences are ``count``-fold repeats of per-sample confidences, marked so by
+        :meth:`~modbalance.prototypes.PrototypeCalibrator.confidence`; the scores of the
+        present modalities are those of the per-sample confidences (absent ones are masked).
+        """
+        if torch.is_grad_enabled():
+            return None
+        tiles = [getattr(x, _TILES, None) for x in confs]
+        if any(t is None for t in tiles):
+            return None
+        count = tiles[0][1]
+        if any(t[1] != count or t[0].shape[0] * count != n for t in tiles):
+            return None
+        base = torch.stack([t[0].to(confs[0].device) for t in tiles], dim=1)  # (N / count, M)
+        return self._scores(base).repeat(count, 1)
+
+    def _scores(self, confidence: Tensor) -> Tensor:
+        """:meth:`gate_scores` without its checks: ``b + a c + v^T tanh(u + w c)``."""
         c = confidence.to(self.scale.dtype)
-        s = self.scale * c + self.bias
+        s = torch.addcmul(self.bias, self.scale, c)
         if self.hidden > 0:
-            act = torch.tanh(c.unsqueeze(-1) * self.mlp_in_weight + self.mlp_in_bias)
+            act = torch.tanh(torch.addcmul(self.mlp_in_bias, c.unsqueeze(-1), self.mlp_in_weight))
             s = s + (act * self.mlp_out_weight).sum(-1)
         return s
 
-    def forward(
-        self,
-        features: Mapping[str, Tensor],
-        confidence: Mapping[str, Tensor],
-        present: Mapping[str, Tensor] | None = None,
-    ) -> FusionOutput:
-        """Gate and fuse the modality features.
-
-        Args:
-            features: ``{modality: (N, D)}`` floating features, one entry per modality.
-            confidence: ``{modality: (N,)}`` floating confidences, one entry per modality.
-            present: Optional ``{modality: (N,)}`` bool flags; ``False`` removes that modality
-                from that sample. ``None`` means every modality is present.
-
-        Returns:
-            :class:`FusionOutput` ``(fused, gates)``.
-
-        Raises:
-            ModbalanceError: On a missing or unknown modality, mismatched shapes, an empty batch,
-                or NaN/inf in a present modality's features or confidence.
-            TypeError: On non-mapping arguments or wrong dtypes (``present`` must be bool).
-        """
-        feats = self._gather(features, "features")
-        confs = self._gather(confidence, "confidence")
-        pres = None if present is None else self._gather(present, "present")
-
+    def _check_inputs(
+        self, feats: list[Tensor], confs: list[Tensor], pres: list[Tensor] | None
+    ) -> Tensor:
+        """Check the gathered features, confidences and flags; return the first feature tensor."""
         first = self.modalities[0]
         ref = check_tensor(feats[0], f"features[{first!r}]", ndim=2, dtype="floating")
         n = ref.shape[0]
@@ -262,6 +267,36 @@ class PrototypeGatedFusion(ModalityState, nn.Module):
                         f"`{key}` must have shape ({n},) to match the features, got shape "
                         f"{tuple(x.shape)}."
                     )
+        return ref
+
+    def forward(
+        self,
+        features: Mapping[str, Tensor],
+        confidence: Mapping[str, Tensor],
+        present: Mapping[str, Tensor] | None = None,
+    ) -> FusionOutput:
+        """Gate and fuse the modality features.
+
+        Args:
+            features: ``{modality: (N, D)}`` floating features, one entry per modality.
+            confidence: ``{modality: (N,)}`` floating confidences, one entry per modality.
+            present: Optional ``{modality: (N,)}`` bool flags; ``False`` removes that modality
+                from that sample. ``None`` means every modality is present.
+
+        Returns:
+            :class:`FusionOutput` ``(fused, gates)``.
+
+        Raises:
+            ModbalanceError: On a missing or unknown modality, mismatched shapes, an empty batch,
+                or NaN/inf in a present modality's features or confidence.
+            TypeError: On non-mapping arguments or wrong dtypes (``present`` must be bool).
+        """
+        feats = self._gather(features, "features")
+        confs = self._gather(confidence, "confidence")
+        pres = None if present is None else self._gather(present, "present")
+
+        ref = self._check_inputs(feats, confs, pres)
+        n = ref.shape[0]
 
         device = ref.device
         h = torch.stack(feats, dim=1)  # (N, M, D)
@@ -273,10 +308,16 @@ class PrototypeGatedFusion(ModalityState, nn.Module):
         h = torch.where(on.unsqueeze(-1), h, 0.0)
         c = torch.where(on, c, 0.0)
         if value_checks_enabled():
-            check_finite(h, "features (present modalities)")
-            check_finite(c, "confidence (present modalities)")
+            # one host read when both are finite (see _check_finite_sums)
+            check_finite_sums(
+                (h, "features (present modalities)"), (c, "confidence (present modalities)")
+            )
 
-        scores = self.gate_scores(c) / self.temperature
+        scores = self._tiled_scores(confs, n)
+        if scores is None:
+            scores = self._scores(c)
+        if self.temperature != 1.0:
+            scores = scores / self.temperature
         scores = scores.masked_fill(~on, torch.finfo(scores.dtype).min)
         gates = torch.softmax(scores, dim=1)
         gates = torch.where(on, gates, 0.0).to(h.dtype)

@@ -24,7 +24,7 @@ import importlib.util
 import itertools
 import math
 from collections.abc import Mapping
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -34,6 +34,7 @@ from modbalance._checks import (
     ModbalanceError,
     check_choice,
     check_finite,
+    check_finite_sums,
     check_int,
     check_real,
     check_tensor,
@@ -121,12 +122,35 @@ def _shape(t: Tensor | torch.Size) -> str:
     return "(" + ", ".join(str(s) for s in shape) + ")"
 
 
+def _broadcast_shapes(*shapes: tuple[int, ...]) -> torch.Size:
+    """:func:`torch.broadcast_shapes` in plain Python (that one costs ~0.2 ms a call).
+
+    Raises:
+        RuntimeError: If the shapes do not broadcast, as :func:`torch.broadcast_shapes` does.
+    """
+    out: list[int] = []
+    for shape in shapes:
+        for i, size in enumerate(reversed(tuple(shape))):
+            if i == len(out):
+                out.append(size)
+            elif out[i] == 1:
+                out[i] = size
+            elif size != 1 and size != out[i]:
+                raise RuntimeError(f"shapes {[tuple(s) for s in shapes]} do not broadcast")
+    return torch.Size(reversed(out))
+
+
 def _marginal_tolerance(dtype: torch.dtype, n: int) -> float:
     return 1e-5 + 8.0 * n * torch.finfo(dtype).eps
 
 
-def _check_weights(m: Tensor, name: str, size: int, device: torch.device, shape_hint: str) -> None:
-    """Shape, device, finiteness and non-negativity of a weight vector ``(..., size)``."""
+def _check_weights(
+    m: Tensor, name: str, size: int, device: torch.device, shape_hint: str, values: bool = True
+) -> None:
+    """Shape, device, finiteness and non-negativity of a weight vector ``(..., size)``.
+
+    ``values=False``: shape and device only (the caller checks the values).
+    """
     if m.ndim < 1 or m.shape[-1] != size:
         raise ModbalanceError(
             f"`{name}` must have shape (..., {size}) ({shape_hint}), got shape {_shape(m)}."
@@ -135,7 +159,7 @@ def _check_weights(m: Tensor, name: str, size: int, device: torch.device, shape_
         raise ModbalanceError(
             f"`{name}` is on {m.device} but must be on {device}; move it to the same device."
         )
-    if value_checks_enabled():
+    if values and value_checks_enabled():
         m = m.detach()
         check_finite(m, name)
         if bool((m < 0).any()):
@@ -292,41 +316,8 @@ def sinkhorn(
     check_every = check_int(check_every, "check_every", low=1)
     check_choice(grad, "grad", _GRAD_MODES)
 
-    shapes = [cost.shape[:-2]]
-    if a is not None:
-        shapes.append(a.shape[:-1])
-    if b is not None:
-        shapes.append(b.shape[:-1])
-    try:
-        batch = torch.broadcast_shapes(*shapes)
-    except RuntimeError as exc:
-        raise ModbalanceError(
-            f"the batch shapes of `cost` {_shape(cost.shape[:-2])}, `a` and `b` must broadcast; "
-            f"got `a` of shape {None if a is None else _shape(a)} and `b` of shape "
-            f"{None if b is None else _shape(b)}."
-        ) from exc
-
-    g0 = None
-    if init is not None:
-        if not isinstance(init, (tuple, list)) or len(init) != 2:
-            raise ModbalanceError(
-                f"`init` must be a pair (f, g) of potentials, got {type(init).__name__}."
-            )
-        f0, g0 = init
-        for t, nm, size in ((f0, "init[0]", k), (g0, "init[1]", n)):
-            check_tensor(t, nm, dtype="floating")
-            want = (*batch, size)
-            if t.ndim < 1 or t.shape[-1] != size:
-                raise ModbalanceError(
-                    f"`{nm}` must have shape {_shape(want)} (broadcastable), got {_shape(t)}."
-                )
-            try:
-                torch.broadcast_shapes(t.shape, want)
-            except RuntimeError as exc:
-                raise ModbalanceError(
-                    f"`{nm}` must have shape {_shape(want)} (broadcastable), got {_shape(t)}."
-                ) from exc
-        check_finite(g0, "init[1]")
+    batch = _sinkhorn_batch(cost, a, b)
+    g0 = _check_init(init, k, n, batch)
 
     if work == out_dtype:
         return _solve(cost, a, b, eps, max_iter, tol, check_every, grad, g0, batch)
@@ -347,6 +338,51 @@ def sinkhorn(
         potentials=(res.potentials[0].to(out_dtype), res.potentials[1].to(out_dtype)),
         marginal_error=res.marginal_error.to(out_dtype),
     )
+
+
+def _sinkhorn_batch(cost: Tensor, a: Tensor | None, b: Tensor | None) -> torch.Size:
+    """Broadcast batch shape of ``cost``, ``a`` and ``b`` for :func:`sinkhorn`."""
+    shapes = [cost.shape[:-2]]
+    if a is not None:
+        shapes.append(a.shape[:-1])
+    if b is not None:
+        shapes.append(b.shape[:-1])
+    try:
+        return _broadcast_shapes(*shapes)
+    except RuntimeError as exc:
+        raise ModbalanceError(
+            f"the batch shapes of `cost` {_shape(cost.shape[:-2])}, `a` and `b` must broadcast; "
+            f"got `a` of shape {None if a is None else _shape(a)} and `b` of shape "
+            f"{None if b is None else _shape(b)}."
+        ) from exc
+
+
+def _check_init(
+    init: tuple[Tensor, Tensor] | None, k: int, n: int, batch: torch.Size
+) -> Tensor | None:
+    """Check the warm start ``init`` of :func:`sinkhorn`; return its ``g`` (or ``None``)."""
+    if init is None:
+        return None
+    if not isinstance(init, (tuple, list)) or len(init) != 2:
+        raise ModbalanceError(
+            f"`init` must be a pair (f, g) of potentials, got {type(init).__name__}."
+        )
+    f0, g0 = init
+    for t, nm, size in ((f0, "init[0]", k), (g0, "init[1]", n)):
+        check_tensor(t, nm, dtype="floating")
+        want = (*batch, size)
+        if t.ndim < 1 or t.shape[-1] != size:
+            raise ModbalanceError(
+                f"`{nm}` must have shape {_shape(want)} (broadcastable), got {_shape(t)}."
+            )
+        try:
+            _broadcast_shapes(t.shape, want)
+        except RuntimeError as exc:
+            raise ModbalanceError(
+                f"`{nm}` must have shape {_shape(want)} (broadcastable), got {_shape(t)}."
+            ) from exc
+    check_finite(g0, "init[1]")
+    return g0
 
 
 def _check_resolution(cost: Tensor, eps: float, work: torch.dtype) -> None:
@@ -373,29 +409,73 @@ def _check_resolution(cost: Tensor, eps: float, work: torch.dtype) -> None:
         )
 
 
-def _solve(
+def _scaling_safe(cost: Tensor, cost_bound: float | None, eps: float) -> bool:
+    r"""Whether :func:`_scaling_iterations` stays in range for a cost within ``[0, cost_bound]``.
+
+    With :math:`R` = ``cost_bound / eps`` the scaled potentials of the iterations started at
+    ``y = 0`` satisfy :math:`|y| \le R` and :math:`-2R \le w \le R` (each half-step is
+    non-expansive in the sup norm and commutes with constant shifts, and a fixed point
+    oscillates by at most :math:`R`), so every number of the scaling iterations lies within
+    :math:`K L e^{\pm 2R}`. Float32 and float64 only (half precision keeps the log domain).
+    """
+    if cost_bound is None or cost.dtype not in (torch.float32, torch.float64):
+        return False
+    k, n = cost.shape[-2], cost.shape[-1]
+    reach = 2.0 * cost_bound / eps + math.log(k * n) + 4.0
+    return reach < math.log(torch.finfo(cost.dtype).max)
+
+
+def _scaling_iterations(
+    cost: Tensor, log_a: Tensor, log_b: Tensor, eps: float, n_loop: int, full: tuple[int, ...]
+) -> Tensor:
+    r"""The graph-free iterations of :func:`_solve` in the scaling domain; returns ``y``.
+
+    The same iterates as the log-domain loop, :math:`e^{w} = K_b\,e^{-y}` and
+    :math:`e^{y} = K_a^\top e^{-w}`, with the kernels
+    :math:`(K_b)_{ij} = b_j e^{-C_{ij}/\varepsilon}` and
+    :math:`(K_a)_{ij} = a_i e^{-C_{ij}/\varepsilon}` (zero at zero-mass entries) formed once:
+    two batched matrix-vector products and two reciprocals per iteration instead of two
+    log-sum-exps, equal up to float rounding. Only called where :func:`_scaling_safe` holds.
+    """
+    k, n = full[-2], full[-1]
+    with torch.no_grad():
+        ce = cost / eps
+        kb = torch.exp(log_b.unsqueeze(-2) - ce).expand(full).reshape(-1, k, n)
+        ka = torch.exp(log_a.unsqueeze(-1) - ce).expand(full).transpose(-1, -2).reshape(-1, n, k)
+        v = torch.ones(kb.shape[0], n, 1, dtype=cost.dtype, device=cost.device)  # e^{-y}, y = 0
+        u = torch.empty(kb.shape[0], k, 1, dtype=cost.dtype, device=cost.device)
+        for _ in range(n_loop):
+            torch.bmm(kb, v, out=u)  # e^{w}
+            u.reciprocal_()  # e^{-w}
+            torch.bmm(ka, u, out=v)  # e^{y}
+            v.reciprocal_()  # e^{-y}
+        return v.log_().neg_().reshape(*full[:-2], n)
+
+
+def _iterations(
     cost: Tensor,
-    a: Tensor | None,
-    b: Tensor | None,
+    log_a: Tensor,
+    log_b: Tensor,
     eps: float,
     max_iter: int,
     tol: float | None,
     check_every: int,
     grad: str,
     g0: Tensor | None,
-    batch: torch.Size,
-) -> SinkhornResult:
-    k, n = cost.shape[-2], cost.shape[-1]
-    log_a = _log_weights(a, k, cost)
-    log_b = _log_weights(b, n, cost)
-    full = (*batch, k, n)
+    full: tuple[int, ...],
+    cost_bound: float | None = None,
+) -> tuple[Tensor, int]:
+    """All Sinkhorn iterations of :func:`_solve` but the last: ``(y, iterations run)``.
 
+    ``full`` is ``(*batch, K, L)``; see :func:`_solve` for ``cost_bound``.
+    """
+    n = full[-1]
     # Scaled negative potentials: w = -f / eps (rows), y = -g / eps (columns), so that
     #   w = LSE_j(log b_j - C_ij / eps - y_j),  y = LSE_i(log a_i - C_ij / eps - w_i).
     if g0 is None:
-        y = cost.new_zeros((*batch, n))
+        y = cost.new_zeros((*full[:-2], n))
     else:
-        y = (g0.detach().to(cost.dtype) / -eps).expand(*batch, n)
+        y = (g0.detach().to(cost.dtype) / -eps).expand(*full[:-2], n)
 
     def kernels(c: Tensor, la: Tensor, lb: Tensor) -> tuple[Tensor, Tensor]:
         ce = c / eps
@@ -405,8 +485,12 @@ def _solve(
 
     n_loop = max_iter - 1
     done = 0
-    if n_loop > 0:
-        track = grad == "unrolled" and torch.is_grad_enabled()
+    track = grad == "unrolled" and torch.is_grad_enabled()
+    fixed = not track and tol is None and g0 is None  # graph-free, fixed count, cold start
+    if n_loop > 0 and fixed and _scaling_safe(cost, cost_bound, eps):
+        y = _scaling_iterations(cost.detach(), log_a.detach(), log_b.detach(), eps, n_loop, full)
+        done = n_loop
+    elif n_loop > 0:
         with torch.set_grad_enabled(track):
             if track:
                 mb, ma_t = kernels(cost, log_a, log_b)
@@ -426,31 +510,36 @@ def _solve(
                 y = torch.logsumexp(ma_t - w.unsqueeze(-2), dim=-1)
                 done = it + 1
 
-    # Final iteration, always differentiable (the only one that is in envelope mode).
-    mb, ma_t = kernels(cost, log_a, log_b)
-    y_in = y.detach() if grad == "envelope" else y
-    w = torch.logsumexp(mb - y_in.unsqueeze(-2), dim=-1)
-    y = torch.logsumexp(ma_t - w.unsqueeze(-2), dim=-1)
-    n_iter = done + 1
+    return y, done
 
-    f = -eps * w
-    g = -eps * y
-    log_plan = (
-        log_a.unsqueeze(-1) + log_b.unsqueeze(-2) + (f.unsqueeze(-1) + g.unsqueeze(-2) - cost) / eps
-    )
-    plan = torch.exp(log_plan)
-    value_linear = (plan * cost).sum((-2, -1))
 
-    a_w = torch.exp(log_a).expand(*batch, k)
-    b_w = torch.exp(log_b).expand(*batch, n)
-    with torch.no_grad():
-        marginal_error = (plan.sum(-1) - a_w).abs().sum(-1) + (plan.sum(-2) - b_w).abs().sum(-1)
-        converged = marginal_error <= (tol if tol is not None else _DEFAULT_FLAG_TOL)
-
+def _dual_value(
+    cost: Tensor,
+    a: Tensor | None,
+    b: Tensor | None,
+    log_a: Tensor,
+    log_b: Tensor,
+    a_w: Tensor | None,
+    b_w: Tensor | None,
+    f: Tensor,
+    g: Tensor,
+    plan: Tensor,
+    eps: float,
+    grad: str,
+    batch: torch.Size,
+) -> Tensor:
+    """Dual objective of :func:`_solve`, with the envelope gradient unless ``grad="unrolled"``."""
+    k, n = cost.shape[-2], cost.shape[-1]
     a_t = a.to(cost.dtype) if a is not None else None
     b_t = b.to(cost.dtype) if b is not None else None
-    a_val = a_t if a_t is not None else a_w
-    b_val = b_t if b_t is not None else b_w
+    if a_t is not None:
+        a_val = a_t
+    else:
+        a_val = a_w if a_w is not None else torch.exp(log_a).expand(*batch, k)
+    if b_t is not None:
+        b_val = b_t
+    else:
+        b_val = b_w if b_w is not None else torch.exp(log_b).expand(*batch, n)
     if grad == "unrolled":
         value = (f * a_val).sum(-1) + (g * b_val).sum(-1) - eps * (plan.sum((-2, -1)) - 1)
     else:
@@ -466,6 +555,69 @@ def _solve(
         if b_t is not None and b_t.requires_grad:
             gc = gd - gd.mean(-1, keepdim=True)
             value = value + (gc * (b_t - b_t.detach())).sum(-1)
+    return value
+
+
+def _solve(
+    cost: Tensor,
+    a: Tensor | None,
+    b: Tensor | None,
+    eps: float,
+    max_iter: int,
+    tol: float | None,
+    check_every: int,
+    grad: str,
+    g0: Tensor | None,
+    batch: torch.Size,
+    cost_bound: float | None = None,
+    diagnostics: bool = True,
+    log_weights: tuple[Tensor, Tensor] | None = None,
+) -> SinkhornResult:
+    # ``cost_bound``: a bound B known without reading the data (0 <= cost <= B), which lets the
+    # graph-free iterations run in the scaling domain (:func:`_scaling_iterations`).
+    # ``diagnostics=False``: ``value_linear``, ``marginal_error`` and ``converged`` are not
+    # computed (empty tensors), for callers that never read them (SinkhornAligner).
+    # ``log_weights``: ``(_log_weights(a, K, cost), _log_weights(b, L, cost))`` if already known.
+    k, n = cost.shape[-2], cost.shape[-1]
+    if log_weights is None:
+        log_a = _log_weights(a, k, cost)
+        log_b = _log_weights(b, n, cost)
+    else:
+        log_a, log_b = log_weights
+    full = (*batch, k, n)
+
+    y, done = _iterations(
+        cost, log_a, log_b, eps, max_iter, tol, check_every, grad, g0, full, cost_bound
+    )
+
+    # Final iteration, always differentiable (the only one that is in envelope mode): the
+    # kernels of the loop, broadcast instead of expanded, the column update reduced over rows.
+    ce = cost / eps
+    y_in = y.detach() if grad == "envelope" else y
+    w = torch.logsumexp((log_b.unsqueeze(-2) - ce) - y_in.unsqueeze(-2), dim=-1)
+    y = torch.logsumexp((log_a.unsqueeze(-1) - ce) - w.unsqueeze(-1), dim=-2)
+    n_iter = done + 1
+
+    f = -eps * w
+    g = -eps * y
+    log_plan = (
+        log_a.unsqueeze(-1) + log_b.unsqueeze(-2) + (f.unsqueeze(-1) + g.unsqueeze(-2) - cost) / eps
+    )
+    plan = torch.exp(log_plan)
+
+    a_w = b_w = None
+    if diagnostics:
+        value_linear = (plan * cost).sum((-2, -1))
+        a_w = torch.exp(log_a).expand(*batch, k)
+        b_w = torch.exp(log_b).expand(*batch, n)
+        with torch.no_grad():
+            marginal_error = (plan.sum(-1) - a_w).abs().sum(-1)
+            marginal_error = marginal_error + (plan.sum(-2) - b_w).abs().sum(-1)
+            converged = marginal_error <= (tol if tol is not None else _DEFAULT_FLAG_TOL)
+    else:
+        value_linear = marginal_error = converged = plan.new_empty(0)
+
+    value = _dual_value(cost, a, b, log_a, log_b, a_w, b_w, f, g, plan, eps, grad, batch)
 
     return SinkhornResult(
         plan=plan,
@@ -530,6 +682,150 @@ def _solve_pot(
     return out._replace(n_iter=int(res.log["n_iter"]) + 2)
 
 
+class _EnvelopeAlignment(torch.autograd.Function):
+    """Last Sinkhorn iteration, plan, envelope value and structure term as one autograd node.
+
+    Forward: the operations of :func:`_solve` after its graph-free iterations (``grad=
+    "envelope"``, weights without gradient) and of :meth:`SinkhornAligner._structure`, on the
+    same values. Backward, written out, as the composite operations differentiate them (equal
+    up to float rounding): with ``A`` and ``B`` the softmax weights of the two log-sum-exps of
+    the last iteration (``w`` over columns, ``y`` over rows, ``y_in`` held fixed),
+
+    * the value: ``d C += g_loss P`` (the envelope gradient);
+    * the structure term, ``S = -mean_valid(2 core_i + log a_i + log b_i) / 2`` with
+      ``core_i = -w_i - y_i - C_ii / eps``: ``d core_i = -lambda g_loss [i valid] / count``;
+    * the plan, ``log P_ij = log a_i + log b_j - w_i - y_j - C_ij / eps``: ``d log P = g_plan P``;
+    * then ``d w -= (B d y)`` rows, ``d C -= (B * d y + A * d w) / eps``.
+
+    Outputs ``(loss, plan, f, g)``; the potentials carry no gradient (only warm starts read them).
+    """
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx: Any,
+        cost: Tensor,
+        log_a: Tensor,
+        log_b: Tensor,
+        y_in: Tensor,
+        a_val: Tensor,
+        b_val: Tensor,
+        eps: float,
+        structure_weight: float,
+    ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        ctx.set_materialize_grads(False)
+        ce = cost / eps
+        w = torch.logsumexp((log_b.unsqueeze(-2) - ce) - y_in.unsqueeze(-2), dim=-1)
+        y = torch.logsumexp((log_a.unsqueeze(-1) - ce) - w.unsqueeze(-1), dim=-2)
+        f = -eps * w
+        g = -eps * y
+        log_plan = (
+            log_a.unsqueeze(-1)
+            + log_b.unsqueeze(-2)
+            + (f.unsqueeze(-1) + g.unsqueeze(-2) - cost) / eps
+        )
+        plan = torch.exp(log_plan)
+        loss = (f * a_val).sum(-1) + (g * b_val).sum(-1)
+        loss = loss - eps * (plan.sum((-2, -1)) - 1)
+        valid = count = None
+        if structure_weight > 0:
+            core = (f + g - torch.diagonal(cost, dim1=-2, dim2=-1)) / eps
+            log_rows = core + log_b  # log(P_ii / a_i)
+            log_cols = core + log_a  # log(P_ii / b_i)
+            valid = ((log_a > -math.inf) & (log_b > -math.inf)).expand(core.shape)
+            terms = torch.where(valid, log_rows + log_cols, 0.0)
+            count = valid.sum(-1).clamp_min(1).to(core.dtype)
+            loss = loss + structure_weight * (-0.5 * terms.sum(-1) / count)
+        ctx.save_for_backward(ce, log_a, log_b, y_in, w, y, plan)
+        ctx.structure = (valid, count, eps, structure_weight)
+        ctx.mark_non_differentiable(f, g)
+        return loss, plan, f, g
+
+    @staticmethod
+    def backward(  # type: ignore[override]
+        ctx: Any, g_loss: Tensor | None, g_plan: Tensor | None, *_: Any
+    ) -> tuple[Tensor | None, ...]:
+        ce, log_a, log_b, y_in, w, y, plan = ctx.saved_tensors
+        valid, count, eps, structure_weight = ctx.structure
+        nones = (None,) * 7
+        if not ctx.needs_input_grad[0] or (g_loss is None and g_plan is None):
+            return (None, *nones)
+        g_cost = torch.zeros_like(plan)
+        g_w = torch.zeros_like(w)
+        g_y = torch.zeros_like(y)
+        if g_loss is not None:
+            g_cost = g_cost + g_loss[..., None, None] * plan  # the envelope gradient
+            if structure_weight > 0:
+                # d S / d core_i = -[i valid] / count, core_i = -w_i - y_i - C_ii / eps
+                g_core = torch.where(valid, (-structure_weight * g_loss / count).unsqueeze(-1), 0.0)
+                g_w = g_w - g_core
+                g_y = g_y - g_core
+                g_cost.diagonal(dim1=-2, dim2=-1).sub_(g_core / eps)
+        if g_plan is not None:
+            g_log = g_plan * plan
+            g_w = g_w - g_log.sum(-1)
+            g_y = g_y - g_log.sum(-2)
+            g_cost = g_cost - g_log / eps
+        # y_j = LSE_i(log a_i - C_ij / eps - w_i): softmax weights over i
+        rows = torch.exp(((log_a.unsqueeze(-1) - ce) - w.unsqueeze(-1)) - y.unsqueeze(-2))
+        rows = rows * g_y.unsqueeze(-2)
+        g_w = g_w - rows.sum(-1)
+        # w_i = LSE_j(log b_j - C_ij / eps - y_in_j): softmax weights over j
+        cols = torch.exp(((log_b.unsqueeze(-2) - ce) - y_in.unsqueeze(-2)) - w.unsqueeze(-1))
+        g_cost = g_cost - (rows + cols * g_w.unsqueeze(-1)) / eps
+        return (g_cost, *nones)
+
+
+def _align_batch(cost: Tensor, a: Tensor | None, b: Tensor | None) -> torch.Size:
+    """Broadcast batch shape of the cost and the weights in :meth:`SinkhornAligner._align`."""
+    shapes = [cost.shape[:-2]]
+    shapes += [m.shape[:-1] for m in (a, b) if m is not None]
+    try:
+        return _broadcast_shapes(*shapes)
+    except RuntimeError as exc:
+        raise ModbalanceError(
+            f"the batch shapes of the prototypes {_shape(cost.shape[:-2])} and of the weights "
+            f"`a`/`b` must broadcast."
+        ) from exc
+
+
+def _check_prototypes(prototypes: Mapping[str, Tensor]) -> list[str]:
+    """Check the prototypes of :meth:`SinkhornAligner.pairwise`; return the modality names."""
+    if not isinstance(prototypes, Mapping):
+        raise TypeError(
+            f"`prototypes` must be a mapping {{modality: tensor}}, got {type(prototypes).__name__}."
+        )
+    names = list(prototypes)
+    if len(names) < 2:
+        raise ModbalanceError(
+            f"`prototypes` must hold at least 2 modalities to align, got {len(names)}: {names}."
+        )
+    first = prototypes[names[0]]
+    for nm in names:
+        t = check_tensor(prototypes[nm], f"prototypes[{nm!r}]", ndim=2, dtype="floating")
+        if t.shape != first.shape:
+            raise ModbalanceError(
+                f"every prototype set must have the same shape (K, D); "
+                f"`prototypes[{names[0]!r}]` has {_shape(first)} but `prototypes[{nm!r}]` has "
+                f"{_shape(t)}."
+            )
+    return names
+
+
+def _check_masses(masses: Mapping[str, Tensor], names: list[str], k: int) -> None:
+    """Check the keys and shapes of the masses of :meth:`SinkhornAligner.pairwise`."""
+    if not isinstance(masses, Mapping) or set(masses) != set(names):
+        got = list(masses) if isinstance(masses, Mapping) else type(masses).__name__
+        raise ModbalanceError(
+            f"`masses` must be a mapping with the same keys as `prototypes` ({names}), got {got}."
+        )
+    for nm in names:
+        m = check_tensor(masses[nm], f"masses[{nm!r}]", ndim=1, dtype="numeric")
+        if m.shape[0] != k:
+            raise ModbalanceError(
+                f"`masses[{nm!r}]` must have shape ({k}) (one weight per class), got {_shape(m)}."
+            )
+
+
 class SinkhornAligner(nn.Module):
     r"""Align two sets of class prototypes with entropic optimal transport (PaSE alignment loss).
 
@@ -559,6 +855,13 @@ class SinkhornAligner(nn.Module):
 
     By default both prototype sets receive gradient, so both modalities move toward each other;
     ``gradient_side="x"`` or ``"y"`` detaches the other side (e.g. to align toward a fixed anchor).
+
+    Cost per call: the graph-free iterations (all but the last) run in the scaling domain, two
+    batched matrix-vector products per iteration, where the normalised cost (in :math:`[0, 1]`)
+    keeps them in range (float32/float64 and :math:`\varepsilon` above about 0.025; otherwise
+    the log domain); with the envelope gradient, the last iteration, the value and the
+    structure term form one autograd node. Both give the log-domain results up to float
+    rounding.
 
     Args:
         metric: ``"cosine"`` or ``"sqeuclidean"``.
@@ -650,22 +953,44 @@ class SinkhornAligner(nn.Module):
         if m is None:
             return None
         check_tensor(m, name, dtype="numeric")
-        _check_weights(m, name, size, like.device, "one weight per prototype")
+        hint = "one weight per prototype"
+        _check_weights(m, name, size, like.device, hint, values=False)
+        given = m
         m = m.to(like.dtype)
+        total = m.sum(-1, keepdim=True)
         if value_checks_enabled():
-            md = m.detach()
-            if bool((md.sum(-1) <= 0).any()):
-                raise ModbalanceError(
-                    f"`{name}` must have positive total weight in every problem, got an all-zero "
-                    f"weight vector."
-                )
-        return m / m.sum(-1, keepdim=True).clamp_min(torch.finfo(like.dtype).tiny)
+            td = total.detach()
+            # One host read when all is well (finite, non-negative, a positive total in every
+            # problem); otherwise the element-wise checks, in order, with their messages.
+            stats = torch.stack([td.sum(), m.detach().amin(), td.amin()]).tolist()
+            if not (math.isfinite(stats[0]) and stats[1] >= 0 and stats[2] > 0):
+                _check_weights(given, name, size, like.device, hint)
+                if bool((td <= 0).any()):
+                    raise ModbalanceError(
+                        f"`{name}` must have positive total weight in every problem, got an "
+                        f"all-zero weight vector."
+                    )
+        return m / total.clamp_min(torch.finfo(like.dtype).tiny)
 
-    def _cost(self, x: Tensor, y: Tensor, a: Tensor | None, b: Tensor | None) -> Tensor:
+    def _cost(
+        self,
+        x: Tensor,
+        y: Tensor,
+        a: Tensor | None,
+        b: Tensor | None,
+        units: tuple[Tensor, Tensor] | None = None,
+    ) -> Tensor:
         if self.metric == "cosine":
-            xn = F.normalize(x, dim=-1, eps=1e-12)
-            yn = F.normalize(y, dim=-1, eps=1e-12)
-            return ((1.0 - xn @ yn.transpose(-1, -2)) * 0.5).clamp(0.0, 1.0)
+            if units is None:
+                xn = F.normalize(x, dim=-1, eps=1e-12)
+                yn = F.normalize(y, dim=-1, eps=1e-12)
+            else:
+                xn, yn = units
+            if xn.ndim == 3 and yn.ndim == 3 and xn.shape[0] == yn.shape[0]:
+                dots = torch.bmm(xn, yn.transpose(1, 2))  # matmul's kernel, without its reshapes
+            else:
+                dots = xn @ yn.transpose(-1, -2)
+            return ((1.0 - dots) * 0.5).clamp(0.0, 1.0)
         sq = (
             x.pow(2).sum(-1).unsqueeze(-1)
             + y.pow(2).sum(-1).unsqueeze(-2)
@@ -728,51 +1053,63 @@ class SinkhornAligner(nn.Module):
                 f"`x` as in `y`, got K={k} (x shape {_shape(x)}) and L={n} (y shape "
                 f"{_shape(y)}); set structure_weight=0 to align sets of different sizes."
             )
-        check_finite(x, "x")
-        check_finite(y, "y")
+        check_finite_sums((x, "x"), (y, "y"))
         a = self._weights(a, "a", k, x)
         b = self._weights(b, "b", n, x)
+        return self._align(x, y, a, b)
+
+    def _align(
+        self,
+        x: Tensor,
+        y: Tensor,
+        a: Tensor | None,
+        b: Tensor | None,
+        units: tuple[Tensor, Tensor] | None = None,
+    ) -> AlignmentResult:
+        """:meth:`forward` after its checks: ``a`` and ``b`` normalised (or ``None``).
+
+        ``units``: ``(normalize(x), normalize(y))`` if already known (cosine metric only).
+        """
+        k, n = x.shape[-2], y.shape[-2]
         if self.gradient_side == "x":
             y = y.detach()
+            units = None if units is None else (units[0], units[1].detach())
         elif self.gradient_side == "y":
             x = x.detach()
+            units = None if units is None else (units[0].detach(), units[1])
 
-        cost = self._cost(x, y, a, b)
-        shapes = [cost.shape[:-2]]
-        shapes += [m.shape[:-1] for m in (a, b) if m is not None]
-        try:
-            batch = torch.broadcast_shapes(*shapes)
-        except RuntimeError as exc:
-            raise ModbalanceError(
-                f"the batch shapes of the prototypes {_shape(cost.shape[:-2])} and of the weights "
-                f"`a`/`b` must broadcast."
-            ) from exc
+        cost = self._cost(x, y, a, b, units)
+        batch = _align_batch(cost, a, b)
 
+        log_a = _log_weights(a, k, cost)
+        log_b = _log_weights(b, n, cost)
         if self.backend == "pot":
-            ones_a = (
-                a if a is not None else torch.full((k,), 1.0 / k, dtype=x.dtype, device=x.device)
-            )
-            ones_b = (
-                b if b is not None else torch.full((n,), 1.0 / n, dtype=x.dtype, device=x.device)
-            )
-            res = _solve_pot(
-                cost.expand(*batch, k, n), ones_a, ones_b, self.epsilon, self.max_iter, self.tol,
-                self.grad,
-            )  # fmt: skip
+            res = self._pot(cost, x, a, b, batch)
         else:
-            g0 = None
-            warm = self.warm_g
-            if (
-                self.warm_start
-                and warm is not None
-                and warm.shape == (*batch, n)
-                and warm.dtype == cost.dtype
-                and warm.device == cost.device
-            ):
-                g0 = warm
+            g0 = self._warm_g0(cost, batch)
+            # The normalised cost lies in [0, 1]: cosine by its clamp, "sqeuclidean" when no
+            # entry is left out of its scale (no weights); the bound selects the fast iterations.
+            bound = 1.0 if self.metric == "cosine" or (a is None and b is None) else None
+            if self._one_node(cost, a, b, batch):
+                full = (*batch, k, n)
+                y_in, done = _iterations(
+                    cost, log_a, log_b, self.epsilon, self.max_iter, self.tol, 10, self.grad, g0,
+                    full, bound,
+                )  # fmt: skip
+                a_val = a if a is not None else torch.exp(log_a).expand(*batch, k)
+                b_val = b if b is not None else torch.exp(log_b).expand(*batch, n)
+                loss, plan, f, g = _EnvelopeAlignment.apply(
+                    cost, log_a, log_b, y_in.detach(), a_val, b_val, self.epsilon,
+                    self.structure_weight,
+                )  # fmt: skip
+                self.last_n_iter = done + 1
+                if self.warm_start:
+                    self.warm_f, self.warm_g = f, g
+                return AlignmentResult(loss=loss, plan=plan, cost=cost)
             res = _solve(
-                cost, a, b, self.epsilon, self.max_iter, self.tol, 10, self.grad, g0, batch
-            )
+                cost, a, b, self.epsilon, self.max_iter, self.tol, 10, self.grad, g0, batch,
+                bound, diagnostics=False, log_weights=(log_a, log_b),
+            )  # fmt: skip
         self.last_n_iter = res.n_iter
         if self.warm_start:
             self.warm_f = res.potentials[0].detach()
@@ -780,23 +1117,65 @@ class SinkhornAligner(nn.Module):
 
         loss = res.value
         if self.structure_weight > 0:
-            loss = loss + self.structure_weight * self._structure(cost, res, a, b)
+            loss = loss + self.structure_weight * self._structure(cost, res, log_a, log_b)
         return AlignmentResult(loss=loss, plan=res.plan, cost=cost)
 
-    def _structure(
-        self, cost: Tensor, res: SinkhornResult, a: Tensor | None, b: Tensor | None
-    ) -> Tensor:
-        k = cost.shape[-1]
+    def _pot(
+        self, cost: Tensor, x: Tensor, a: Tensor | None, b: Tensor | None, batch: torch.Size
+    ) -> SinkhornResult:
+        """Solve the alignment problem with the POT backend (uniform ``None`` weights)."""
+        k, n = x.shape[-2], cost.shape[-1]
+        ones_a = a if a is not None else torch.full((k,), 1.0 / k, dtype=x.dtype, device=x.device)
+        ones_b = b if b is not None else torch.full((n,), 1.0 / n, dtype=x.dtype, device=x.device)
+        return _solve_pot(
+            cost.expand(*batch, k, n), ones_a, ones_b, self.epsilon, self.max_iter, self.tol,
+            self.grad,
+        )  # fmt: skip
+
+    def _warm_g0(self, cost: Tensor, batch: torch.Size) -> Tensor | None:
+        """The stored column potentials if they fit this solve and warm starts are on."""
+        n = cost.shape[-1]
+        g0 = None
+        warm = self.warm_g
+        if (
+            self.warm_start
+            and warm is not None
+            and warm.shape == (*batch, n)
+            and warm.dtype == cost.dtype
+            and warm.device == cost.device
+        ):
+            g0 = warm
+        return g0
+
+    def _one_node(
+        self, cost: Tensor, a: Tensor | None, b: Tensor | None, batch: torch.Size
+    ) -> bool:
+        """Whether :class:`_EnvelopeAlignment` computes the rest of :meth:`_align`.
+
+        The envelope gradient, weights without gradient, a cost with the full batch shape, in
+        float32/float64 outside autocast and torch.func transforms; otherwise the composite
+        operations of :func:`_solve` and :meth:`_structure` run.
+        """
+        return (
+            self.grad == "envelope"
+            and not (a is not None and a.requires_grad)
+            and not (b is not None and b.requires_grad)
+            and cost.shape[:-2] == batch
+            and cost.dtype in (torch.float32, torch.float64)
+            and not torch.is_autocast_enabled(cost.device.type)
+            and not torch._C._are_functorch_transforms_active()
+        )
+
+    def _structure(self, cost: Tensor, res: SinkhornResult, log_a: Tensor, log_b: Tensor) -> Tensor:
         f, g = res.potentials
-        log_a = _log_weights(a, k, cost)
-        log_b = _log_weights(b, k, cost)
         # log P_ii - log a_i - log b_i, finite for every class.
         core = (f + g - torch.diagonal(cost, dim1=-2, dim2=-1)) / self.epsilon
         log_rows = core + log_b  # log(P_ii / a_i)
         log_cols = core + log_a  # log(P_ii / b_i)
-        valid = torch.isfinite(log_a) & torch.isfinite(log_b)
+        # classes with mass on both sides: the log weights are finite or -inf (zero mass)
+        valid = (log_a > -math.inf) & (log_b > -math.inf)
         valid = valid.expand(core.shape)
-        terms = torch.where(valid, log_rows + log_cols, torch.zeros_like(core))
+        terms = torch.where(valid, log_rows + log_cols, 0.0)
         count = valid.sum(-1).clamp_min(1).to(core.dtype)
         return -0.5 * terms.sum(-1) / count
 
@@ -834,48 +1213,29 @@ class SinkhornAligner(nn.Module):
             >>> out.plans.shape, bool(torch.isfinite(out.loss))
             (torch.Size([3, 3, 3]), True)
         """
-        if not isinstance(prototypes, Mapping):
-            raise TypeError(
-                f"`prototypes` must be a mapping {{modality: tensor}}, got "
-                f"{type(prototypes).__name__}."
-            )
-        names = list(prototypes)
-        if len(names) < 2:
-            raise ModbalanceError(
-                f"`prototypes` must hold at least 2 modalities to align, got {len(names)}: {names}."
-            )
+        names = _check_prototypes(prototypes)
         first = prototypes[names[0]]
-        for nm in names:
-            t = check_tensor(prototypes[nm], f"prototypes[{nm!r}]", ndim=2, dtype="floating")
-            if t.shape != first.shape:
-                raise ModbalanceError(
-                    f"every prototype set must have the same shape (K, D); "
-                    f"`prototypes[{names[0]!r}]` has {_shape(first)} but `prototypes[{nm!r}]` has "
-                    f"{_shape(t)}."
-                )
         stacked = torch.stack([prototypes[nm] for nm in names])
         pairs = tuple(itertools.combinations(range(len(names)), 2))
         # Same (row-major) order as `pairs`, built on the device without a host-to-device copy.
         idx_i, idx_j = torch.triu_indices(len(names), len(names), 1, device=stacked.device)
         wa = wb = None
         if masses is not None:
-            if not isinstance(masses, Mapping) or set(masses) != set(names):
-                got = list(masses) if isinstance(masses, Mapping) else type(masses).__name__
-                raise ModbalanceError(
-                    f"`masses` must be a mapping with the same keys as `prototypes` ({names}), "
-                    f"got {got}."
-                )
-            k = first.shape[0]
-            for nm in names:
-                m = check_tensor(masses[nm], f"masses[{nm!r}]", ndim=1, dtype="numeric")
-                if m.shape[0] != k:
-                    raise ModbalanceError(
-                        f"`masses[{nm!r}]` must have shape ({k}) (one weight per class), got "
-                        f"{_shape(m)}."
-                    )
+            _check_masses(masses, names, first.shape[0])
+        # forward()'s checks, once per modality rather than once per pair and side
+        check_finite_sums((stacked, "prototypes"))
+        if masses is not None:
             w = torch.stack([masses[nm].to(stacked.dtype) for nm in names])
+            w = self._weights(w, "masses", first.shape[0], stacked)  # checked and normalised
+            assert w is not None
             wa, wb = w[idx_i], w[idx_j]
-        out = self(stacked[idx_i], stacked[idx_j], wa, wb)
+        units = None
+        if self.metric == "cosine":  # the unit prototypes of every modality, normalised once
+            unit = F.normalize(stacked, dim=-1, eps=1e-12)
+            units = x, y = unit[idx_i], unit[idx_j]
+        else:
+            x, y = stacked[idx_i], stacked[idx_j]
+        out = self._align(x, y, wa, wb, units)
         return PairwiseAlignment(
             loss=out.loss.mean(),
             losses=out.loss,

@@ -12,7 +12,8 @@ prototype classifier and its cross-entropy follow PMR (Fan et al., CVPR 2023).
 
 from __future__ import annotations
 
-from typing import NamedTuple
+import math
+from typing import Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -22,6 +23,7 @@ from modbalance._checks import (
     ModbalanceError,
     check_choice,
     check_finite,
+    check_finite_sums,
     check_int,
     check_real,
     check_same_size,
@@ -370,7 +372,10 @@ class PrototypeCalibrator(nn.Module):
             self.separability.zero_()
 
     # ----------------------------------------------------------------------------- validation
-    def _check_features(self, features: Tensor, rows: Tensor | None = None) -> Tensor:
+    def _check_features(
+        self, features: Tensor, rows: Tensor | None = None, values: bool = True
+    ) -> Tensor:
+        # ``values=False``: the structural checks only (the caller checks the values)
         check_tensor(features, "features", ndim=2, dtype="floating", nonempty=True)
         if features.shape[1] != self.dim:
             raise ModbalanceError(
@@ -382,14 +387,17 @@ class PrototypeCalibrator(nn.Module):
                 f"`features` is on {features.device} but the prototypes are on "
                 f"{self.prototypes.device}; move the module with `.to(device)`."
             )
-        if value_checks_enabled():
+        if values and value_checks_enabled():
             if rows is None:
-                check_finite(features, "features")
+                check_finite_sums((features, "features"))
             else:
                 check_finite(torch.where(rows.unsqueeze(1), features, 0.0), "features")
         return features
 
-    def _class_labels(self, labels: Tensor, n: int, valid: Tensor, name: str = "labels") -> Tensor:
+    def _class_labels(
+        self, labels: Tensor, n: int, valid: Tensor, name: str = "labels", values: bool = True
+    ) -> Tensor:
+        # ``values=False``: integer labels are not range-checked here (the caller checks them)
         check_tensor(labels, name, ndim=1)
         if labels.shape[0] != n:
             raise ModbalanceError(
@@ -407,7 +415,7 @@ class PrototypeCalibrator(nn.Module):
             safe = torch.where(valid, labels, 0.0)
             return sentiment_classes(safe, self.label_bins)
         check_tensor(labels, name, dtype="integer")
-        if value_checks_enabled():
+        if values and value_checks_enabled():
             bad = valid & ((labels < 0) | (labels >= self.num_classes))
             if bool(bad.any()):
                 value = int(labels[bad][0])
@@ -420,24 +428,39 @@ class PrototypeCalibrator(nn.Module):
     # ------------------------------------------------------------------------------- geometry
     def _embed(self, features: Tensor) -> Tensor:
         if self.metric == "cosine":
-            return F.normalize(features, dim=-1)
+            return _normalize(features)
         return features
 
-    def _similarity(self, features: Tensor, prototypes: Tensor, init: Tensor) -> Tensor:
+    def _similarity(
+        self, features: Tensor, prototypes: Tensor, init: Tensor, embedded: Tensor | None = None
+    ) -> Tensor:
+        return self._raw_similarity(features, prototypes, embedded).masked_fill(
+            ~init, float("-inf")
+        )
+
+    def _raw_similarity(
+        self, features: Tensor, prototypes: Tensor, embedded: Tensor | None = None
+    ) -> Tensor:
+        """:meth:`_similarity` before the uninitialised classes are set to ``-inf``.
+
+        ``embedded``: ``self._embed(features)`` when the caller has it already (same values).
+        """
         protos = prototypes.to(features.dtype)
         if self.metric == "cosine":
-            sim = self._embed(features) @ protos.transpose(0, 1)
-        else:
-            sq = (
-                features.pow(2).sum(-1, keepdim=True)
-                - 2.0 * features @ protos.transpose(0, 1)
-                + protos.pow(2).sum(-1)
-            )
-            sim = -sq.clamp_min(0.0)
-        return sim.masked_fill(~init, float("-inf"))
+            emb = self._embed(features) if embedded is None else embedded
+            return emb @ protos.transpose(0, 1)
+        sq = (
+            features.pow(2).sum(-1, keepdim=True)
+            - 2.0 * features @ protos.transpose(0, 1)
+            + protos.pow(2).sum(-1)
+        )
+        return -sq.clamp_min(0.0)
 
     def _snapshot(self) -> tuple[Tensor, Tensor]:
-        # Clones so that a later in-place EMA step cannot invalidate a pending backward.
+        # Clones so that a later in-place EMA step cannot invalidate a pending backward; without
+        # grad mode nothing is saved for a backward pass, and the results never alias the buffers.
+        if not torch.is_grad_enabled():
+            return self.prototypes.detach(), self.initialized
         return self.prototypes.detach().clone(), self.initialized.clone()
 
     # ------------------------------------------------------------------------------- public API
@@ -475,11 +498,16 @@ class PrototypeCalibrator(nn.Module):
         Returns:
             ``(N,)`` confidences in the features' dtype.
         """
+        tiled = _tiled_confidence(self, features) if labels is None else None
+        if tiled is not None:
+            return tiled
         self._check_features(features)
         n = features.shape[0]
         protos, init = self._snapshot()
-        logits = self._similarity(features, protos, init) / self.temperature
-        probs = _masked_softmax(logits, init)
+        # _masked_softmax of the logits, with the uninitialised classes masked once
+        logits = self._raw_similarity(features, protos) / self.temperature
+        probs = F.softmax(logits.masked_fill(~init, torch.finfo(logits.dtype).min), dim=-1)
+        probs = torch.where(init, probs, 0.0)
         if labels is None:
             return probs.max(dim=-1).values
         valid = torch.ones(n, dtype=torch.bool, device=features.device)
@@ -512,13 +540,33 @@ class PrototypeCalibrator(nn.Module):
         check_tensor(features, "features", ndim=2, dtype="floating", nonempty=True)
         n = features.shape[0]
         valid = _check_mask(mask, n, features.device)
-        self._check_features(features, valid)
-        y = self._class_labels(labels, n, valid)
+        self._check_features(features, valid, values=False)
+        y = self._class_labels(labels, n, valid, values=False)
         member = _class_weights(y, self.num_classes, valid)  # (N, K) bool
         in_class = member.any(dim=1)
         clean = torch.where(in_class.unsqueeze(1), features, 0.0)
+        if value_checks_enabled():
+            # The value checks of _check_features and _class_labels, on what is computed anyway:
+            # the rows of a class are the masked-in rows unless a label is out of range, so a
+            # finite sum of `clean` and no masked-in row outside every class pass both; otherwise
+            # the original checks run, in their order, and raise with their messages.
+            if not math.isfinite(float(clean.detach().sum())):
+                self._check_features(features, valid)  # raises (unless the sum overflowed)
+            if bool((valid > in_class).any()):  # masked in but of no class
+                self._check_features(features, valid)
+                self._class_labels(labels, n, valid)  # raises: out-of-range labels
+        if _fusable(features, self.metric):
+            return self._forward_fused(features, y, member, in_class, clean)
+        return self._forward_composite(features, y, member, in_class, clean)
+
+    def _forward_composite(
+        self, features: Tensor, y: Tensor, member: Tensor, in_class: Tensor, clean: Tensor
+    ) -> CalibrationOutput:
+        """:meth:`forward` after its checks, in differentiable tensor operations."""
         emb = self._embed(clean)
-        sums, counts = _class_sums(emb, member)
+        # _class_sums(emb, member) without its row mask: the rows of no class are zero already
+        w = member.to(emb.dtype)
+        sums, counts = w.transpose(0, 1) @ emb, w.sum(dim=0)
         means = sums / counts.clamp_min(1).unsqueeze(1)
 
         if self.training:
@@ -526,23 +574,65 @@ class PrototypeCalibrator(nn.Module):
 
         protos, init = self._snapshot()
         y_safe = y.clamp(0, self.num_classes - 1)
-        qualified = in_class & init[y_safe]
-        logits = self._similarity(clean, protos, init) / self.temperature
-        # Ties the loss to the features' graph even when both weights are zero.
-        per_sample = 0.0 * clean.sum(-1)
+        qualified = in_class & init.index_select(0, y_safe)
+        logits = self._similarity(clean, protos, init, emb) / self.temperature
+        per_sample: Tensor | None = None
         if self.pull_weight > 0:
             target = protos.to(features.dtype).index_select(0, y_safe)
             if self.metric == "cosine":
                 dist = 1.0 - (emb * target).sum(-1)
             else:
                 dist = (clean - target).pow(2).sum(-1)
-            per_sample = per_sample + self.pull_weight * dist
+            per_sample = self.pull_weight * dist
         if self.ce_weight > 0:
-            finite = logits.masked_fill(~init, torch.finfo(logits.dtype).min)
+            # -inf (uninitialised classes) -> the most negative finite value, as a masked_fill
+            finite = logits.clamp_min(torch.finfo(logits.dtype).min)
             logp = F.log_softmax(finite, dim=-1).gather(1, y_safe.unsqueeze(1)).squeeze(1)
-            per_sample = per_sample - self.ce_weight * logp
+            ce = self.ce_weight * logp
+            per_sample = -ce if per_sample is None else per_sample - ce
+        if per_sample is None:
+            # Ties the loss to the features' graph even when both weights are zero.
+            per_sample = 0.0 * clean.sum(-1)
         total = torch.where(qualified, per_sample, 0.0).sum()
         loss = total / qualified.sum().clamp_min(1).to(total.dtype)
+        return self._finish(loss, logits, protos, means, counts, y_safe, qualified, init)
+
+    def _forward_fused(
+        self, features: Tensor, y: Tensor, member: Tensor, in_class: Tensor, clean: Tensor
+    ) -> CalibrationOutput:
+        """:meth:`_forward_composite` (cosine) with one autograd node, :class:`_CosineCalibration`.
+
+        The same operations on the same values, so the same outputs; the gradient is written
+        out (equal to the composite one up to float rounding). The batch statistics are
+        computed once, without a graph, for the prototype update and for the node.
+        """
+        with torch.no_grad():
+            w = member.to(features.dtype)
+            norm = torch.linalg.vector_norm(clean, dim=-1, keepdim=True)
+            emb = clean / norm.clamp_min(1e-12)  # _normalize(clean)
+            sums, counts = w.transpose(0, 1) @ emb, w.sum(dim=0)
+        if self.training:
+            self._ema_update(emb, member, sums)
+        protos, init = self._snapshot()
+        y_safe = y.clamp(0, self.num_classes - 1)
+        qualified = in_class & init.index_select(0, y_safe)
+        loss, logits, means = _CosineCalibration.apply(
+            features, in_class, emb, norm, w, sums, counts, protos.to(features.dtype), init,
+            y_safe, qualified, self.temperature, self.pull_weight, self.ce_weight,
+        )  # fmt: skip
+        return self._finish(loss, logits, protos, means, counts, y_safe, qualified, init)
+
+    def _finish(
+        self,
+        loss: Tensor,
+        logits: Tensor,
+        protos: Tensor,
+        means: Tensor,
+        counts: Tensor,
+        y_safe: Tensor,
+        qualified: Tensor,
+        init: Tensor,
+    ) -> CalibrationOutput:
         if self.adaptive:
             if self.training:
                 self._update_separability(logits, y_safe, qualified, init)
@@ -577,16 +667,153 @@ class PrototypeCalibrator(nn.Module):
         present = n > 0
         batch_mean = sums / n.clamp_min(1).to(dtype).unsqueeze(1)
         if self.metric == "cosine":
-            batch_mean = F.normalize(batch_mean, dim=-1)
+            batch_mean = _normalize(batch_mean)
         old = self.prototypes
         ema = self.momentum * old + (1.0 - self.momentum) * batch_mean
         if self.metric == "cosine":
-            ema = F.normalize(ema, dim=-1)
+            ema = _normalize(ema)
         new = torch.where(self.initialized.unsqueeze(1), ema, batch_mean)
         new = torch.where(present.unsqueeze(1), new, old)
         self.prototypes.copy_(new)
         self.initialized.logical_or_(present)
         self.counts.add_(n)
+
+
+#: Set by :class:`~modbalance.shapley.ModalityGame` (``masking="present"``) on the features it
+#: repeats for the coalitions: ``(base, count)``, the rows being ``base`` ``count`` times over.
+_TILES = "_modbalance_tiles"
+
+
+def _tiled_confidence(calibrator: PrototypeCalibrator, features: Tensor) -> Tensor | None:
+    """The label-free confidence of game features once per sample, repeated; else ``None``.
+
+    A row-wise function of the features: on the ``count``-fold repeat of ``base`` it is the
+    confidence of ``base`` repeated (without grad mode only, inside the game). The result is
+    marked the same way, so that the gated fusion can compute its gate scores per sample too.
+    """
+    tiles = getattr(features, _TILES, None)
+    if tiles is None or torch.is_grad_enabled():
+        return None
+    base, count = tiles
+    if base.shape[0] * count != features.shape[0] or base.shape[1:] != features.shape[1:]:
+        return None
+    conf = calibrator.confidence(base)
+    out = conf.repeat(count)
+    setattr(out, _TILES, (conf, count))
+    return out
+
+
+def _normalize(x: Tensor) -> Tensor:
+    """``F.normalize(x, dim=-1)``: the same kernels and values, without its Python layers."""
+    return x / torch.linalg.vector_norm(x, dim=-1, keepdim=True).clamp_min(1e-12)
+
+
+def _fusable(features: Tensor, metric: str) -> bool:
+    """Whether :class:`_CosineCalibration` computes :meth:`PrototypeCalibrator.forward`.
+
+    The cosine metric in float32/float64 outside autocast (whose casts the node does not
+    replay) and outside torch.func transforms (the node has no vmap rule); otherwise the
+    composite operations run.
+    """
+    return (
+        metric == "cosine"
+        and features.dtype in (torch.float32, torch.float64)
+        and not torch.is_autocast_enabled(features.device.type)
+        and not torch._C._are_functorch_transforms_active()
+    )
+
+
+class _CosineCalibration(torch.autograd.Function):
+    """Loss, logits and class means of the cosine calibration as one autograd node.
+
+    Forward: the operations of :meth:`PrototypeCalibrator._forward_composite` (cosine) from the
+    unit features ``emb = clean / max(|clean|, 1e-12)``, ``clean`` the features with the rows
+    of no class zeroed, computed by the caller. Backward: their gradient with respect to the
+    features, written out: with ``s = emb P^T`` the similarities,
+
+    * ``d s`` = ``g_logits / T`` + the cross-entropy's ``-ce g_i (onehot(y_i) - softmax_i) / T``
+      (zero for uninitialised classes) + the pull term's ``-pull g_i onehot(y_i)``, where
+      ``g_i = g_loss [i qualified] / |Q|``;
+    * ``d emb = d s P + W (g_means / n)`` (``W`` the class membership, ``n`` the counts);
+    * ``d clean = (d emb - emb (emb . d emb) [|clean| >= 1e-12]) / max(|clean|, 1e-12)``,
+      zero on the rows of no class.
+    """
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx: Any,
+        features: Tensor,
+        in_class: Tensor,
+        emb: Tensor,
+        norm: Tensor,
+        w: Tensor,
+        sums: Tensor,
+        counts: Tensor,
+        protos: Tensor,
+        init: Tensor,
+        y: Tensor,
+        qualified: Tensor,
+        temperature: float,
+        pull_weight: float,
+        ce_weight: float,
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        ctx.set_materialize_grads(False)
+        sizes = counts.clamp_min(1).unsqueeze(1)
+        means = sums / sizes
+        logits = (emb @ protos.transpose(0, 1)).masked_fill(~init, float("-inf")) / temperature
+        per_sample: Tensor | None = None
+        target = probs = None
+        if pull_weight > 0:
+            target = protos.index_select(0, y)
+            per_sample = pull_weight * (1.0 - (emb * target).sum(-1))
+        if ce_weight > 0:
+            log_probs = F.log_softmax(logits.clamp_min(torch.finfo(logits.dtype).min), dim=-1)
+            ce = ce_weight * log_probs.gather(1, y.unsqueeze(1)).squeeze(1)
+            per_sample = -ce if per_sample is None else per_sample - ce
+            probs = log_probs.exp()
+        if per_sample is None:
+            per_sample = torch.zeros_like(emb[:, 0])
+        total = torch.where(qualified, per_sample, 0.0).sum()
+        size = qualified.sum().clamp_min(1).to(total.dtype)
+        loss = total / size
+        ctx.save_for_backward(in_class, emb, norm, w, sizes, protos, init, y, qualified, size)
+        ctx.target, ctx.probs = target, probs
+        ctx.scalars = (temperature, pull_weight, ce_weight)
+        return loss, logits, means
+
+    @staticmethod
+    def backward(  # type: ignore[override]
+        ctx: Any, g_loss: Tensor | None, g_logits: Tensor | None, g_means: Tensor | None
+    ) -> tuple[Tensor | None, ...]:
+        in_class, emb, norm, w, sizes, protos, init, y, qualified, size = ctx.saved_tensors
+        temperature, pull_weight, ce_weight = ctx.scalars
+        nones = (None,) * 13
+        if not ctx.needs_input_grad[0]:
+            return (None, *nones)
+        g_sim = None  # gradient w.r.t. s = emb @ protos^T
+        g_emb = None
+        if g_loss is not None:
+            g_row = torch.where(qualified, g_loss / size, 0.0).unsqueeze(1)  # (N, 1)
+            if ce_weight > 0:
+                # d(-ce log softmax_y) / d logits = ce (softmax - onehot_y)
+                g_sim = ctx.probs * (ce_weight * g_row)
+                g_sim.scatter_add_(1, y.unsqueeze(1), g_row * -ce_weight)
+            if pull_weight > 0:
+                g_emb = ctx.target * (g_row * -pull_weight)
+        if g_logits is not None:
+            g_sim = g_logits if g_sim is None else g_sim + g_logits
+        if g_sim is not None:
+            g_sim = torch.where(init, g_sim, 0.0) / temperature
+            g_emb = g_sim @ protos if g_emb is None else torch.addmm(g_emb, g_sim, protos)
+        if g_means is not None:
+            g_class = g_means / sizes
+            g_emb = w @ g_class if g_emb is None else torch.addmm(g_emb, w, g_class)
+        if g_emb is None:
+            return (torch.zeros_like(emb), *nones)
+        # F.normalize's backward (the norm only where it is not clamped), then the row mask
+        radial = torch.where(norm < 1e-12, 0.0, (emb * g_emb).sum(-1, keepdim=True))
+        g_clean = torch.addcmul(g_emb, emb, radial, value=-1.0) / norm.clamp_min(1e-12)
+        return (torch.where(in_class.unsqueeze(1), g_clean, 0.0), *nones)
 
 
 def _masked_softmax(logits: Tensor, init: Tensor) -> Tensor:

@@ -147,7 +147,9 @@ problems = st.tuples(
 def test_marginals_within_reported_error(p):
     k, n, seed, eps = p
     cost, a, b = _problem(k, n, seed=seed)
-    res = sinkhorn(cost, a, b, epsilon=eps, max_iter=2000, tol=1e-10)
+    # at epsilon = 0.03 some problems need a few thousand iterations to reach 1e-10
+    # (hypothesis found (6, 6, 2, 0.03): 1.6e-10 after 2000, converged by 5000)
+    res = sinkhorn(cost, a, b, epsilon=eps, max_iter=20_000, tol=1e-10)
     err = (res.plan.sum(-1) - a).abs().sum() + (res.plan.sum(-2) - b).abs().sum()
     assert float(err) <= float(res.marginal_error) + 1e-12
     assert bool(res.converged) and float(res.marginal_error) <= 1e-10
