@@ -400,7 +400,33 @@ def check_unimodal(out: StepOutput, modalities: Sequence[str], method: str) -> N
 def unimodal_terms(
     out: StepOutput, modalities: Sequence[str], weights: Tensor | None, method: str
 ) -> dict[str, Tensor]:
-    """``{"unimodal_<m>": w_m * L_m}`` for every modality (gradient-carrying)."""
+    r"""``{"unimodal_<m>": w_m * L_m}`` for every modality (gradient-carrying).
+
+    :math:`L_m` is :func:`unimodal_task_loss` of ``out.unimodal[m]`` over the samples that have
+    the modality (``out.present``).
+
+    Args:
+        out: The step's outputs; ``out.unimodal`` needs every modality.
+        modalities: The modality names, in the order of ``weights``.
+        weights: ``(M,)`` weights :math:`w_m`, or ``None`` (every :math:`w_m = 1`).
+        method: The calling method's name, for the error message.
+
+    Returns:
+        One scalar loss term per modality.
+
+    Raises:
+        ModbalanceError: If ``out.unimodal`` lacks a modality or ``out.task`` is unknown.
+
+    Example:
+        >>> import torch
+        >>> from modbalance.balancing import StepOutput, unimodal_terms
+        >>> pred = {"text": torch.tensor([1.0, 2.0]), "audio": torch.tensor([0.0, 0.0])}
+        >>> out = StepOutput(features={}, unimodal=pred, fused=None, present={},
+        ...                  target=torch.tensor([1.0, 1.0]), task="regression")
+        >>> terms = unimodal_terms(out, ["text", "audio"], torch.tensor([1.0, 2.0]), "demo")
+        >>> {k: float(v) for k, v in terms.items()}
+        {'unimodal_text': 0.5, 'unimodal_audio': 2.0}
+    """
     check_unimodal(out, modalities, method)
     terms: dict[str, Tensor] = {}
     for i, m in enumerate(modalities):
