@@ -70,6 +70,7 @@ from modbalance.prototypes import (
     sentiment_classes,
 )
 from modbalance.schedule import DualPhaseSchedule
+from modbalance.teachers import TeacherOutput, UnimodalTeachers
 from modbalance.shapley import (
     GameResult,
     InputMaskingGame,
@@ -118,7 +119,9 @@ __all__ = [
     "SinkhornAligner",
     "SinkhornResult",
     "StepOutput",
+    "TeacherOutput",
     "UnimodalLoss",
+    "UnimodalTeachers",
     "__version__",
     "balanced_step",
     "check_phases",

@@ -132,6 +132,9 @@ class StepOutput(NamedTuple):
     game: Any = None
     #: Global step counter of the training loop (0-based).
     step: int = 0
+    #: :class:`~modbalance.teachers.TeacherOutput` of frozen alone-trained unimodal models on
+    #: this batch, for methods that distil from them (``needs_teacher = True``), else ``None``.
+    teacher: Any = None
 
     @property
     def modalities(self) -> tuple[str, ...]:
@@ -155,6 +158,9 @@ class BalancingMethod(ModalityState, nn.Module):
             the warm-up). :func:`balanced_step` skips the method in other phases.
         needs_holdout: Set to ``True`` when :meth:`epoch_end` evaluates on a held-out part of
             the training data (G-Blending); a training loop then splits one off.
+        needs_teacher: Set to ``True`` when the method reads :attr:`StepOutput.teacher`, the
+            outputs of frozen alone-trained unimodal models (UMT, G2D, EBMC);
+            :func:`balanced_step` refuses a step without them.
 
     What a method may offer, and a loop calls without probing for it: :meth:`predict` (its own
     inference rule; ``None`` by default), :meth:`summary` (scalars to log once per epoch) and the
@@ -165,6 +171,7 @@ class BalancingMethod(ModalityState, nn.Module):
     needs_game: bool = False
     takes_backward: bool = False
     needs_holdout: bool = False
+    needs_teacher: bool = False
     phases: tuple[int, ...] = (2,)
 
     def losses(self, out: StepOutput, losses: Mapping[str, Tensor]) -> dict[str, Tensor]:
@@ -536,6 +543,32 @@ def balanced_step(
         >>> sorted(terms)
         ['task', 'unimodal_audio', 'unimodal_text']
     """
+    game_every = check_int(game_every, "game_every", low=1)
+    active = _active(out, methods)
+    takers = [(i, m) for i, m in active if m.takes_backward]
+    if len(takers) > 1:
+        names = " and ".join(_label(m, i) for i, m in takers)
+        raise ModbalanceError(
+            f"{names} both take over the backward pass; only one gradient-combining method can "
+            "be active in a phase (give them disjoint `phases`, or use one)."
+        )
+    out = _with_inputs(out, active, game, game_every)
+    losses = _apply_losses(out, losses, active)
+    if zero_grad:
+        optimizer.zero_grad(set_to_none=True)
+    if not (takers and takers[0][1].backward(out, losses)):
+        combine_losses(losses).backward()
+    with contextlib.ExitStack() as stack:
+        for _, method in active:
+            stack.enter_context(method.around_step(out, optimizer))
+        optimizer.step()
+    return {k: v.detach() for k, v in losses.items()}
+
+
+def _active(
+    out: StepOutput, methods: Sequence[BalancingMethod]
+) -> list[tuple[int, BalancingMethod]]:
+    """Check ``out`` and ``methods``; the ``(index, method)`` pairs active in ``out.phase``."""
     if not isinstance(out, StepOutput):
         raise TypeError(f"`out` must be a StepOutput, got {type(out).__name__}.")
     if isinstance(out.phase, bool) or not isinstance(out.phase, int) or out.phase not in PHASES:
@@ -552,15 +585,13 @@ def balanced_step(
             raise TypeError(
                 f"`methods[{i}]` must be a BalancingMethod, got {type(method).__name__}."
             )
-    game_every = check_int(game_every, "game_every", low=1)
-    active = [(i, m) for i, m in enumerate(methods) if out.phase in check_phases(m.phases)]
-    takers = [(i, m) for i, m in active if m.takes_backward]
-    if len(takers) > 1:
-        names = " and ".join(_label(m, i) for i, m in takers)
-        raise ModbalanceError(
-            f"{names} both take over the backward pass; only one gradient-combining method can "
-            "be active in a phase (give them disjoint `phases`, or use one)."
-        )
+    return [(i, m) for i, m in enumerate(methods) if out.phase in check_phases(m.phases)]
+
+
+def _with_inputs(
+    out: StepOutput, active: Sequence[tuple[int, BalancingMethod]], game: Any, game_every: int
+) -> StepOutput:
+    """``out`` with the batch's game when an active method needs it; teachers checked."""
     wanting = [(i, m) for i, m in active if m.needs_game]
     if wanting and out.game is None and out.step % game_every == 0:
         if game is None:
@@ -571,13 +602,12 @@ def balanced_step(
             )
         feats = {m: f.detach().float() for m, f in out.features.items()}
         out = out._replace(game=game(feats, out.target))
-    losses = _apply_losses(out, losses, active)
-    if zero_grad:
-        optimizer.zero_grad(set_to_none=True)
-    if not (takers and takers[0][1].backward(out, losses)):
-        combine_losses(losses).backward()
-    with contextlib.ExitStack() as stack:
-        for _, method in active:
-            stack.enter_context(method.around_step(out, optimizer))
-        optimizer.step()
-    return {k: v.detach() for k, v in losses.items()}
+    needing = [(i, m) for i, m in active if m.needs_teacher]
+    if needing and out.teacher is None:
+        raise ModbalanceError(
+            f"{_label(needing[0][1], needing[0][0])} distils from alone-trained unimodal "
+            "teachers and `out.teacher` is None: wrap your trained unimodal models in "
+            "modbalance.teachers.UnimodalTeachers and pass "
+            "`out._replace(teacher=teachers(inputs))`."
+        )
+    return out
