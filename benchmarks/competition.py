@@ -53,7 +53,7 @@ import tempfile
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ProcessPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -238,14 +238,18 @@ def train_one(
     device: str,
     modalities: Sequence[str] | None = None,
     backbone: str = "late",
+    teacher_cache: str | None = None,
 ) -> dict[str, Any]:
     """Train one model, select on validation, evaluate test once, probe every encoder.
 
     ``backbone``: a key of :data:`benchmarks.backbones.BACKBONES`; ``late`` lets
     :func:`~examples.pase.build` construct the reference model exactly as before.
+    ``teacher_cache``: where the alone-trained teachers of the methods that distil from them are
+    kept; their training time is part of the run's ``time_s`` (also when they come from it).
     """
     modalities = tuple(modalities or task.modalities)
     model_config, config = _configs(task, name, modalities, seed, quick, device)
+    config = replace(config, teacher_cache=teacher_cache)
     test = GuardedDataset(task.splits["test"])  # a fresh lock for every run
     model = None
     if backbone != "late":
@@ -256,7 +260,7 @@ def train_one(
     )
     start = time.perf_counter()
     final = trainer.run()
-    elapsed = time.perf_counter() - start
+    elapsed = time.perf_counter() - start + trainer.teacher_seconds
     test_out = trainer.test_predictions  # the one pass over test, made by Trainer.finish()
     train_out = trainer.predict(task.splits["train"])
     probe = {
@@ -374,12 +378,13 @@ def _job(args: tuple[Any, ...]) -> list[dict[str, Any]]:
     """One (task, method, seed, quick, device[, backbone]) job, in a worker or in-process."""
     task_name, name, seed, quick, device, *rest = args
     backbone = rest[0] if rest else "late"
+    teacher_cache = rest[1] if len(rest) > 1 else None
     torch.set_num_threads(max(1, int(os.environ.get("MODBALANCE_BENCH_THREADS", "1"))))
     task = get_task(task_name, seed=0, quick=quick)
     kw = {"quick": quick, "device": device, "backbone": backbone}
     if name == "alone":
         return [_public(r) for r in alone_references(task, seed, **kw)]
-    return [_public(train_one(task, name, seed, **kw))]
+    return [_public(train_one(task, name, seed, teacher_cache=teacher_cache, **kw))]
 
 
 def run_task(
@@ -414,7 +419,8 @@ def run_task(
             if path is not None and path.exists():
                 runs += json.loads(path.read_text())
             else:
-                todo.append(((task_name, name, seed, quick, device, backbone), path))
+                teachers = None if cache is None else str(cache / "teachers")
+                todo.append(((task_name, name, seed, quick, device, backbone, teachers), path))
     log(f"[{task_name}] {len(todo)} runs to train, {len(wanted) * len(seeds) - len(todo)} cached")
     start = time.perf_counter()
 

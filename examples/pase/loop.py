@@ -147,6 +147,19 @@ class Trainer:
         self.holdout_set: Dataset | None = None
         if any(m.needs_holdout for m in self.methods):
             self.train_set, self.holdout_set = split_holdout(train_set, config.seed)
+        #: Seconds the alone-trained teachers took to train (0 when no method distils from them).
+        self.teacher_seconds = 0.0
+        if any(m.needs_teacher for m in self.methods) and self.parts.teachers is None:
+            from .teachers import train_teachers
+
+            self.parts.teachers, self.teacher_seconds = train_teachers(
+                model_config,
+                config,
+                self.train_set,
+                valid_set,
+                model=None if model is None else self.model,  # still untrained: copied
+                cache=config.teacher_cache,
+            )
         self.epoch = 0
         self.history: list[dict[str, Any]] = []
         self.best_value = math.inf
@@ -294,6 +307,11 @@ class Trainer:
 
     def run(self) -> dict[str, Any]:
         """Train until ``epochs`` (resuming where a checkpoint left off), then :meth:`finish`."""
+        self.fit()
+        return self.finish()
+
+    def fit(self) -> None:
+        """Train until ``epochs`` and load the validation-selected checkpoint (no test pass)."""
         while self.epoch < self.config.epochs:
             t0 = time.perf_counter()
             record = {"epoch": self.epoch + 1} | self.train_epoch()
@@ -309,7 +327,7 @@ class Trainer:
             self._save_checkpoint()
             if self.is_main and self.config.progress:
                 print(self._epoch_line(record), flush=True)
-        return self.finish()
+        self._load_selected()
 
     def _epoch_line(self, record: dict[str, Any]) -> str:
         val, mods = record["val"], self.model.modalities
@@ -333,11 +351,7 @@ class Trainer:
 
         The test pass's predictions stay in :attr:`test_predictions`.
         """
-        best = self._load("best.pt")
-        if best is not None:
-            self.model.load_state_dict(best["model"])
-        elif self._best_state is not None:
-            self.model.load_state_dict(self._best_state)
+        self._load_selected()
         if isinstance(self.test_set, GuardedDataset):
             self.test_set.unlock()
         valid = self.evaluate(self.valid_set)
@@ -346,6 +360,13 @@ class Trainer:
         if self.out_dir is not None and self.is_main:
             (self.out_dir / "final_metrics.json").write_text(json.dumps(final, indent=1))
         return final
+
+    def _load_selected(self) -> None:
+        best = self._load("best.pt")
+        if best is not None:
+            self.model.load_state_dict(best["model"])
+        elif self._best_state is not None:
+            self.model.load_state_dict(self._best_state)
 
     # ----------------------------------------------------------------------------- checkpoints
     def _save(self, name: str, obj: Any) -> None:

@@ -36,12 +36,14 @@ from modbalance import (
     UnimodalLoss,
 )
 from modbalance import distributed as mbdist
-from modbalance.balancing import BalancingMethod, balanced_step
+from modbalance.balancing import BalancingMethod, balanced_step, check_phases
 from modbalance.schedule import DualPhaseSchedule
 from modbalance.shapley import ModalityGame
+from modbalance.teachers import UnimodalTeachers
 
 from .data import to_device
 from .model import PaSEConfig, PaSEModel
+from .teachers import teacher_inputs
 
 
 @dataclass
@@ -65,6 +67,9 @@ class TrainConfig:
     amp: str | None = None  # None or "bf16"
     max_steps_per_epoch: int | None = None
     progress: bool = True
+    #: Folder where alone-trained teachers are cached (methods that distil from them); None:
+    #: trained in every run that needs them.
+    teacher_cache: str | None = None
 
     def __post_init__(self) -> None:
         steps = self.max_steps_per_epoch
@@ -90,6 +95,9 @@ class Parts:
     amp: str | None = None  # None or "bf16"
     step: int = 0  # global step counter, part of the checkpoint
     game_every: int = 1  # evaluate the Shapley game every this many steps (if a method needs it)
+    #: Frozen alone-trained unimodal models for the methods that distil from them (UMT, G2D,
+    #: EBMC); the loop trains them (``examples/pase/teachers.py``) when such a method is used.
+    teachers: UnimodalTeachers | None = None
 
 
 def _sgm(model: PaSEModel, seed: int, device: torch.device) -> BalancingMethod:
@@ -171,6 +179,7 @@ def build(
     *,
     encoders: Mapping[str, nn.Module] | None = None,
     model: nn.Module | None = None,
+    teachers: UnimodalTeachers | None = None,
     **options: Any,
 ) -> Parts:
     """Model (optionally with your own encoders), DDP wrapper, optimizer, schedule, game, methods.
@@ -185,6 +194,8 @@ def build(
     ``switch_epoch`` epochs (or until the validation plateau of ``patience`` epochs). ``model``
     replaces :class:`PaSEModel` by another backbone with the same interface (a subclass that
     overrides :meth:`PaSEModel.head_output`, as the suite's ``tfn``/``lmf``/``mult`` backbones do).
+    ``teachers``: frozen alone-trained unimodal models for methods that distil from them (the
+    :class:`~.loop.Trainer` trains them when ``None`` and such a method is used).
     """
     c = replace(config or TrainConfig(), **options)
     device = torch.device(c.device)
@@ -221,6 +232,7 @@ def build(
         device=device,
         amp=c.amp,
         game_every=c.game_every,
+        teachers=None if teachers is None else teachers.to(device),
     )
 
 
@@ -255,6 +267,10 @@ def train_step(parts: Parts, batch: Mapping[str, Any], phase: int) -> dict[str, 
     with autocast(parts):
         out, losses = parts.train_model(batch, phase)
     out = out._replace(step=parts.step)
+    if parts.teachers is not None and any(
+        m.needs_teacher and phase in check_phases(m.phases) for m in parts.methods
+    ):
+        out = out._replace(teacher=parts.teachers(teacher_inputs(batch)))
     terms = balanced_step(
         out, losses, parts.methods, parts.optimizer, game=parts.game, game_every=parts.game_every
     )
