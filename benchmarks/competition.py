@@ -96,6 +96,7 @@ class Spec:
     model: dict[str, Any] = field(default_factory=dict)
     methods: tuple[str, ...] = ()
     warmup: bool = False
+    train: dict[str, Any] = field(default_factory=dict)  # TrainConfig overrides (tuning)
 
 
 #: Plain late fusion: no prototype component, the fusion head alone; the ``cal`` token adds the
@@ -156,27 +157,46 @@ _TOKENS: dict[str, dict[str, Any]] = {
 }
 
 
+#: Training options a composite name may set (``joint+lr=0.002+weight_decay=0.01``).
+TRAIN_KEYS = ("lr", "weight_decay", "switch_epoch")
+
+
 def spec_of(name: str) -> Spec:
     """The :class:`Spec` of a named method, or of a ``+``-joined composite of tokens.
 
-    Tokens: ``warmup``; ``cal``, ``safecal``, ``align``, ``gate`` (PaSE components); ``ens``,
-    ``res`` (decision fusion); any balancing method registered in ``examples.pase.METHODS``.
+    The first token may be a name of :data:`SPECS`, the others modify it. Tokens: ``warmup``;
+    ``cal``, ``safecal``, ``align``, ``gate`` (PaSE components); ``ens``, ``res`` (decision
+    fusion); any balancing method registered in ``examples.pase.METHODS``, with options after
+    ``@`` (``ogm-ge@alpha=1.0``); ``@key=value`` sets an option of every method so far
+    (``pase+@weight=2.0``); ``lr=``, ``weight_decay=``, ``switch_epoch=`` set training options.
     """
     from examples.pase import METHODS
+    from examples.pase.step import parse_method
 
-    if name in SPECS:
-        return SPECS[name]
-    model, methods, warmup = dict(_PLAIN), [], False
-    for token in name.split("+"):
+    tokens = name.split("+")
+    if tokens[0] in SPECS:
+        base, tokens = SPECS[tokens[0]], tokens[1:]
+        if not tokens:
+            return base
+    else:
+        base = Spec(_PLAIN)
+    model, methods, warmup = dict(base.model), list(base.methods), base.warmup
+    train = dict(base.train)
+    for token in tokens:
+        key, eq, value = token.partition("=")
         if token == "warmup":
             warmup = True
         elif token in _TOKENS:
             model.update(_TOKENS[token])
-        elif token in METHODS:
+        elif token.startswith("@"):
+            methods = [f"{m}{',' if '@' in m else '@'}{token[1:]}" for m in methods]
+        elif parse_method(token)[0] in METHODS:
             methods.append(token)
+        elif eq and key in TRAIN_KEYS:
+            train[key] = float(value) if key != "switch_epoch" else int(value)
         else:
             raise KeyError(token)
-    return Spec(model, tuple(methods), warmup)
+    return Spec(model, tuple(methods), warmup, train)
 
 
 REFERENCES = ("alone", "alone-ensemble", "alone-probe")
@@ -205,7 +225,7 @@ def _configs(task: Task, name: str, modalities: Sequence[str], seed: int, quick:
         **settings["model"],
         **spec.model,
     )
-    train = dict(settings["train"]) | (QUICK_TRAIN if quick else {})
+    train = dict(settings["train"]) | (QUICK_TRAIN if quick else {}) | spec.train
     if not spec.warmup:
         train["switch_epoch"] = 0
     methods = spec.methods if len(modalities) > 1 else ()
@@ -731,6 +751,11 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--cache", default=str(DEFAULT_CACHE), help="run cache folder ('' disables)")
     p.add_argument("--out", default=str(RESULTS), help="folder for the markdown tables and PNGs")
     p.add_argument(
+        "--tuned",
+        action="store_true",
+        help="run each method with its configuration chosen by benchmarks.tuning (OUT/tuning.json)",
+    )
+    p.add_argument(
         "--leaderboard",
         action="store_true",
         help="only rebuild OUT/leaderboard.md from the saved per-task summaries",
@@ -738,10 +763,12 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
-def _write_task(result: dict[str, Any], out: Path, name: str, backbone: str, quick: bool) -> None:
+def _write_task(
+    result: dict[str, Any], out: Path, name: str, backbone: str, quick: bool, tag: str = ""
+) -> None:
     """The task's tables (markdown, validation, reST, JSON) and plot in ``out``."""
     summary = summarize(result)
-    suffix = ("" if backbone == "late" else f"_{backbone}") + ("_quick" if quick else "")
+    suffix = ("" if backbone == "late" else f"_{backbone}") + tag + ("_quick" if quick else "")
     out.mkdir(parents=True, exist_ok=True)
     (out / f"competition_{name}{suffix}.md").write_text(to_markdown(summary))
     (out / f"competition_{name}{suffix}_validation.md").write_text(validation_table(result))
@@ -760,18 +787,9 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     cache = Path(args.cache) if args.cache else None
     out = Path(args.out)
     if args.leaderboard:
-        summaries = [
-            json.loads((out / f"competition_{t}.json").read_text())
-            for t in tasks
-            if (out / f"competition_{t}.json").exists()
-        ]
-        (out / "leaderboard.md").write_text(leaderboard(summaries))
-        (out / "headline.md").write_text(headline(summaries))
-        (out / "leaderboard.rst").write_text(
-            _rst_table(leaderboard(summaries), "every method x every task (5 seeds)")
-        )
-        print(leaderboard(summaries))
+        _write_leaderboard(out, tasks)
         return []
+    tuned = _tuned_names(out) if args.tuned else {}
     results = []
     for name in tasks:
         if name == "mfeat" and args.task == "all" and not mfeat_available():
@@ -779,7 +797,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
             continue
         result = run_task(
             name,
-            methods,
+            [tuned.get(m, m) for m in methods],
             seeds,
             quick=args.quick,
             device=args.device,
@@ -787,14 +805,50 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
             cache=cache,
             backbone=args.backbone,
         )
+        base = {v: k for k, v in tuned.items()}
+        for run in result["runs"]:  # the tuned configuration under the method's own name
+            run["method"] = base.get(run["method"], run["method"])
         results.append(result)
         if args.json:
             path = (
                 Path(args.json) if len(tasks) == 1 else Path(args.json).with_suffix(f".{name}.json")
             )
             path.write_text(json.dumps(result, indent=1))
-        _write_task(result, out, name, args.backbone, args.quick)
+        _write_task(result, out, name, args.backbone, args.quick, "_tuned" if tuned else "")
     return results
+
+
+def _tuned_names(out: Path) -> dict[str, str]:
+    from benchmarks.tuning import load
+
+    tuned = load(out / "tuning.json")
+    if not tuned:
+        raise SystemExit(f"--tuned needs {out / 'tuning.json'}: run python -m benchmarks.tuning")
+    return tuned
+
+
+def _write_leaderboard(out: Path, tasks: Sequence[str]) -> None:
+    """``leaderboard.md``/``.rst`` and ``headline.md`` from the saved per-task summaries."""
+
+    def saved(tag: str) -> list[dict[str, Any]]:
+        paths = [out / f"competition_{t}{tag}.json" for t in tasks]
+        return [json.loads(p.read_text()) for p in paths if p.exists()]
+
+    default, tuned = saved(""), saved("_tuned")
+    text = leaderboard(default)
+    if tuned:
+        budget = (
+            "Tuned: every method, joint included, with the configuration chosen by "
+            "`benchmarks/tuning.py` (learning rate x its main coefficient, 6 configurations x 2 "
+            "seeds on cls-synthetic's validation split; `tuning.md`), held fixed on every task."
+        )
+        text = f"## Tuned\n\n{budget}\n\n{leaderboard(tuned)}\n## Defaults\n\n{text}"
+    (out / "leaderboard.md").write_text(text)
+    (out / "headline.md").write_text(headline(default))
+    (out / "leaderboard.rst").write_text(
+        _rst_table(leaderboard(default), "every method x every task (5 seeds)")
+    )
+    print(text)
 
 
 if __name__ == "__main__":

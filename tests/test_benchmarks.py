@@ -349,3 +349,59 @@ def test_speed_quick_grid_and_sampled_accuracy(quick_results):
     for heading in ("## Scaling with the number of modalities", "## Accuracy of the sampled game"):
         assert heading in text
     assert "default recipe" in text and "Target <= 1.20x" in text
+
+
+# ------------------------------------------------------------------ tuning and method options
+def test_method_names_carry_constructor_options():
+    from examples.pase.step import parse_method
+
+    assert parse_method("ogm-ge@alpha=1.0,noise=False") == (
+        "ogm-ge",
+        {"alpha": 1.0, "noise": False},
+    )
+    assert parse_method("dgl") == ("dgl", {})
+    with pytest.raises(ValueError, match="must be key=literal"):
+        parse_method("ogm-ge@alpha=fast")
+    with pytest.raises(ValueError, match="must be key=literal"):
+        parse_method("ogm-ge@alpha")
+
+
+def test_an_option_reaches_the_method_built_from_a_name():
+    from examples.pase import PaSEConfig, build
+
+    cfg = PaSEConfig(modalities=("a", "b"), input_dims={"a": 3, "b": 4}, dim=8, heads=2)
+    (ogm,) = build(cfg, methods=["ogm-ge@alpha=0.25"]).methods
+    assert ogm.alpha == 0.25
+    with pytest.raises(TypeError, match="unexpected keyword argument 'nonsense'"):
+        build(cfg, methods=["ogm-ge@nonsense=1"])
+
+
+def test_suite_names_set_training_and_method_options():
+    from benchmarks.competition import spec_of
+
+    spec = spec_of("pase+lr=0.002+@weight=2.0")
+    assert spec.methods == ("sge@weight=2.0",) and spec.train == {"lr": 0.002}
+    assert spec.warmup and spec.model == spec_of("pase").model
+    assert spec_of("warmup+switch_epoch=4").train == {"switch_epoch": 4}
+    assert spec_of("ogm-ge@alpha=1.0").methods == ("ogm-ge@alpha=1.0",)
+    with pytest.raises(KeyError, match="epochs=3"):
+        spec_of("joint+epochs=3")
+
+
+def test_every_method_gets_the_same_tuning_budget_and_the_choice_reads_validation():
+    from benchmarks import tuning
+
+    for method in tuning.COEFFICIENTS:
+        names = tuning.grid(method)
+        assert len(names) == len(set(names)) <= 6
+        assert any("lr=0.001+" in n for n in names)  # the default learning rate is in the grid
+    names = tuning.grid("joint")
+    runs = [
+        {"method": n, "valid_fused": {"accuracy": 0.5 + 0.01 * i}, "fused": {"accuracy": 1 - i}}
+        for i, n in enumerate(names)
+        for _seed in (0, 1)
+    ]
+    choice = tuning.choose({"runs": runs}, "joint")
+    assert choice["chosen"] == names[-1]  # the best on validation, whatever the test says
+    with pytest.raises(SystemExit, match="no tuning grid"):
+        tuning.grid("nonsense")

@@ -11,6 +11,7 @@ the methods' step contexts, ``optimizer.step()``)::
 
 from __future__ import annotations
 
+import ast
 import inspect
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
@@ -100,30 +101,30 @@ class Parts:
     teachers: UnimodalTeachers | None = None
 
 
-def _sgm(model: PaSEModel, seed: int, device: torch.device) -> BalancingMethod:
-    return ShapleyGradModulator(model.modality_groups(), momentum=0.9, apply="update")
+def _sgm(model: PaSEModel, seed: int, device: torch.device, **options: Any) -> BalancingMethod:
+    return ShapleyGradModulator(model.modality_groups(), **{"momentum": 0.9} | options)
 
 
-def _ogm(model: PaSEModel, seed: int, device: torch.device) -> BalancingMethod:
+def _ogm(model: PaSEModel, seed: int, device: torch.device, **options: Any) -> BalancingMethod:
     gen = torch.Generator(device=device).manual_seed(seed + 17)
-    return OGMGEModulator(
-        model.modality_groups(), alpha=0.5, momentum=0.9, noise=True, generator=gen
-    )
+    defaults = {"alpha": 0.5, "momentum": 0.9, "noise": True, "generator": gen}
+    return OGMGEModulator(model.modality_groups(), **defaults | options)
 
 
-def _pmr(model: PaSEModel, seed: int, device: torch.device) -> BalancingMethod:
+def _pmr(model: PaSEModel, seed: int, device: torch.device, **options: Any) -> BalancingMethod:
     c = model.config
     dims = {m: c.dim for m in model.modalities}
     if c.task == "regression":
-        return PMR(dims, c.num_classes, label_bins=c.num_classes)
-    return PMR(dims, c.num_outputs)
+        return PMR(dims, c.num_classes, **{"label_bins": c.num_classes} | options)
+    return PMR(dims, c.num_outputs, **options)
 
 
-def _cggm(model: PaSEModel, seed: int, device: torch.device) -> BalancingMethod:
+def _cggm(model: PaSEModel, seed: int, device: torch.device, **options: Any) -> BalancingMethod:
     c = model.config
     heads = {m: nn.Linear(c.dim, c.num_outputs) for m in model.modalities}
     # AdamW cancels a gradient scale: the suite scales the update, and bounds the coefficient
-    return CGGM(model.modality_groups(), heads, apply="update", max_abs_coefficient=10.0)
+    defaults = {"apply": "update", "max_abs_coefficient": 10.0}
+    return CGGM(model.modality_groups(), heads, **defaults | options)
 
 
 def _sge(model: PaSEModel, seed: int, device: torch.device, **options: Any) -> BalancingMethod:
@@ -132,23 +133,39 @@ def _sge(model: PaSEModel, seed: int, device: torch.device, **options: Any) -> B
     return ShapleyEquilibrium(model.modalities, groups=groups, replace=("readout",), **options)
 
 
-#: Balancing methods by name: ``factory(model, seed, device) -> BalancingMethod``. Add your own
-#: by assigning a new name; :func:`make_methods` also takes ready instances.
-METHODS: dict[str, Callable[[PaSEModel, int, torch.device], BalancingMethod]] = {
+def _on_modalities(cls: type) -> Callable[..., BalancingMethod]:
+    """A factory for a method built from the model's modality names (plus options)."""
+    return lambda model, seed, device, **options: cls(model.modalities, **options)
+
+
+def _on_groups(cls: type) -> Callable[..., BalancingMethod]:
+    """A factory for a method built from the model's encoder groups (plus options)."""
+    return lambda model, seed, device, **options: cls(model.modality_groups(), **options)
+
+
+#: Balancing methods by name: ``factory(model, seed, device, **options) -> BalancingMethod``
+#: (``options`` replace the constructor's defaults; :func:`make_methods` reads them from names
+#: such as ``"ogm-ge@alpha=1.0"``). Add your own by assigning a new name; :func:`make_methods`
+#: also takes ready instances.
+METHODS: dict[str, Callable[..., BalancingMethod]] = {
     "sgm": _sgm,  # the paper's update modulation (also ``--equilibrium pase``)
     "ogm-ge": _ogm,
-    "unimodal": lambda model, seed, device: UnimodalLoss(model.modalities),
-    "gblending": lambda model, seed, device: GBlending(model.modalities, every=2),
-    "mmpareto": lambda model, seed, device: MMPareto(model.modality_groups()),
-    "agm": lambda model, seed, device: AGM(model.modalities, modules=[model]),
+    "unimodal": _on_modalities(UnimodalLoss),
+    "gblending": lambda model, seed, device, **options: GBlending(
+        model.modalities, **{"every": 2} | options
+    ),
+    "mmpareto": _on_groups(MMPareto),
+    "agm": lambda model, seed, device, **options: AGM(model.modalities, modules=[model], **options),
     "pmr": _pmr,
-    "mla": lambda model, seed, device: MLA(
-        model.modalities, model.config.dim, model.config.num_outputs
+    "mla": lambda model, seed, device, **options: MLA(
+        model.modalities, model.config.dim, model.config.num_outputs, **options
     ),
     "cggm": _cggm,
-    "inforeg": lambda model, seed, device: InfoReg(model.modality_groups()),
-    "dgl": lambda model, seed, device: DGL(model.modalities),
-    "ume": lambda model, seed, device: UME(model.modalities, model.unimodal_heads),
+    "inforeg": _on_groups(InfoReg),
+    "dgl": _on_modalities(DGL),
+    "ume": lambda model, seed, device, **options: UME(
+        model.modalities, model.unimodal_heads, **options
+    ),
     # PaSE's Shapley-based equilibrium: the default rule, and the variants measured on the suite
     "sge": _sge,
     "sge-beta0": partial(_sge, beta=0.0),
@@ -157,18 +174,39 @@ METHODS: dict[str, Callable[[PaSEModel, int, torch.device], BalancingMethod]] = 
 }
 
 
+def parse_method(spec: str) -> tuple[str, dict[str, Any]]:
+    """``"ogm-ge@alpha=1.0,noise=False"`` -> ``("ogm-ge", {"alpha": 1.0, "noise": False})``.
+
+    Values are Python literals (numbers, booleans, strings in quotes, ``None``, tuples).
+    """
+    name, _, rest = spec.partition("@")
+    options: dict[str, Any] = {}
+    for item in filter(None, rest.split(",")):
+        key, eq, value = item.partition("=")
+        try:
+            options[key.strip()] = ast.literal_eval(value.strip())
+        except (ValueError, SyntaxError):
+            raise ValueError(
+                f"method option {item!r} of {spec!r} must be key=literal (e.g. alpha=0.5)"
+            ) from None
+        if not eq or not key.strip():
+            raise ValueError(f"method option {item!r} of {spec!r} must be key=literal")
+    return name, options
+
+
 def make_methods(
     names: Sequence[str | BalancingMethod], model: PaSEModel, seed: int, device: torch.device
 ) -> list[BalancingMethod]:
-    """Methods from registered names (or ready instances), moved to ``device``."""
+    """Methods from registered names (options after ``@``) or ready instances, on ``device``."""
     methods = []
     for spec in names:
         if isinstance(spec, BalancingMethod):
             method = spec
-        elif spec in METHODS:
-            method = METHODS[spec](model, seed, device)
         else:
-            raise ValueError(f"unknown balancing method {spec!r}; known: {sorted(METHODS)}")
+            name, options = parse_method(spec)
+            if name not in METHODS:
+                raise ValueError(f"unknown balancing method {name!r}; known: {sorted(METHODS)}")
+            method = METHODS[name](model, seed, device, **options)
         methods.append(method.to(device))
     return methods
 
