@@ -101,6 +101,120 @@ def _real(what: str, *, positive: bool, high: float | None = None):
     return parse
 
 
+#: The numeric options, ``(flag, type, default, help)`` in ``--help`` order, by argument group;
+#: a callable default is called when the parser is built.
+_RUN_NUMBERS = (
+    (
+        "--threads",
+        _at_least(1, "torch intra-op CPU threads, e.g. --threads 1"),
+        default_threads,
+        "torch intra-op CPU threads (torch.set_num_threads); 1 is fastest on a few cores "
+        "shared with other processes",
+    ),
+    (
+        "--max-steps-per-epoch",
+        _at_least(1, "a cap on the steps of an epoch; omit it for whole epochs"),
+        None,
+        "cap steps per epoch (smoke tests)",
+    ),
+)
+_TRAINING_NUMBERS = (
+    (
+        "--epochs",
+        _at_least(1, "training epochs, e.g. --epochs 14"),
+        14,
+        "training epochs, both phases together",
+    ),
+    (
+        "--switch-epoch",
+        _at_least(0, "phase-1 epochs; 0 skips the warm-up"),
+        4,
+        "last epoch of phase 1 (at the latest)",
+    ),
+    (
+        "--patience",
+        _at_least(1, "phase-1 epochs without validation gain"),
+        None,
+        "switch to phase 2 earlier after this many phase-1 epochs without validation gain",
+    ),
+    (
+        "--batch-size",
+        _at_least(1, "samples per step, e.g. --batch-size 64"),
+        64,
+        "samples per step (per rank under torchrun)",
+    ),
+    (
+        "--lr",
+        _real("the AdamW learning rate, e.g. --lr 1e-3", positive=True),
+        1e-3,
+        "AdamW learning rate",
+    ),
+    (
+        "--weight-decay",
+        _real("the AdamW weight decay, e.g. --weight-decay 1e-4", positive=False),
+        1e-4,
+        "AdamW weight decay",
+    ),
+    (
+        "--dim",
+        _at_least(1, "feature width, a multiple of the attention heads, e.g. --dim 32"),
+        32,
+        "feature width of every encoder",
+    ),
+    (
+        "--layers",
+        _at_least(1, "Transformer layers per encoder, e.g. --layers 1"),
+        1,
+        "Transformer layers per encoder",
+    ),
+    (
+        "--seed",
+        _at_least(0, "a non-negative training seed below 2**32, e.g. --seed 0"),
+        0,
+        "training seed (the synthetic data always uses 0)",
+    ),
+)
+_GAME_NUMBERS = (
+    (
+        "--game-every",
+        _at_least(1, "steps between two Shapley games, e.g. --game-every 1"),
+        1,
+        "evaluate the Shapley game (and update the equilibrium) every N steps",
+    ),
+)
+_SYNTHETIC_NUMBERS = (
+    (
+        "--n-train",
+        _at_least(1, "synthetic training samples, e.g. --n-train 1284"),
+        None,
+        "synthetic data: training samples",
+    ),
+    (
+        "--text-strength",
+        _real("text dominance of the synthetic data", positive=True, high=1.0),
+        None,
+        "synthetic data: text dominance, in (0, 1)",
+    ),
+)
+#: The PaSE components, ``(flag, help)``: ``--flag``/``--no-flag``, off by default.
+_COMPONENTS = (
+    (
+        "--calibration",
+        "prototype calibration loss (separability-safe); off by default: it added nothing "
+        "beyond the warm-up on the competition suite",
+    ),
+    ("--alignment", "OT alignment of the prototypes (off by default, see --calibration)"),
+    ("--gate", "prototype-gated fusion instead of the mean (off by default, see --calibration)"),
+)
+
+
+def _add_numbers(group: argparse._ActionsContainer, rows: tuple) -> None:
+    """Add the ``(flag, type, default, help)`` rows of a numeric-options table to ``group``."""
+    for flag, kind, default, text in rows:
+        value = default() if callable(default) else default
+        group.add_argument(flag, type=kind, default=value, help=text)
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The command line: where the data and the outputs go, then one group per concern."""
     p = argparse.ArgumentParser(
@@ -129,84 +243,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="replace the run already in OUT (its checkpoints, logs and plots); without it (or "
         "--resume) a folder that holds a run is refused",
     )
-    add(
-        "--threads",
-        type=_at_least(1, "torch intra-op CPU threads, e.g. --threads 1"),
-        default=default_threads(),
-        help="torch intra-op CPU threads (torch.set_num_threads); 1 is fastest on a few cores "
-        "shared with other processes",
-    )
-    add(
-        "--max-steps-per-epoch",
-        type=_at_least(1, "a cap on the steps of an epoch; omit it for whole epochs"),
-        default=None,
-        help="cap steps per epoch (smoke tests)",
-    )
+    _add_numbers(p, _RUN_NUMBERS)
     add("--quiet", action="store_true", help="no progress bars or per-epoch lines")
-    _add_training_args(p.add_argument_group("training"))
+    _add_numbers(p.add_argument_group("training"), _TRAINING_NUMBERS)
     _add_model_args(p.add_argument_group("model"))
     _add_method_args(p.add_argument_group("balancing"))
-    _add_synthetic_args(p.add_argument_group("synthetic data (without --data)"))
+    _add_numbers(p.add_argument_group("synthetic data (without --data)"), _SYNTHETIC_NUMBERS)
     return p
-
-
-def _add_training_args(group: argparse._ArgumentGroup) -> None:
-    """Epochs, the warm-up, the optimiser, the encoders' size and the seed."""
-    add = group.add_argument
-    add(
-        "--epochs",
-        type=_at_least(1, "training epochs, e.g. --epochs 14"),
-        default=14,
-        help="training epochs, both phases together",
-    )
-    add(
-        "--switch-epoch",
-        type=_at_least(0, "phase-1 epochs; 0 skips the warm-up"),
-        default=4,
-        help="last epoch of phase 1 (at the latest)",
-    )
-    add(
-        "--patience",
-        type=_at_least(1, "phase-1 epochs without validation gain"),
-        default=None,
-        help="switch to phase 2 earlier after this many phase-1 epochs without validation gain",
-    )
-    add(
-        "--batch-size",
-        type=_at_least(1, "samples per step, e.g. --batch-size 64"),
-        default=64,
-        help="samples per step (per rank under torchrun)",
-    )
-    add(
-        "--lr",
-        type=_real("the AdamW learning rate, e.g. --lr 1e-3", positive=True),
-        default=1e-3,
-        help="AdamW learning rate",
-    )
-    add(
-        "--weight-decay",
-        type=_real("the AdamW weight decay, e.g. --weight-decay 1e-4", positive=False),
-        default=1e-4,
-        help="AdamW weight decay",
-    )
-    add(
-        "--dim",
-        type=_at_least(1, "feature width, a multiple of the attention heads, e.g. --dim 32"),
-        default=32,
-        help="feature width of every encoder",
-    )
-    add(
-        "--layers",
-        type=_at_least(1, "Transformer layers per encoder, e.g. --layers 1"),
-        default=1,
-        help="Transformer layers per encoder",
-    )
-    add(
-        "--seed",
-        type=_at_least(0, "a non-negative training seed below 2**32, e.g. --seed 0"),
-        default=0,
-        help="training seed (the synthetic data always uses 0)",
-    )
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -293,26 +336,8 @@ def _device_problems(device: str) -> list[str]:
 def _add_model_args(group: argparse._ArgumentGroup) -> None:
     """The PaSE components, the decision, the warm fusion head and the baseline."""
     add = group.add_argument
-    onoff = argparse.BooleanOptionalAction
-    add(
-        "--calibration",
-        action=onoff,
-        default=False,
-        help="prototype calibration loss (separability-safe); off by default: it added nothing "
-        "beyond the warm-up on the competition suite",
-    )
-    add(
-        "--alignment",
-        action=onoff,
-        default=False,
-        help="OT alignment of the prototypes (off by default, see --calibration)",
-    )
-    add(
-        "--gate",
-        action=onoff,
-        default=False,
-        help="prototype-gated fusion instead of the mean (off by default, see --calibration)",
-    )
+    for flag, text in _COMPONENTS:
+        add(flag, action=argparse.BooleanOptionalAction, default=False, help=text)
     add(
         "--decision",
         choices=("auto", "residual", "stack", "ensemble", "head", "gate", "precision"),
@@ -353,29 +378,7 @@ def _add_method_args(group: argparse._ArgumentGroup) -> None:
         default="none",
         help="an extra gradient modulator on top",
     )
-    add(
-        "--game-every",
-        type=_at_least(1, "steps between two Shapley games, e.g. --game-every 1"),
-        default=1,
-        help="evaluate the Shapley game (and update the equilibrium) every N steps",
-    )
-
-
-def _add_synthetic_args(group: argparse._ArgumentGroup) -> None:
-    """The options of the generated data (an error together with ``--data``)."""
-    add = group.add_argument
-    add(
-        "--n-train",
-        type=_at_least(1, "synthetic training samples, e.g. --n-train 1284"),
-        default=None,
-        help="synthetic data: training samples",
-    )
-    add(
-        "--text-strength",
-        type=_real("text dominance of the synthetic data", positive=True, high=1.0),
-        default=None,
-        help="synthetic data: text dominance, in (0, 1)",
-    )
+    _add_numbers(group, _GAME_NUMBERS)
 
 
 class _Formatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):

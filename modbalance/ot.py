@@ -20,14 +20,13 @@ References:
 
 from __future__ import annotations
 
-import importlib.util
 import itertools
 import math
 from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any, NamedTuple
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from modbalance._checks import (
@@ -40,6 +39,7 @@ from modbalance._checks import (
     check_tensor,
     value_checks_enabled,
 )
+from modbalance._geometry import pairwise_distance, unit
 
 __all__ = [
     "AlignmentResult",
@@ -51,6 +51,32 @@ __all__ = [
 
 _GRAD_MODES = ("envelope", "unrolled")
 _DEFAULT_FLAG_TOL = 1e-5
+#: Iterations between two convergence checks (with a ``tol``): the default of :func:`sinkhorn`,
+#: and what :class:`SinkhornAligner` uses.
+_CHECK_EVERY = 10
+
+
+@dataclass(frozen=True)
+class _SolverOptions:
+    """How :func:`_solve` iterates, checked already (the arguments of :func:`sinkhorn`).
+
+    Attributes:
+        epsilon: Entropic regularisation, in the units of the cost.
+        max_iter: Iterations (the maximum when ``tol`` is given), at least 1.
+        tol: ``None`` for a fixed iteration count, or the L1 marginal error at which to stop.
+        check_every: Iterations between two convergence checks when ``tol`` is given.
+        grad: ``"envelope"`` or ``"unrolled"``.
+        cost_bound: A bound ``B`` known without reading the data (``0 <= cost <= B``), which
+            lets the graph-free iterations run in the scaling domain
+            (:func:`_scaling_iterations`); ``None``: the log domain.
+    """
+
+    epsilon: float
+    max_iter: int
+    tol: float | None = None
+    check_every: int = _CHECK_EVERY
+    grad: str = "envelope"
+    cost_bound: float | None = None
 
 
 class SinkhornResult(NamedTuple):
@@ -205,7 +231,7 @@ def sinkhorn(
     epsilon: float = 0.05,
     max_iter: int = 100,
     tol: float | None = None,
-    check_every: int = 10,
+    check_every: int = _CHECK_EVERY,
     grad: str = "envelope",
     init: tuple[Tensor, Tensor] | None = None,
 ) -> SinkhornResult:
@@ -318,19 +344,20 @@ def sinkhorn(
 
     batch = _sinkhorn_batch(cost, a, b)
     g0 = _check_init(init, k, n, batch)
+    opts = _SolverOptions(eps, max_iter, tol, check_every, grad)
 
     if work == out_dtype:
-        return _solve(cost, a, b, eps, max_iter, tol, check_every, grad, g0, batch)
+        return _solve(cost, a, b, opts, g0, batch)
     # float16 / bfloat16: C / epsilon overflows their range (65504 for float16) at small
     # epsilon, so the iterations run in float32 and the results are cast back (differentiably)
     res = _solve(
         cost.to(work),
         None if a is None else a.to(work),
         None if b is None else b.to(work),
-        eps, max_iter, tol, check_every, grad,
+        opts,
         None if g0 is None else g0.to(work),
         batch,
-    )  # fmt: skip
+    )
     return res._replace(
         plan=res.plan.to(out_dtype),
         value=res.value.to(out_dtype),
@@ -456,19 +483,15 @@ def _iterations(
     cost: Tensor,
     log_a: Tensor,
     log_b: Tensor,
-    eps: float,
-    max_iter: int,
-    tol: float | None,
-    check_every: int,
-    grad: str,
+    opts: _SolverOptions,
     g0: Tensor | None,
     full: tuple[int, ...],
-    cost_bound: float | None = None,
 ) -> tuple[Tensor, int]:
     """All Sinkhorn iterations of :func:`_solve` but the last: ``(y, iterations run)``.
 
-    ``full`` is ``(*batch, K, L)``; see :func:`_solve` for ``cost_bound``.
+    ``full`` is ``(*batch, K, L)``; ``g0`` the warm-start column potentials (or ``None``).
     """
+    eps, tol, check_every = opts.epsilon, opts.tol, opts.check_every
     n = full[-1]
     # Scaled negative potentials: w = -f / eps (rows), y = -g / eps (columns), so that
     #   w = LSE_j(log b_j - C_ij / eps - y_j),  y = LSE_i(log a_i - C_ij / eps - w_i).
@@ -483,11 +506,11 @@ def _iterations(
         ma_t = (la.unsqueeze(-1) - ce).expand(full).transpose(-1, -2).contiguous()
         return mb, ma_t
 
-    n_loop = max_iter - 1
+    n_loop = opts.max_iter - 1
     done = 0
-    track = grad == "unrolled" and torch.is_grad_enabled()
+    track = opts.grad == "unrolled" and torch.is_grad_enabled()
     fixed = not track and tol is None and g0 is None  # graph-free, fixed count, cold start
-    if n_loop > 0 and fixed and _scaling_safe(cost, cost_bound, eps):
+    if n_loop > 0 and fixed and _scaling_safe(cost, opts.cost_bound, eps):
         y = _scaling_iterations(cost.detach(), log_a.detach(), log_b.detach(), eps, n_loop, full)
         done = n_loop
     elif n_loop > 0:
@@ -562,19 +585,14 @@ def _solve(
     cost: Tensor,
     a: Tensor | None,
     b: Tensor | None,
-    eps: float,
-    max_iter: int,
-    tol: float | None,
-    check_every: int,
-    grad: str,
+    opts: _SolverOptions,
     g0: Tensor | None,
     batch: torch.Size,
-    cost_bound: float | None = None,
+    *,
     diagnostics: bool = True,
     log_weights: tuple[Tensor, Tensor] | None = None,
 ) -> SinkhornResult:
-    # ``cost_bound``: a bound B known without reading the data (0 <= cost <= B), which lets the
-    # graph-free iterations run in the scaling domain (:func:`_scaling_iterations`).
+    # ``g0``: the warm-start column potentials (or ``None``).
     # ``diagnostics=False``: ``value_linear``, ``marginal_error`` and ``converged`` are not
     # computed (empty tensors), for callers that never read them (SinkhornAligner).
     # ``log_weights``: ``(_log_weights(a, K, cost), _log_weights(b, L, cost))`` if already known.
@@ -586,9 +604,8 @@ def _solve(
         log_a, log_b = log_weights
     full = (*batch, k, n)
 
-    y, done = _iterations(
-        cost, log_a, log_b, eps, max_iter, tol, check_every, grad, g0, full, cost_bound
-    )
+    y, done = _iterations(cost, log_a, log_b, opts, g0, full)
+    eps, tol, grad = opts.epsilon, opts.tol, opts.grad
 
     # Final iteration, always differentiable (the only one that is in envelope mode): the
     # kernels of the loop, broadcast instead of expanded, the column update reduced over rows.
@@ -633,53 +650,6 @@ def _solve(
 # --------------------------------------------------------------------------------------------
 # the module
 # --------------------------------------------------------------------------------------------
-
-
-_POT_MISSING = (
-    "`backend='pot'` needs POT (Python Optimal Transport), an optional dependency: install it "
-    "with `pip install \"modbalance[pot]\"` (or `pip install pot`), or use backend='torch'."
-)
-
-
-def _pot_available() -> bool:
-    """Whether POT can be imported, without importing it (POT initialises CUDA on import)."""
-    return importlib.util.find_spec("ot") is not None
-
-
-def _solve_pot(
-    cost: Tensor,
-    a: Tensor,
-    b: Tensor,
-    eps: float,
-    max_iter: int,
-    tol: float | None,
-    grad: str,
-) -> SinkhornResult:
-    """Run the loop with POT's ``ot.solve_batch`` and the final differentiable step here."""
-    import ot  # lazy: POT 0.9.7 initialises CUDA on import
-
-    k, n = cost.shape[-2], cost.shape[-1]
-    batch = cost.shape[:-2]
-    c = cost.detach().reshape(-1, k, n)
-    aa = a.detach().expand(*batch, k).reshape(-1, k)
-    bb = b.detach().expand(*batch, n).reshape(-1, n)
-    res = ot.solve_batch(
-        c,
-        reg=eps,
-        a=aa,
-        b=bb,
-        max_iter=max(max_iter - 1, 1),
-        tol=0.0 if tol is None else tol,
-        method="log_sinkhorn",
-        reg_type="kl",
-        grad="detach",
-    )
-    v_pot = res.potentials[1]
-    # POT: log P = -C/eps + u + v; here: log P = log a + log b + (f + g - C)/eps.
-    g = torch.where(bb > 0, eps * (v_pot - bb.clamp_min(torch.finfo(c.dtype).tiny).log()), 0.0)
-    g = g.reshape(*batch, n)
-    out = _solve(cost, a, b, eps, 1, None, 1, grad, g, batch)
-    return out._replace(n_iter=int(res.log["n_iter"]) + 2)
 
 
 class _EnvelopeAlignment(torch.autograd.Function):
@@ -873,10 +843,6 @@ class SinkhornAligner(nn.Module):
         grad: ``"envelope"`` or ``"unrolled"``, as in :func:`sinkhorn`.
         warm_start: Reuse the potentials of the previous call (kept in non-persistent buffers)
             when the problem shapes match.
-        backend: ``"torch"`` (this module's solver) or ``"pot"`` (the iterations are delegated to
-            POT's ``ot.solve_batch(method="log_sinkhorn")``; imported lazily on first use). POT
-            is an optional dependency, needed only for this backend:
-            ``pip install "modbalance[pot]"`` (the ``dev`` extra has it too).
         gradient_side: ``"both"``, ``"x"`` or ``"y"``: which inputs receive gradient.
 
     Attributes:
@@ -887,8 +853,6 @@ class SinkhornAligner(nn.Module):
 
     Raises:
         ModbalanceError: For invalid hyperparameters.
-        ModuleNotFoundError: For ``backend="pot"`` when POT is not installed (the message says
-            how to install it).
 
     Example:
         >>> import torch
@@ -904,6 +868,10 @@ class SinkhornAligner(nn.Module):
         True
     """
 
+    #: The Sinkhorn solve of the composite path, :func:`_solve` (the parity test's subclass runs
+    #: POT's iterations here).
+    _sinkhorn = staticmethod(_solve)
+
     def __init__(
         self,
         *,
@@ -914,7 +882,6 @@ class SinkhornAligner(nn.Module):
         structure_weight: float = 1.0,
         grad: str = "envelope",
         warm_start: bool = False,
-        backend: str = "torch",
         gradient_side: str = "both",
     ) -> None:
         super().__init__()
@@ -927,9 +894,6 @@ class SinkhornAligner(nn.Module):
         if not isinstance(warm_start, bool):
             raise TypeError(f"`warm_start` must be a bool, got {type(warm_start).__name__}.")
         self.warm_start = warm_start
-        self.backend = check_choice(backend, "backend", ("torch", "pot"))
-        if self.backend == "pot" and not _pot_available():
-            raise ModuleNotFoundError(_POT_MISSING)
         self.gradient_side = check_choice(gradient_side, "gradient_side", ("both", "x", "y"))
         self.register_buffer("warm_f", None, persistent=False)
         self.register_buffer("warm_g", None, persistent=False)
@@ -940,7 +904,7 @@ class SinkhornAligner(nn.Module):
         return (
             f"metric={self.metric!r}, epsilon={self.epsilon}, max_iter={self.max_iter}, "
             f"tol={self.tol}, structure_weight={self.structure_weight}, grad={self.grad!r}, "
-            f"warm_start={self.warm_start}, backend={self.backend!r}"
+            f"warm_start={self.warm_start}"
         )
 
     def reset_warm_start(self) -> None:
@@ -976,26 +940,19 @@ class SinkhornAligner(nn.Module):
         self,
         x: Tensor,
         y: Tensor,
-        a: Tensor | None,
-        b: Tensor | None,
-        units: tuple[Tensor, Tensor] | None = None,
+        weights: tuple[Tensor | None, Tensor | None],
+        units: tuple[Tensor, Tensor] | None,
     ) -> Tensor:
+        """The normalised ``(..., K, L)`` cost of :meth:`_align` (see the class docstring).
+
+        ``weights``: ``(a, b)``; a zero weight leaves its row or column out of the
+        ``"sqeuclidean"`` scale. ``units``: as in :meth:`_align`.
+        """
         if self.metric == "cosine":
-            if units is None:
-                xn = F.normalize(x, dim=-1, eps=1e-12)
-                yn = F.normalize(y, dim=-1, eps=1e-12)
-            else:
-                xn, yn = units
-            if xn.ndim == 3 and yn.ndim == 3 and xn.shape[0] == yn.shape[0]:
-                dots = torch.bmm(xn, yn.transpose(1, 2))  # matmul's kernel, without its reshapes
-            else:
-                dots = xn @ yn.transpose(-1, -2)
-            return ((1.0 - dots) * 0.5).clamp(0.0, 1.0)
-        sq = (
-            x.pow(2).sum(-1).unsqueeze(-1)
-            + y.pow(2).sum(-1).unsqueeze(-2)
-            - 2.0 * (x @ y.transpose(-1, -2))
-        ).clamp_min(0.0)
+            xn, yn = (unit(x), unit(y)) if units is None else units
+            return (pairwise_distance(xn, yn, "cosine", normalized=True) * 0.5).clamp(0.0, 1.0)
+        sq = pairwise_distance(x, y, "sqeuclidean")
+        a, b = weights
         with torch.no_grad():
             masked = sq
             if a is not None or b is not None:
@@ -1078,38 +1035,33 @@ class SinkhornAligner(nn.Module):
             x = x.detach()
             units = None if units is None else (units[0].detach(), units[1])
 
-        cost = self._cost(x, y, a, b, units)
+        cost = self._cost(x, y, (a, b), units)
         batch = _align_batch(cost, a, b)
 
         log_a = _log_weights(a, k, cost)
         log_b = _log_weights(b, n, cost)
-        if self.backend == "pot":
-            res = self._pot(cost, x, a, b, batch)
-        else:
-            g0 = self._warm_g0(cost, batch)
-            # The normalised cost lies in [0, 1]: cosine by its clamp, "sqeuclidean" when no
-            # entry is left out of its scale (no weights); the bound selects the fast iterations.
-            bound = 1.0 if self.metric == "cosine" or (a is None and b is None) else None
-            if self._one_node(cost, a, b, batch):
-                full = (*batch, k, n)
-                y_in, done = _iterations(
-                    cost, log_a, log_b, self.epsilon, self.max_iter, self.tol, 10, self.grad, g0,
-                    full, bound,
-                )  # fmt: skip
-                a_val = a if a is not None else torch.exp(log_a).expand(*batch, k)
-                b_val = b if b is not None else torch.exp(log_b).expand(*batch, n)
-                loss, plan, f, g = _EnvelopeAlignment.apply(
-                    cost, log_a, log_b, y_in.detach(), a_val, b_val, self.epsilon,
-                    self.structure_weight,
-                )  # fmt: skip
-                self.last_n_iter = done + 1
-                if self.warm_start:
-                    self.warm_f, self.warm_g = f, g
-                return AlignmentResult(loss=loss, plan=plan, cost=cost)
-            res = _solve(
-                cost, a, b, self.epsilon, self.max_iter, self.tol, 10, self.grad, g0, batch,
-                bound, diagnostics=False, log_weights=(log_a, log_b),
+        g0 = self._warm_g0(cost, batch)
+        # The normalised cost lies in [0, 1]: cosine by its clamp, "sqeuclidean" when no entry
+        # is left out of its scale (no weights); the bound selects the fast iterations.
+        bound = 1.0 if self.metric == "cosine" or (a is None and b is None) else None
+        opts = _SolverOptions(
+            self.epsilon, self.max_iter, self.tol, _CHECK_EVERY, self.grad, cost_bound=bound
+        )
+        if self._one_node(cost, a, b, batch):
+            y_in, done = _iterations(cost, log_a, log_b, opts, g0, (*batch, k, n))
+            a_val = a if a is not None else torch.exp(log_a).expand(*batch, k)
+            b_val = b if b is not None else torch.exp(log_b).expand(*batch, n)
+            loss, plan, f, g = _EnvelopeAlignment.apply(
+                cost, log_a, log_b, y_in.detach(), a_val, b_val, self.epsilon,
+                self.structure_weight,
             )  # fmt: skip
+            self.last_n_iter = done + 1
+            if self.warm_start:
+                self.warm_f, self.warm_g = f, g
+            return AlignmentResult(loss=loss, plan=plan, cost=cost)
+        res = self._sinkhorn(
+            cost, a, b, opts, g0, batch, diagnostics=False, log_weights=(log_a, log_b)
+        )
         self.last_n_iter = res.n_iter
         if self.warm_start:
             self.warm_f = res.potentials[0].detach()
@@ -1119,18 +1071,6 @@ class SinkhornAligner(nn.Module):
         if self.structure_weight > 0:
             loss = loss + self.structure_weight * self._structure(cost, res, log_a, log_b)
         return AlignmentResult(loss=loss, plan=res.plan, cost=cost)
-
-    def _pot(
-        self, cost: Tensor, x: Tensor, a: Tensor | None, b: Tensor | None, batch: torch.Size
-    ) -> SinkhornResult:
-        """Solve the alignment problem with the POT backend (uniform ``None`` weights)."""
-        k, n = x.shape[-2], cost.shape[-1]
-        ones_a = a if a is not None else torch.full((k,), 1.0 / k, dtype=x.dtype, device=x.device)
-        ones_b = b if b is not None else torch.full((n,), 1.0 / n, dtype=x.dtype, device=x.device)
-        return _solve_pot(
-            cost.expand(*batch, k, n), ones_a, ones_b, self.epsilon, self.max_iter, self.tol,
-            self.grad,
-        )  # fmt: skip
 
     def _warm_g0(self, cost: Tensor, batch: torch.Size) -> Tensor | None:
         """The stored column potentials if they fit this solve and warm starts are on."""
@@ -1231,8 +1171,8 @@ class SinkhornAligner(nn.Module):
             wa, wb = w[idx_i], w[idx_j]
         units = None
         if self.metric == "cosine":  # the unit prototypes of every modality, normalised once
-            unit = F.normalize(stacked, dim=-1, eps=1e-12)
-            units = x, y = unit[idx_i], unit[idx_j]
+            units_all = unit(stacked)
+            units = x, y = units_all[idx_i], units_all[idx_j]
         else:
             x, y = stacked[idx_i], stacked[idx_j]
         out = self._align(x, y, wa, wb, units)

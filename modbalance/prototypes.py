@@ -30,6 +30,7 @@ from modbalance._checks import (
     check_tensor,
     value_checks_enabled,
 )
+from modbalance._geometry import NORM_EPS, cosine_similarity, pairwise_distance, unit
 from modbalance.distributed import all_reduce_sum
 
 __all__ = [
@@ -376,22 +377,37 @@ class PrototypeCalibrator(nn.Module):
         self, features: Tensor, rows: Tensor | None = None, values: bool = True
     ) -> Tensor:
         # ``values=False``: the structural checks only (the caller checks the values)
-        check_tensor(features, "features", ndim=2, dtype="floating", nonempty=True)
-        if features.shape[1] != self.dim:
-            raise ModbalanceError(
-                f"`features` must have shape (N, {self.dim}) (dim={self.dim}), got shape "
-                f"{tuple(features.shape)}."
-            )
-        if features.device != self.prototypes.device:
-            raise ModbalanceError(
-                f"`features` is on {features.device} but the prototypes are on "
-                f"{self.prototypes.device}; move the module with `.to(device)`."
-            )
+        self._check_layout(features)
         if values and value_checks_enabled():
             if rows is None:
                 check_finite_sums((features, "features"))
             else:
                 check_finite(torch.where(rows.unsqueeze(1), features, 0.0), "features")
+        return features
+
+    def _check_layout(
+        self,
+        features: Tensor,
+        name: str = "features",
+        *,
+        nonempty: bool = True,
+        holder: tuple[str, str] = ("the prototypes", "the module"),
+    ) -> Tensor:
+        """Structural checks: ``(N, dim)`` floating features on the prototypes' device.
+
+        ``holder``: whose prototypes and what to move, as the device error names them.
+        """
+        check_tensor(features, name, ndim=2, dtype="floating", nonempty=nonempty)
+        if features.shape[1] != self.dim:
+            raise ModbalanceError(
+                f"`{name}` must have shape (N, {self.dim}), got shape {tuple(features.shape)}."
+            )
+        if features.device != self.prototypes.device:
+            protos, module = holder
+            raise ModbalanceError(
+                f"`{name}` is on {features.device} but {protos} are on "
+                f"{self.prototypes.device}; move {module} with `.to(device)`."
+            )
         return features
 
     def _class_labels(
@@ -428,7 +444,7 @@ class PrototypeCalibrator(nn.Module):
     # ------------------------------------------------------------------------------- geometry
     def _embed(self, features: Tensor) -> Tensor:
         if self.metric == "cosine":
-            return _normalize(features)
+            return unit(features)
         return features
 
     def _similarity(
@@ -446,15 +462,10 @@ class PrototypeCalibrator(nn.Module):
         ``embedded``: ``self._embed(features)`` when the caller has it already (same values).
         """
         protos = prototypes.to(features.dtype)
-        if self.metric == "cosine":
+        if self.metric == "cosine":  # the prototypes are unit vectors already
             emb = self._embed(features) if embedded is None else embedded
-            return emb @ protos.transpose(0, 1)
-        sq = (
-            features.pow(2).sum(-1, keepdim=True)
-            - 2.0 * features @ protos.transpose(0, 1)
-            + protos.pow(2).sum(-1)
-        )
-        return -sq.clamp_min(0.0)
+            return cosine_similarity(emb, protos, normalized=True)
+        return -pairwise_distance(features, protos, "sqeuclidean")
 
     def _snapshot(self) -> tuple[Tensor, Tensor]:
         # Clones so that a later in-place EMA step cannot invalidate a pending backward; without
@@ -609,7 +620,7 @@ class PrototypeCalibrator(nn.Module):
         with torch.no_grad():
             w = member.to(features.dtype)
             norm = torch.linalg.vector_norm(clean, dim=-1, keepdim=True)
-            emb = clean / norm.clamp_min(1e-12)  # _normalize(clean)
+            emb = clean / norm.clamp_min(NORM_EPS)  # unit(clean)
             sums, counts = w.transpose(0, 1) @ emb, w.sum(dim=0)
         if self.training:
             self._ema_update(emb, member, sums)
@@ -667,11 +678,11 @@ class PrototypeCalibrator(nn.Module):
         present = n > 0
         batch_mean = sums / n.clamp_min(1).to(dtype).unsqueeze(1)
         if self.metric == "cosine":
-            batch_mean = _normalize(batch_mean)
+            batch_mean = unit(batch_mean)
         old = self.prototypes
         ema = self.momentum * old + (1.0 - self.momentum) * batch_mean
         if self.metric == "cosine":
-            ema = _normalize(ema)
+            ema = unit(ema)
         new = torch.where(self.initialized.unsqueeze(1), ema, batch_mean)
         new = torch.where(present.unsqueeze(1), new, old)
         self.prototypes.copy_(new)
@@ -701,11 +712,6 @@ def _tiled_confidence(calibrator: PrototypeCalibrator, features: Tensor) -> Tens
     out = conf.repeat(count)
     setattr(out, _TILES, (conf, count))
     return out
-
-
-def _normalize(x: Tensor) -> Tensor:
-    """``F.normalize(x, dim=-1)``: the same kernels and values, without its Python layers."""
-    return x / torch.linalg.vector_norm(x, dim=-1, keepdim=True).clamp_min(1e-12)
 
 
 def _fusable(features: Tensor, metric: str) -> bool:
@@ -760,7 +766,8 @@ class _CosineCalibration(torch.autograd.Function):
         ctx.set_materialize_grads(False)
         sizes = counts.clamp_min(1).unsqueeze(1)
         means = sums / sizes
-        logits = (emb @ protos.transpose(0, 1)).masked_fill(~init, float("-inf")) / temperature
+        logits = cosine_similarity(emb, protos, normalized=True)
+        logits = logits.masked_fill(~init, float("-inf")) / temperature
         per_sample: Tensor | None = None
         target = probs = None
         if pull_weight > 0:
@@ -811,8 +818,8 @@ class _CosineCalibration(torch.autograd.Function):
         if g_emb is None:
             return (torch.zeros_like(emb), *nones)
         # F.normalize's backward (the norm only where it is not clamped), then the row mask
-        radial = torch.where(norm < 1e-12, 0.0, (emb * g_emb).sum(-1, keepdim=True))
-        g_clean = torch.addcmul(g_emb, emb, radial, value=-1.0) / norm.clamp_min(1e-12)
+        radial = torch.where(norm < NORM_EPS, 0.0, (emb * g_emb).sum(-1, keepdim=True))
+        g_clean = torch.addcmul(g_emb, emb, radial, value=-1.0) / norm.clamp_min(NORM_EPS)
         return (torch.where(in_class.unsqueeze(1), g_clean, 0.0), *nones)
 
 

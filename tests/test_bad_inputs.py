@@ -370,8 +370,6 @@ OT = [
      "`structure_weight` must be >= 0"),
     ("SinkhornAligner", "type", lambda _: SinkhornAligner(warm_start="yes"), TypeError,
      "`warm_start` must be a bool"),
-    ("SinkhornAligner", "keys", lambda _: SinkhornAligner(backend="jax"), ME,
-     "`backend` must be one of"),
     ("SinkhornAligner", "keys", lambda _: SinkhornAligner(gradient_side="z"), ME,
      "`gradient_side` must be one of"),
     ("SinkhornAligner.forward", "shape", lambda _: SinkhornAligner()(PX[0], PY), ME,

@@ -32,6 +32,7 @@ import modbalance.ot as mot
 import modbalance.prototypes as mproto
 from modbalance import value_checks
 from modbalance._checks import ModbalanceError
+from modbalance._geometry import unit
 from modbalance.fusion import PrototypeGatedFusion
 from modbalance.ot import SinkhornAligner
 from modbalance.prototypes import PrototypeCalibrator
@@ -357,15 +358,15 @@ def test_fused_calibration_only_where_it_applies(monkeypatch):
     assert not calls
 
 
-def test_normalize_is_f_normalize():
+def test_unit_is_f_normalize():
     for dtype in (torch.float32, F64):
         x = torch.randn(50, 16, dtype=dtype)
         x[3] = 0.0
         x[4] = 1e-30
-        assert torch.equal(mproto._normalize(x), F.normalize(x, dim=-1))
+        assert torch.equal(unit(x), F.normalize(x, dim=-1))
         a, b = x.clone().requires_grad_(True), x.clone().requires_grad_(True)
         grad = torch.randn_like(x)
-        (mproto._normalize(a) * grad).sum().backward()
+        (unit(a) * grad).sum().backward()
         (F.normalize(b, dim=-1) * grad).sum().backward()
         assert torch.equal(a.grad, b.grad)
 

@@ -27,6 +27,7 @@ from modbalance._checks import (
     check_tensor,
     value_checks_enabled,
 )
+from modbalance._geometry import pairwise_distance, unit
 from modbalance.balancing import BalancingMethod, StepOutput
 from modbalance.distributed import all_reduce_sum
 from modbalance.prototypes import PrototypeCalibrator, class_means, sentiment_classes
@@ -34,6 +35,8 @@ from modbalance.prototypes import PrototypeCalibrator, class_means, sentiment_cl
 __all__ = ["PMR", "pmr_coefficients"]
 
 _UPDATES = ("epoch", "step", "manual")
+#: Whose prototypes and what to move, as a device error of the features names them.
+_HOLDER = ("PMR's prototypes", "the method")
 
 
 def pmr_coefficients(scores: Tensor, alpha: float = 1.0) -> Tensor:
@@ -367,24 +370,16 @@ class PMR(BalancingMethod):
         return target.long()
 
     def _embed(self, calib: PrototypeCalibrator, h: Tensor) -> Tensor:
-        return F.normalize(h, dim=-1) if calib.metric == "cosine" else h
+        return unit(h) if calib.metric == "cosine" else h
 
     def _inputs(self, features: Mapping[str, Tensor], present: Mapping[str, Tensor] | None):
         check_modality_keys(features, "features", self.modalities)
         out = []
         for i, name in enumerate(self.modalities):
             calib = self.calibrators[name]
-            h = check_tensor(features[name], f"features[{name!r}]", ndim=2, dtype="floating")
-            if h.shape[1] != calib.dim:
-                raise ModbalanceError(
-                    f"`features[{name!r}]` must have shape (N, {calib.dim}), got shape "
-                    f"{tuple(h.shape)}."
-                )
-            if h.device != calib.prototypes.device:
-                raise ModbalanceError(
-                    f"`features[{name!r}]` is on {h.device} but PMR's prototypes are on "
-                    f"{calib.prototypes.device}; move the method with `.to(device)`."
-                )
+            h = calib._check_layout(
+                features[name], f"features[{name!r}]", nonempty=False, holder=_HOLDER
+            )
             mask = None if present is None else present.get(name)
             if mask is None:
                 mask = torch.ones(h.shape[0], dtype=torch.bool, device=h.device)
@@ -399,12 +394,12 @@ class PMR(BalancingMethod):
         sums, counts = sums.to(dtype), counts.to(dtype)
         mean = sums / counts.clamp_min(1).unsqueeze(1)
         if calib.metric == "cosine":
-            mean = F.normalize(mean, dim=-1)
+            mean = unit(mean)
         present = counts > 0
         init = calib.initialized
         ema = calib.momentum * calib.prototypes + (1.0 - calib.momentum) * mean
         if calib.metric == "cosine":
-            ema = F.normalize(ema, dim=-1)
+            ema = unit(ema)
         new = torch.where(init.unsqueeze(1), ema, mean)
         take = present & ~init if new_only else present
         calib.prototypes.copy_(torch.where(take.unsqueeze(1), new, calib.prototypes))
@@ -460,9 +455,8 @@ class PMR(BalancingMethod):
         calib = self.calibrators[name]
         e = self._embed(calib, features)
         protos = calib.prototypes.detach().clone().to(e.dtype)
-        diff = e.unsqueeze(1) - protos.unsqueeze(0)
         # sqrt of a clamped square: the released code's distance, without a NaN gradient at 0.
-        dist = diff.pow(2).sum(-1).clamp_min(torch.finfo(e.dtype).tiny).sqrt()
+        dist = pairwise_distance(e, protos, "euclidean")
         return (-dist).masked_fill(~calib.initialized, float("-inf"))
 
     def _active(self) -> bool:
