@@ -135,6 +135,7 @@ SPECS: dict[str, Spec] = {
     "pase+alignment": Spec(_PASE | {"alignment": True}, PASE_METHODS, warmup=True),
     "pase+gate": Spec(_PASE | {"gate": True}, PASE_METHODS, warmup=True),
     "pase+sgm": Spec(_PASE, (*PASE_METHODS, "sgm"), warmup=True),
+    "ebmc": Spec(_PLAIN, ("emc", "imtd")),  # EBMC's two balancing terms together
 }
 for _name in ("unimodal", "gblending", "mmpareto", "agm", "pmr", "mla", "cggm", "inforeg"):
     SPECS[_name] = Spec(_PLAIN, (_name,))  # each on the plain joint model
@@ -200,7 +201,10 @@ def spec_of(name: str) -> Spec:
 
 
 REFERENCES = ("alone", "alone-ensemble", "alone-probe")
-FIELD = ("unimodal", "gblending", "mmpareto", "agm", "pmr", "mla", "cggm", "inforeg", "dgl", "ume")
+FIELD = (
+    "unimodal", "gblending", "mmpareto", "agm", "pmr", "mla", "cggm", "inforeg", "dgl", "ume",
+    "umt", "g2d", "ebmc", "valuation", "reconboost", "aug",
+)  # fmt: skip
 ABLATIONS = (
     "pase-no-warmup", "pase-no-sge", "pase-no-residual", "pase-beta0",
     "pase+calibration", "pase+alignment", "pase+gate", "pase+sgm",
@@ -390,6 +394,15 @@ def _known(name: str) -> bool:
     return True
 
 
+def _wanted(methods: Sequence[str]) -> list[str]:
+    """The names to train (every reference is one ``alone`` job); unknown names refused."""
+    wanted = list(dict.fromkeys("alone" if m in REFERENCES else m for m in methods))
+    unknown = [m for m in wanted if m != "alone" and not _known(m)]
+    if unknown:
+        raise SystemExit(f"unknown methods {unknown}; known: {sorted(SPECS) + list(REFERENCES)}")
+    return wanted
+
+
 def _public(run: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in run.items() if not k.startswith("_")}
 
@@ -425,11 +438,7 @@ def run_task(
     """
     if backbone not in BACKBONES:
         raise SystemExit(f"unknown backbone {backbone!r}; known: {', '.join(BACKBONES)}")
-    wanted = ["alone" if m in REFERENCES else m for m in methods]
-    wanted = list(dict.fromkeys(wanted))
-    unknown = [m for m in wanted if m != "alone" and not _known(m)]
-    if unknown:
-        raise SystemExit(f"unknown methods {unknown}; known: {sorted(SPECS) + list(REFERENCES)}")
+    wanted = _wanted(methods)
     fp = _fingerprint(task_name, quick, device, backbone)
     stem = task_name if backbone == "late" else f"{task_name}_{backbone}"
     todo, runs = [], []

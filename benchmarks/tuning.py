@@ -45,6 +45,12 @@ COEFFICIENTS: dict[str, tuple[str, tuple[Any, ...]]] = {
     "inforeg": ("@scale", (0.95, 1.9)),
     "dgl": ("@alpha", (4.0, 1.0)),
     "ume": ("weight_decay", (1e-4, 1e-2)),
+    "umt": ("@weight", (10.0, 1.0)),
+    "g2d": ("@feature_weight", (1.0, 0.1)),
+    "ebmc": ("@weight", (0.1, 0.5)),
+    "valuation": ("@level", ("sample", "modality")),
+    "reconboost": ("@alpha", (0.5, 1.0)),
+    "aug": ("@gamma", (0.5, 1.0)),
 }
 TASK = "cls-synthetic"
 TUNING_SEEDS = (0, 1)

@@ -30,16 +30,23 @@ from modbalance.decision import Decision
 from modbalance.fusion import FusionOutput, PrototypeGatedFusion
 from modbalance.methods import (
     AGM,
+    AUG,
     CGGM,
     DGL,
+    EMC,
+    G2D,
+    IMTD,
     MLA,
     PMR,
     UME,
+    UMT,
     GBlending,
     InfoReg,
     MMPareto,
+    ModalityValuation,
     ModulatorHandle,
     OGMGEModulator,
+    ReconBoost,
     ShapleyEquilibrium,
     ShapleyGradModulator,
     UnimodalLoss,
@@ -70,7 +77,6 @@ from modbalance.prototypes import (
     sentiment_classes,
 )
 from modbalance.schedule import DualPhaseSchedule
-from modbalance.teachers import TeacherOutput, UnimodalTeachers
 from modbalance.shapley import (
     GameResult,
     InputMaskingGame,
@@ -81,16 +87,22 @@ from modbalance.shapley import (
     shapley_from_table,
     shapley_values,
 )
+from modbalance.teachers import TeacherOutput, UnimodalTeachers
 
 __version__ = "0.1.0"
 
 __all__ = [
     "AGM",
+    "AUG",
     "CGGM",
     "DGL",
+    "EMC",
+    "G2D",
+    "IMTD",
     "MLA",
     "PMR",
     "UME",
+    "UMT",
     "AlignmentResult",
     "BalancingMethod",
     "CalibrationOutput",
@@ -106,6 +118,7 @@ __all__ = [
     "InputMaskingGame",
     "MMPareto",
     "ModalityGame",
+    "ModalityValuation",
     "ModbalanceError",
     "ModulatorHandle",
     "MultimodalDataset",
@@ -113,6 +126,7 @@ __all__ = [
     "PairwiseAlignment",
     "PrototypeCalibrator",
     "PrototypeGatedFusion",
+    "ReconBoost",
     "ShapleyEquilibrium",
     "ShapleyGradModulator",
     "ShapleyResult",

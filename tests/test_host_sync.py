@@ -41,6 +41,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 import modbalance
 from examples import pase_mosi
 from examples.pase import METHODS, PAPER_SWITCHES, PaSEConfig, build, train_step
+from modbalance.teachers import UnimodalTeachers
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -313,13 +314,20 @@ def test_counting_the_optimizer_step_would_see_a_sync():
 # ------------------------------------------------------------------------------------------------
 
 
+def _with_teachers(parts):
+    """Teachers (here the untrained model's own encoders and heads) for a distilling method."""
+    if any(m.needs_teacher for m in parts.methods):
+        parts.teachers = UnimodalTeachers(parts.model.encoders, parts.model.unimodal_heads)
+    return parts
+
+
 @pytest.mark.parametrize("method", sorted(METHODS))
 def test_train_step_does_not_synchronise(method):
     torch.manual_seed(0)
     cfg = PaSEConfig(
         modalities=tuple(DIMS), input_dims=dict(DIMS), dim=8, heads=2, **PAPER_SWITCHES
     )
-    parts = build(cfg, methods=[method])
+    parts = _with_teachers(build(cfg, methods=[method]))
     counter = count_syncs(parts, make_batch())
     _assert_no_sync(counter, f"method {method!r} (regression)")
 
@@ -337,7 +345,7 @@ def test_train_step_does_not_synchronise_classification(method):
         num_classes=4,
         **PAPER_SWITCHES,
     )
-    parts = build(cfg, methods=[method])
+    parts = _with_teachers(build(cfg, methods=[method]))
     counter = count_syncs(parts, make_batch("classification", 4))
     _assert_no_sync(counter, f"method {method!r} (classification)")
 

@@ -23,15 +23,22 @@ from torch import Tensor, nn
 
 from modbalance import (
     AGM,
+    AUG,
     CGGM,
     DGL,
+    EMC,
+    G2D,
+    IMTD,
     MLA,
     PMR,
     UME,
+    UMT,
     GBlending,
     InfoReg,
     MMPareto,
+    ModalityValuation,
     OGMGEModulator,
+    ReconBoost,
     ShapleyEquilibrium,
     ShapleyGradModulator,
     UnimodalLoss,
@@ -165,6 +172,22 @@ METHODS: dict[str, Callable[..., BalancingMethod]] = {
     "dgl": _on_modalities(DGL),
     "ume": lambda model, seed, device, **options: UME(
         model.modalities, model.unimodal_heads, **options
+    ),
+    # distillation from alone-trained teachers (the loop trains them: examples/pase/teachers.py)
+    "umt": _on_modalities(UMT),
+    "g2d": lambda model, seed, device, **options: G2D(
+        model.modalities, model.modality_groups(), **options
+    ),
+    "emc": _on_modalities(EMC),  # EBMC's two terms: use both, methods=("emc", "imtd")
+    "imtd": _on_modalities(IMTD),
+    "reconboost": lambda model, seed, device, **options: ReconBoost(
+        model.modalities, model.unimodal_heads, **{"stage_steps": 20} | options
+    ),
+    "aug": lambda model, seed, device, **options: AUG(
+        model.modalities, model.config.dim, model.config.num_outputs, **{"seed": seed} | options
+    ),
+    "valuation": lambda model, seed, device, **options: ModalityValuation(
+        model.modalities, modules=[model], **{"seed": seed} | options
     ),
     # PaSE's Shapley-based equilibrium: the default rule, and the variants measured on the suite
     "sge": _sge,
