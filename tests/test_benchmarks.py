@@ -405,3 +405,31 @@ def test_every_method_gets_the_same_tuning_budget_and_the_choice_reads_validatio
     assert choice["chosen"] == names[-1]  # the best on validation, whatever the test says
     with pytest.raises(SystemExit, match="no tuning grid"):
         tuning.grid("nonsense")
+
+
+def test_tuning_quick_writes_its_choice_and_the_tuned_suite_uses_it(tmp_path):
+    from benchmarks import tuning
+
+    out = tmp_path / "results"
+    result = tuning.main(["--quick", "--methods", "joint,umt", "--cache", "", "--out", str(out)])
+    assert set(result["methods"]) == {"joint", "umt"}
+    for method, t in result["methods"].items():
+        assert t["chosen"] in tuning.grid(method) and len(t["configs"]) == 6
+        assert all(r["seeds"] == 2 for r in t["configs"])
+    (out / "tuning.json").write_text((out / "tuning_quick.json").read_text())
+    assert tuning.load(out / "tuning.json") == {
+        m: t["chosen"] for m, t in result["methods"].items()
+    }
+    argv = ["--quick", "--task", "cls-synthetic", "--methods", "joint,umt,alone-ensemble"]
+    (run,) = competition.main([*argv, "--seeds", "0", "--cache", "", "--out", str(out), "--tuned"])
+    assert {r["method"] for r in run["runs"]} == {"joint", "umt", "alone", "alone-ensemble"}
+    assert (out / "competition_cls-synthetic_tuned_quick.md").exists()
+    # the teachers' training time is part of the distilling method's cost
+    umt = next(r for r in run["runs"] if r["method"] == "umt")
+    joint = next(r for r in run["runs"] if r["method"] == "joint")
+    assert umt["time_s"] > joint["time_s"]
+
+
+def test_tuned_needs_a_tuning(tmp_path):
+    with pytest.raises(SystemExit, match="--tuned needs"):
+        competition.main(["--quick", "--tuned", "--out", str(tmp_path), "--cache", ""])
