@@ -99,7 +99,7 @@ def to_markdown(tuning: dict[str, Any]) -> str:
         "|---|---|---|---|",
     ]
     for method, t in tuning["methods"].items():
-        default = next(r for r in t["configs"] if "lr=0.001+" in r["name"])
+        default = next(r for r in t["configs"] if r["name"] == default_name(method))
         first_value = default["name"]  # the default coefficient comes first in the grid
         lines.append(
             f"| {method} | `{t['chosen']}` | {t['valid'] * 100:.1f} | "
@@ -108,11 +108,22 @@ def to_markdown(tuning: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def default_name(method: str) -> str:
+    """The grid's name of ``method``'s defaults (learning rate 1e-3, the first coefficient)."""
+    key, values = COEFFICIENTS[method]
+    return f"{method}+lr={1e-3:g}+{key}={values[0]!r}"
+
+
 def load(path: Path = RESULTS / "tuning.json") -> dict[str, str]:
-    """``{method: chosen suite name}`` from a saved tuning (empty if there is none)."""
+    """``{method: chosen suite name}`` from a saved tuning (empty if there is none).
+
+    A method whose defaults won is given by its plain name: it then runs with each task's own
+    defaults (the same runs as the defaults table).
+    """
     if not path.exists():
         return {}
-    return {m: t["chosen"] for m, t in json.loads(path.read_text())["methods"].items()}
+    chosen = {m: t["chosen"] for m, t in json.loads(path.read_text())["methods"].items()}
+    return {m: m if name == default_name(m) else name for m, name in chosen.items()}
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
