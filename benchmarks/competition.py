@@ -855,6 +855,10 @@ def _write_leaderboard(out: Path, tasks: Sequence[str]) -> None:
     (out / "leaderboard.rst").write_text(
         _rst_table(leaderboard(default), "every method x every task (5 seeds)")
     )
+    if tuned:
+        (out / "leaderboard_tuned.rst").write_text(
+            _rst_table(leaderboard(tuned), "every method tuned alike x every task (5 seeds)")
+        )
     print(text)
 
 
