@@ -322,22 +322,6 @@ def compare_recipes(
     return out
 
 
-def compare(
-    dims: dict[str, int],
-    batch_size: int,
-    seq: int,
-    device: str,
-    amp: str | None,
-    steps: int,
-    task: str = "regression",
-    num_classes: int = 7,
-    recipe: str = "paper",
-) -> dict[str, float]:
-    """Interleaved median step times of plain and PaSE phase 2 on the same batch shape."""
-    rows = compare_recipes(dims, batch_size, seq, device, amp, steps, (recipe,), task, num_classes)
-    return rows[recipe]
-
-
 def scaling_grid(
     ms: Sequence[int],
     batches: Sequence[int],
@@ -645,38 +629,20 @@ def peak_memory(
 
 # ------------------------------------------------------------------------------------ run
 def _sweep(
-    dims: dict[str, int],
+    measure: Callable[..., dict[str, Any]],
     batch_size: int,
-    seq: int,
-    device: str,
-    amp: str | None,
-    sweep_steps: int,
     batches: Sequence[int],
     classes: Sequence[int],
 ) -> list[dict[str, Any]]:
-    """The paper's step against the batch size and (classification) the number of classes."""
-    sweep: list[dict[str, Any]] = []
-    for b in batches:
-        sweep.append(
-            {"axis": "batch", "value": b, **compare(dims, b, seq, device, amp, sweep_steps)}
-        )
+    """The paper's step against the batch size and (classification) the number of classes.
+
+    ``measure(batch, **task)`` times the paper's step against its plain step (one row of
+    :func:`compare_recipes`).
+    """
+    sweep = [{"axis": "batch", "value": b, **measure(b)} for b in batches]
     for k in classes:
-        sweep.append(
-            {
-                "axis": "K",
-                "value": k,
-                **compare(
-                    dims,
-                    batch_size,
-                    seq,
-                    device,
-                    amp,
-                    sweep_steps,
-                    task="classification",
-                    num_classes=k,
-                ),
-            }
-        )
+        row = measure(batch_size, task="classification", num_classes=k)
+        sweep.append({"axis": "K", "value": k, **row})
     return sweep
 
 
@@ -702,7 +668,11 @@ def run(quick: bool = False, device: str = "cpu", amp: str | None = None) -> dic
     main = {**both["paper"], "batch": batch_size, "seq": seq, "steps": steps}
     main_default = {**both["default"], "batch": batch_size, "seq": seq, "steps": steps}
     parts = breakdown(dims, batch_size, seq, device, amp, repeats)
-    sweep = _sweep(dims, batch_size, seq, device, amp, sweep_steps, batches, classes)
+
+    def paper(b: int, **task: Any) -> dict[str, Any]:
+        return compare_recipes(dims, b, seq, device, amp, sweep_steps, ("paper",), **task)["paper"]
+
+    sweep = _sweep(paper, batch_size, batches, classes)
     grid = scaling_grid(
         grid_ms, grid_batches, 50 if not quick else seq, device, amp, grid_steps, **grid_budget
     )

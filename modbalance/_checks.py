@@ -30,11 +30,13 @@ __all__ = [
     "check_choice",
     "check_finite",
     "check_finite_sums",
+    "check_has_modalities",
     "check_int",
     "check_modality_keys",
     "check_ndim",
     "check_real",
     "check_replace",
+    "check_same_dtype_device",
     "check_same_size",
     "check_shape",
     "check_signal",
@@ -439,6 +441,44 @@ def check_modality_keys(
         raise ModbalanceError(
             f"`{name}` is missing modality {missing[0]!r} (all missing: {missing}); "
             f"expected one entry for each of {list(modalities)}.{(' ' + hint) if hint else ''}"
+        )
+
+
+def check_has_modalities(
+    mapping: Any, modalities: Sequence[str], missing: str, hint: str = ""
+) -> None:
+    """Check that ``mapping`` has every one of ``modalities`` (other keys are allowed).
+
+    The error reads ``f"{missing} {first missing name!r} (has {sorted keys}){hint}."``: the
+    caller words what is missing (unlike :func:`check_modality_keys`, which also refuses unknown
+    keys).
+
+    Raises:
+        ModbalanceError: If a modality is missing; the first one is named.
+
+    Example:
+        >>> from modbalance._checks import check_has_modalities
+        >>> check_has_modalities({"text": 1, "audio": 2, "x": 3}, ("text", "audio"), "missing")
+        >>> check_has_modalities({"text": 1}, ("text", "audio"), "`features` is missing")
+        Traceback (most recent call last):
+            ...
+        modbalance._checks.ModbalanceError: `features` is missing 'audio' (has ['text']).
+    """
+    absent = [m for m in modalities if m not in mapping]
+    if absent:
+        raise ModbalanceError(f"{missing} {absent[0]!r} (has {sorted(mapping)}){hint}.")
+
+
+def check_same_dtype_device(x: Tensor, x_name: str, y: Tensor, y_name: str) -> None:
+    """Check that ``x`` and ``y`` have one dtype and one device (structural, no host read).
+
+    Raises:
+        ModbalanceError: If the dtypes or the devices differ.
+    """
+    if x.dtype != y.dtype or x.device != y.device:
+        raise ModbalanceError(
+            f"`{x_name}` and `{y_name}` must share dtype and device: `{x_name}` is {x.dtype} on "
+            f"{x.device}, `{y_name}` is {y.dtype} on {y.device}."
         )
 
 

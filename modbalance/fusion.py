@@ -24,6 +24,7 @@ from modbalance._checks import (
     check_int,
     check_modality_keys,
     check_real,
+    check_same_dtype_device,
     check_tensor,
     value_checks_enabled,
 )
@@ -245,23 +246,12 @@ class PrototypeGatedFusion(ModalityState, nn.Module):
                     f"`{key}` must have shape ({n}, {self.dim}) (batch of "
                     f"`features[{first!r}]`, dim={self.dim}), got shape {tuple(x.shape)}."
                 )
-            if x.dtype != ref.dtype or x.device != ref.device:
-                raise ModbalanceError(
-                    f"`{key}` is {x.dtype} on {x.device} but `features[{first!r}]` is "
-                    f"{ref.dtype} on {ref.device}; all modalities must match."
-                )
-        for name, x in zip(self.modalities, confs):
-            key = f"confidence[{name!r}]"
-            check_tensor(x, key, ndim=1, dtype="floating")
-            if x.shape[0] != n:
-                raise ModbalanceError(
-                    f"`{key}` must have shape ({n},) to match the features, got shape "
-                    f"{tuple(x.shape)}."
-                )
-        if pres is not None:
-            for name, x in zip(self.modalities, pres):
-                key = f"present[{name!r}]"
-                check_tensor(x, key, ndim=1, dtype="bool")
+            check_same_dtype_device(x, key, ref, f"features[{first!r}]")
+        flags = [] if pres is None else pres
+        for what, values, kind in (("confidence", confs, "floating"), ("present", flags, "bool")):
+            for name, x in zip(self.modalities, values):
+                key = f"{what}[{name!r}]"
+                check_tensor(x, key, ndim=1, dtype=kind)
                 if x.shape[0] != n:
                     raise ModbalanceError(
                         f"`{key}` must have shape ({n},) to match the features, got shape "

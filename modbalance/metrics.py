@@ -702,13 +702,7 @@ def _ridge_predict(xtr: Tensor, ytr: Tensor, xte: Tensor, task: str, alpha: floa
 
 
 def _ridge_probe(
-    train_x: Any,
-    train_y: Any,
-    test_x: Any,
-    test_y: Any,
-    *,
-    task: str = "regression",
-    alpha: float = 1.0,
+    xtr: Any, ytr: Any, xte: Any, yte: Any, *, task: str = "regression", alpha: float = 1.0
 ) -> tuple[Tensor, Tensor]:
     """Check the inputs of :func:`probe_score` and fit its ridge probe: the one implementation.
 
@@ -716,10 +710,10 @@ def _ridge_probe(
     (``benchmarks/competition.py``, its ``alone-probe`` reference) feeds them to its fused metrics.
 
     Args:
-        train_x: Training features (N, D).
-        train_y: Training targets (N,).
-        test_x: Test features (M, D).
-        test_y: Test targets (M,) (checked; returned as float64).
+        xtr: Training features (N, D), ``train_x`` of :func:`probe_score`.
+        ytr: Training targets (N,), ``train_y``.
+        xte: Test features (M, D), ``test_x``.
+        yte: Test targets (M,), ``test_y`` (checked; returned as float64).
         task: ``"regression"`` or ``"classification"``.
         alpha: Ridge strength (> 0) on standardised features.
 
@@ -736,9 +730,9 @@ def _ridge_probe(
         )
     if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not alpha > 0:
         raise ModbalanceError(f"`alpha` must be a real number > 0, got {alpha!r}.")
-    xtr, xte = _probe_features(train_x, test_x)
-    ytr = _probe_target(train_y, "train_y", xtr.shape[0], task)
-    yte = _probe_target(test_y, "test_y", xte.shape[0], task)
+    xtr, xte = _probe_features(xtr, xte)
+    ytr = _probe_target(ytr, "train_y", xtr.shape[0], task)
+    yte = _probe_target(yte, "test_y", xte.shape[0], task)
     if xtr.shape[0] < 2:
         raise ModbalanceError(f"`train_x` needs at least 2 samples, got {xtr.shape[0]}.")
     if task == "classification":

@@ -36,6 +36,7 @@ from modbalance._checks import (
     check_finite_sums,
     check_int,
     check_real,
+    check_same_dtype_device,
     check_tensor,
     value_checks_enabled,
 )
@@ -998,11 +999,7 @@ class SinkhornAligner(nn.Module):
                 f"`x` and `y` must have the same feature size D, got shapes {_shape(x)} and "
                 f"{_shape(y)}."
             )
-        if x.dtype != y.dtype or x.device != y.device:
-            raise ModbalanceError(
-                f"`x` and `y` must share dtype and device, got {x.dtype} on {x.device} and "
-                f"{y.dtype} on {y.device}."
-            )
+        check_same_dtype_device(x, "x", y, "y")
         k, n = x.shape[-2], y.shape[-2]
         if self.structure_weight > 0 and k != n:
             raise ModbalanceError(

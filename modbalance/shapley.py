@@ -390,8 +390,8 @@ def interactions_from_table(values: Tensor) -> Tensor:
 
     Raises:
         TypeError: If ``values`` is not a floating tensor.
-        ModbalanceError: If its last dimension is not a power of two, or it holds NaN/inf (a
-            value check, see :func:`modbalance.value_checks`).
+        ModbalanceError: On a table :func:`shapley_from_table` refuses (a last dimension that
+            is not a power of two, NaN/inf values).
 
     Example:
         >>> import torch
@@ -611,6 +611,18 @@ def _game_modules(fn: object, modules: Iterable[nn.Module] | None) -> list[nn.Mo
             raise TypeError(f"`modules` must hold nn.Module objects, got {type(extra).__name__}.")
         mods.append(extra)
     return mods
+
+
+def _batch_tensor(
+    values: Mapping[str, Tensor], name: str, first: str, what: str, dtype: str, ndim: int, need: str
+) -> Tensor:
+    """``values[name]``: a ``dtype`` tensor of ``ndim`` or more dimensions, batch of ``first``'s."""
+    key = f"{what}[{name!r}]"
+    x = check_tensor(values[name], key, dtype=dtype)
+    if x.ndim < ndim:
+        raise ModbalanceError(f"`{key}` must have {need}, got shape {tuple(x.shape)}.")
+    check_same_size(x, key, 0, values[first], f"{what}[{first!r}]", 0)
+    return x
 
 
 def _check_target(target: Tensor, task: str, ref: Tensor, ref_name: str) -> Tensor:
@@ -862,7 +874,44 @@ def _game_generator(seed: int, generator: torch.Generator | None) -> torch.Gener
     return generator
 
 
-class ModalityGame:
+class _Game:
+    """What both games share: their modalities (the players) and a ``repr`` of their settings."""
+
+    modalities: tuple[str, ...]
+    #: The attributes ``repr`` shows after ``modalities``, separated by spaces.
+    _repr_fields = ""
+
+    def __repr__(self) -> str:
+        names = ("modalities", *self._repr_fields.split())
+        return f"{type(self).__name__}({', '.join(f'{k}={getattr(self, k)!r}' for k in names)})"
+
+    @property
+    def num_players(self) -> int:
+        """Number of modalities :math:`M`."""
+        return len(self.modalities)
+
+    def _set_players(
+        self,
+        fn: object,
+        fn_name: str,
+        modalities: Sequence[str],
+        masking: str,
+        maskings: tuple[str, ...],
+        value: str,
+        task: str,
+    ) -> tuple[str, ...]:
+        """Check and set ``modalities``, ``masking``, ``value`` and ``task``; the names."""
+        if not callable(fn):
+            raise TypeError(f"`{fn_name}` must be callable, got {type(fn).__name__}.")
+        names = check_modality_names(modalities)
+        _check_num_players(len(names), "len(modalities)")
+        self.modalities = names
+        self.masking = check_choice(masking, "masking", maskings)
+        self.value, self.task = _check_value_task(value, task)
+        return names
+
+
+class ModalityGame(_Game):
     r"""The cooperative game of a multimodal model's modalities, evaluated in one batched pass.
 
     The encoders run **once**; their per-modality features are repeated for the coalitions,
@@ -974,6 +1023,8 @@ class ModalityGame:
         (False, 58)
     """
 
+    _repr_fields = "masking value task chunk_size estimator max_exact_players num_cycles"
+
     def __init__(
         self,
         head: Head,
@@ -991,14 +1042,9 @@ class ModalityGame:
         seed: int = 0,
         generator: torch.Generator | None = None,
     ) -> None:
-        if not callable(head):
-            raise TypeError(f"`head` must be callable, got {type(head).__name__}.")
-        names = check_modality_names(modalities)
-        _check_num_players(len(names), "len(modalities)")
+        maskings = ("zero", "mean", "learned", "present")
+        names = self._set_players(head, "head", modalities, masking, maskings, value, task)
         self.head = head
-        self.modalities = names
-        self.masking = check_choice(masking, "masking", ("zero", "mean", "learned", "present"))
-        self.value, self.task = _check_value_task(value, task)
         self.chunk_size = None if chunk_size is None else check_int(chunk_size, "chunk_size", low=1)
         self.absent_embeddings = _check_absent_embeddings(absent_embeddings, self.masking, names)
         self._modules = _game_modules(head, modules)
@@ -1012,19 +1058,6 @@ class ModalityGame:
         #: CPU generator of the sampled game's cyclic orders.
         self.generator = generator
         self._masks: dict[torch.device, Tensor] = {}
-
-    def __repr__(self) -> str:
-        return (
-            f"ModalityGame(modalities={self.modalities!r}, masking={self.masking!r}, "
-            f"value={self.value!r}, task={self.task!r}, chunk_size={self.chunk_size!r}, "
-            f"estimator={self.estimator!r}, max_exact_players={self.max_exact_players!r}, "
-            f"num_cycles={self.num_cycles!r})"
-        )
-
-    @property
-    def num_players(self) -> int:
-        """Number of modalities :math:`M`."""
-        return len(self.modalities)
 
     @property
     def exact(self) -> bool:
@@ -1082,12 +1115,7 @@ class ModalityGame:
             )
         first = self.modalities[0]
         for name in self.modalities:
-            x = check_tensor(features[name], f"features[{name!r}]", dtype="floating")
-            if x.ndim < 2:
-                raise ModbalanceError(
-                    f"`features[{name!r}]` must have shape (N, D, ...), got shape {tuple(x.shape)}."
-                )
-            check_same_size(x, f"features[{name!r}]", 0, features[first], f"features[{first!r}]", 0)
+            _batch_tensor(features, name, first, "features", "floating", 2, "shape (N, D, ...)")
         with value_checks(False):  # the target's values are checked with the rest, once
             target = _check_target(target, self.task, features[first], f"features[{first!r}]")
         if self.masking == "learned":
@@ -1308,7 +1336,7 @@ def _accepts_masks(fn: object) -> bool | None:
     return True
 
 
-class InputMaskingGame:
+class InputMaskingGame(_Game):
     r"""The game of a model's modalities played by masking its **inputs** and running it whole.
 
     Published multimodal sentiment models (early fusion, tensor fusion, cross-modal attention
@@ -1421,6 +1449,8 @@ class InputMaskingGame:
         (tensor([1.0000, 0.5000]), ('text', 'audio'))
     """
 
+    _repr_fields = "masking value task mask_absent chunk_size"
+
     def __init__(
         self,
         model_fn: ModelFn,
@@ -1435,14 +1465,9 @@ class InputMaskingGame:
         chunk_size: int | None = 1,
         modules: Iterable[nn.Module] | None = None,
     ) -> None:
-        if not callable(model_fn):
-            raise TypeError(f"`model_fn` must be callable, got {type(model_fn).__name__}.")
-        names = check_modality_names(modalities)
-        _check_num_players(len(names), "len(modalities)")
+        maskings = ("zero", "mean", "baseline")
+        names = self._set_players(model_fn, "model_fn", modalities, masking, maskings, value, task)
         self.model_fn = model_fn
-        self.modalities = names
-        self.masking = check_choice(masking, "masking", ("zero", "mean", "baseline"))
-        self.value, self.task = _check_value_task(value, task)
         if not isinstance(mask_absent, bool):
             raise TypeError(f"`mask_absent` must be a bool, got {type(mask_absent).__name__}.")
         self.mask_absent = mask_absent
@@ -1472,18 +1497,6 @@ class InputMaskingGame:
             self.baseline = None
         self._modules = _game_modules(model_fn, modules)
 
-    def __repr__(self) -> str:
-        return (
-            f"InputMaskingGame(modalities={self.modalities!r}, masking={self.masking!r}, "
-            f"value={self.value!r}, task={self.task!r}, mask_absent={self.mask_absent!r}, "
-            f"chunk_size={self.chunk_size!r})"
-        )
-
-    @property
-    def num_players(self) -> int:
-        """Number of modalities :math:`M`."""
-        return len(self.modalities)
-
     # ----------------------------------------------------------------------------------------
 
     def _check_inputs(
@@ -1495,12 +1508,8 @@ class InputMaskingGame:
         check_modality_keys(inputs, "inputs", self.modalities)
         first = self.modalities[0]
         for name in self.modalities:
-            x = check_tensor(inputs[name], f"inputs[{name!r}]", dtype="numeric")
-            if x.ndim < 1:
-                raise ModbalanceError(
-                    f"`inputs[{name!r}]` must have a batch dimension, shape (N, ...), got a scalar."
-                )
-            check_same_size(x, f"inputs[{name!r}]", 0, inputs[first], f"inputs[{first!r}]", 0)
+            need = "a batch dimension, shape (N, ...)"
+            x = _batch_tensor(inputs, name, first, "inputs", "numeric", 1, need)
             if self.masking == "mean" and not x.is_floating_point():
                 raise ModbalanceError(
                     f"masking='mean' needs floating inputs, but `inputs[{name!r}]` has dtype "

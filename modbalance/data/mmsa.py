@@ -451,18 +451,26 @@ class MultimodalDataset(Dataset):
         return f"MultimodalDataset(split={self.split!r}, n={len(self)}, task={self.task!r}, {dims})"
 
 
+def _entry(d: Any, key: str, what: str, must: str, **words: str) -> Any:
+    """``d[key]`` of a mapping ``d``; the errors name it ``what`` (``must``: the expected kind).
+
+    ``words`` may reword the missing-key error: ``noun`` (``"key"``), ``has`` (``"keys
+    present"``) and a ``hint`` appended to it.
+    """
+    if not isinstance(d, Mapping):
+        raise ModbalanceError(f"{what} must {must} {type(d).__name__}.")
+    if key not in d:
+        noun, has = words.get("noun", "key"), words.get("has", "keys present")
+        raise ModbalanceError(
+            f"{what} has no {noun} {key!r} ({has}: {sorted(map(str, d))}){words.get('hint', '')}."
+        )
+    return d[key]
+
+
 def _item_part(item: Any, b: int, key: str) -> Any:
-    if not isinstance(item, Mapping):
-        raise ModbalanceError(
-            f"item {b} of `batch` must be a dict as returned by MultimodalDataset.__getitem__, got "
-            f"{type(item).__name__}."
-        )
-    if key not in item:
-        raise ModbalanceError(
-            f"item {b} of `batch` has no key {key!r} (keys present: {sorted(map(str, item))}); "
-            "every item needs 'features', 'label' and 'id'."
-        )
-    return item[key]
+    must = "be a dict as returned by MultimodalDataset.__getitem__, got"
+    hint = "; every item needs 'features', 'label' and 'id'"
+    return _entry(item, key, f"item {b} of `batch`", must, hint=hint)
 
 
 def _shape_pattern(ref: Tensor) -> str:
@@ -661,16 +669,8 @@ def _get_split(data: Any, where: str, split: str) -> Mapping[str, Any]:
         raise ModbalanceError(
             f"`split` must be one of {', '.join(map(repr, _SPLITS))}; got {split!r}."
         )
-    if not isinstance(data, Mapping):
-        raise ModbalanceError(
-            f"{where} must hold a dict with keys 'train', 'valid', 'test', got a "
-            f"{type(data).__name__}."
-        )
-    if split not in data:
-        raise ModbalanceError(
-            f"{where} has no split {split!r} (top-level keys: {sorted(map(str, data))})."
-        )
-    d = data[split]
+    must = "hold a dict with keys 'train', 'valid', 'test', got a"
+    d = _entry(data, split, where, must, noun="split", has="top-level keys")
     if not isinstance(d, Mapping):
         raise ModbalanceError(
             f"split {split!r} must be a dict of arrays, got a {type(d).__name__}."
@@ -679,11 +679,7 @@ def _get_split(data: Any, where: str, split: str) -> Mapping[str, Any]:
 
 
 def _require(d: Mapping[str, Any], key: str, split: str) -> Any:
-    if key not in d:
-        raise ModbalanceError(
-            f"split {split!r} has no key {key!r} (keys present: {sorted(map(str, d))})."
-        )
-    return d[key]
+    return _entry(d, key, f"split {split!r}", "be a dict of arrays, got a")
 
 
 def _array(value: Any, key: str, split: str, ndim: tuple[int, ...]) -> np.ndarray:

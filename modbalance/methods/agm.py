@@ -9,7 +9,7 @@ from __future__ import annotations
 import contextlib
 import math
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from typing import Any, ClassVar
+from typing import ClassVar
 
 import torch
 from torch import Tensor, nn
@@ -26,6 +26,7 @@ from modbalance._checks import (
 from modbalance._modes import EvalMode
 from modbalance.balancing import BalancingMethod, StepOutput, check_phases, task_loss
 from modbalance.distributed import all_reduce_mean
+from modbalance.methods._common import check_modules, eval_modules_for
 from modbalance.shapley import coalition_masks, shapley_from_table
 
 __all__ = ["AGM", "agm_coefficients", "mono_modal_responses"]
@@ -284,15 +285,7 @@ class AGM(BalancingMethod):
         if head is not None and not callable(head):
             raise TypeError(f"`head` must be callable, got {type(head).__name__}.")
         self.head = head
-        mods: list[nn.Module] = []
-        if modules is not None:
-            for mod in modules:
-                if not isinstance(mod, nn.Module):
-                    raise TypeError(
-                        f"`modules` must hold nn.Module objects, got {type(mod).__name__}."
-                    )
-                mods.append(mod)
-        self._eval_modules = mods  # plain list: not registered (not part of the state)
+        self._eval_modules = check_modules(modules)  # plain list: not registered (not state)
         self.masking = check_choice(masking, "masking", ("zero", "present"))
         self.clip_norm = (
             None
@@ -319,14 +312,6 @@ class AGM(BalancingMethod):
         self.register_buffer("coefficients", torch.ones(m, dtype=f64))
         self.register_buffer("ratio", torch.full((m,), math.nan, dtype=f64))
         self.register_buffer("reference_ratio", torch.full((m,), math.nan, dtype=f64))
-
-    def _modules_for(self, fuse: Any) -> list[nn.Module]:
-        if self._eval_modules:
-            return self._eval_modules
-        if isinstance(fuse, nn.Module):
-            return [fuse]
-        owner = getattr(fuse, "__self__", None)
-        return [owner] if isinstance(owner, nn.Module) else []
 
     @torch.no_grad()
     def _scores(self, o: Tensor, target: Tensor, task: str) -> Tensor:
@@ -370,7 +355,7 @@ class AGM(BalancingMethod):
             out.fused,
             self.modalities,
             masking=self.masking,
-            eval_modules=self._modules_for(fuse),
+            eval_modules=eval_modules_for(self._eval_modules, fuse),
         )
         with torch.no_grad():
             s = all_reduce_mean(self._scores(o, out.target, out.task)).to(self.score_avg)

@@ -613,16 +613,7 @@ class AUG(BalancingMethod):
         result["ratio"] = float(self.last_ratio)
         return result
 
-    def _load_from_state_dict(
-        self,
-        state_dict: dict[str, Any],
-        prefix: str,
-        local_metadata: dict[str, Any],
-        strict: bool,
-        missing_keys: list[str],
-        unexpected_keys: list[str],
-        error_msgs: list[str],
-    ) -> None:
+    def _check_loaded_values(self, state_dict: dict[str, Any], prefix: str, where: str) -> None:
         value = state_dict.get(prefix + "coefficients")
         if isinstance(value, Tensor) and value.shape == (len(self.modalities),):
             v = value.detach().double()
@@ -631,6 +622,4 @@ class AUG(BalancingMethod):
                     f"AUG: the loaded `coefficients` count active learners and must be whole "
                     f"numbers in [1, {self.max_learners}] (max_learners), got {v.tolist()}."
                 )
-        super()._load_from_state_dict(
-            state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
-        )
+        super()._check_loaded_values(state_dict, prefix, where)

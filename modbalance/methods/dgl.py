@@ -30,8 +30,12 @@ from modbalance.balancing import (
     unimodal_task_loss,
     unimodal_terms,
 )
+from modbalance.methods._common import check_fuse
 
 __all__ = ["DGL", "encoder_only"]
+
+#: What DGL does with the fusion head (for the error without one).
+_DOES = "trains the fusion head on detached features"
 
 
 def encoder_only(loss: Tensor, features: Sequence[Tensor]) -> Tensor:
@@ -220,20 +224,6 @@ class DGL(BalancingMethod):
         alpha = {m: round(float(v), 4) for m, v in zip(self.modalities, self.coefficients)}
         return f"alpha={alpha}, unimodal={self.unimodal!r}, keep={self.keep!r}"
 
-    def _check(self, out: StepOutput) -> None:
-        check_choice(out.task, "out.task", ("regression", "classification"))
-        if out.fuse is None:
-            raise ModbalanceError(
-                "DGL trains the fusion head on detached features and needs it as `out.fuse` "
-                "(fuse(features, present) -> prediction); the StepOutput has fuse=None."
-            )
-        missing = [m for m in self.modalities if m not in out.features]
-        if missing:
-            raise ModbalanceError(
-                f"DGL needs the features of every modality: `out.features` is missing "
-                f"{missing[0]!r} (has {sorted(out.features)})."
-            )
-
     def _mask(self, out: StepOutput, m: str) -> Tensor:
         z = out.features[m]
         mask = out.present.get(m) if out.present is not None else None
@@ -264,7 +254,7 @@ class DGL(BalancingMethod):
         """
         if out.phase not in self.phases:
             return dict(losses)
-        self._check(out)
+        check_fuse(out, self.modalities, "DGL", _DOES)
         new = {k: v for k, v in losses.items() if k in self.keep}
         if self.unimodal == "heads":
             new.update(unimodal_terms(out, self.modalities, self.coefficients, "DGL"))

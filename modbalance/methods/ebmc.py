@@ -28,12 +28,14 @@ from torch import Tensor
 from modbalance._checks import (
     ModbalanceError,
     check_choice,
+    check_has_modalities,
     check_modality_names,
     check_real,
     check_target,
     check_tensor,
 )
 from modbalance.balancing import BalancingMethod, StepOutput, check_phases
+from modbalance.methods._common import presence, require_teacher, settings_repr
 
 __all__ = ["EMC", "IMTD", "trust_weights"]
 
@@ -117,24 +119,18 @@ def _prediction(x: Tensor, task: str, name: str) -> Tensor:
 
 def _teachers(out: StepOutput, modalities: Sequence[str], method: str) -> list[Tensor]:
     """The teachers' predictions in modality order, detached, checked against the task."""
-    if out.teacher is None:
-        raise ModbalanceError(
-            f"{method} distils from alone-trained unimodal teachers and `out.teacher` is None: "
-            "wrap the trained unimodal models in modbalance.teachers.UnimodalTeachers and pass "
-            "`out._replace(teacher=teachers(inputs))`."
-        )
-    given = getattr(out.teacher, "unimodal", None)
+    given = getattr(require_teacher(out, method), "unimodal", None)
     if not isinstance(given, Mapping):
         raise TypeError(
             f"{method}: `out.teacher` must be a TeacherOutput with a mapping `unimodal`, got "
             f"{type(out.teacher).__name__}."
         )
-    missing = [m for m in modalities if m not in given]
-    if missing:
-        raise ModbalanceError(
-            f"{method} needs a teacher prediction for every modality: `out.teacher.unimodal` is "
-            f"missing {missing[0]!r} (has {sorted(given)})."
-        )
+    check_has_modalities(
+        given,
+        modalities,
+        f"{method} needs a teacher prediction for every modality: `out.teacher.unimodal` is "
+        "missing",
+    )
     preds = [
         _prediction(given[m], out.task, f"out.teacher.unimodal[{m!r}]").detach() for m in modalities
     ]
@@ -148,20 +144,7 @@ def _teachers(out: StepOutput, modalities: Sequence[str], method: str) -> list[T
 
 def _presence(out: StepOutput, modalities: Sequence[str], n: int, device: torch.device) -> Tensor:
     """``(N, M)`` bool presence of every modality (all present where ``out.present`` has none)."""
-    cols = []
-    for m in modalities:
-        mask = out.present.get(m) if out.present is not None else None
-        if mask is None:
-            cols.append(torch.ones(n, dtype=torch.bool, device=device))
-            continue
-        check_tensor(mask, f"out.present[{m!r}]")
-        if mask.shape != (n,):
-            raise ModbalanceError(
-                f"`out.present[{m!r}]` must have shape ({n},), one flag per sample, got "
-                f"{tuple(mask.shape)}."
-            )
-        cols.append(mask.to(device=device, dtype=torch.bool))
-    return torch.stack(cols, dim=1)
+    return torch.stack([presence(out, m, n, device) for m in modalities], dim=1)
 
 
 def _entropy(logits: Tensor) -> Tensor:
@@ -175,19 +158,48 @@ def _masked_mean(x: Tensor, mask: Tensor) -> Tensor:
     return (x * mask).sum() / mask.sum().clamp_min(1.0)
 
 
-def _check_term(losses: Mapping[str, Tensor], name: str, method: str) -> None:
-    if name in losses:
-        raise ModbalanceError(
-            f"{method} adds the loss term {name!r}, but the step already has one of that name: "
-            f"give {method} another `name`."
-        )
-
-
 def _check_weight(value: float, name: str) -> float:
     return check_real(value, name, low=0.0)
 
 
-class EMC(BalancingMethod):
+class _Term(BalancingMethod):
+    """What EMC and IMTD share: a teacher, the modalities and one weighted, named loss term."""
+
+    needs_teacher = True
+
+    def __init__(
+        self, modalities: Sequence[str], weight: float, name: str, phases: Iterable[int]
+    ) -> None:
+        super().__init__()
+        self.modalities = check_modality_names(modalities, minimum=2)
+        self.weight = _check_weight(weight, "weight")
+        if not isinstance(name, str) or not name:
+            raise TypeError(f"`name` must be a non-empty str, got {name!r}.")
+        self.name = name
+        self.phases = check_phases(phases)
+
+    def losses(self, out: StepOutput, losses: Mapping[str, Tensor]) -> dict[str, Tensor]:
+        """Return the step's terms with the method's term (``name``) added.
+
+        Raises:
+            ModbalanceError: When the step already has a term of this name, or as the
+                method's ``_term`` says.
+        """
+        if out.phase not in self.phases:
+            return dict(losses)
+        if self.name in losses:
+            method = type(self).__name__
+            raise ModbalanceError(
+                f"{method} adds the loss term {self.name!r}, but the step already has one of "
+                f"that name: give {method} another `name`."
+            )
+        return {**losses, self.name: self._term(out)}
+
+    def _term(self, out: StepOutput) -> Tensor:
+        raise NotImplementedError
+
+
+class EMC(_Term):
     r"""Energy-guided modality coordination: pull the modalities' energies together.
 
     Every modality :math:`m` gets an *energy* from its features :math:`z_m` (``out.features``),
@@ -278,7 +290,6 @@ class EMC(BalancingMethod):
         ['energy_audio', 'energy_text']
     """
 
-    needs_teacher = True
     energies: Tensor
 
     _checked_state: ClassVar[dict[str, str]] = {"energies": "nonnegative"}
@@ -295,36 +306,24 @@ class EMC(BalancingMethod):
         name: str = "emc",
         phases: Iterable[int] = (2,),
     ) -> None:
-        super().__init__()
-        self.modalities = check_modality_names(modalities, minimum=2)
-        self.weight = _check_weight(weight, "weight")
+        super().__init__(modalities, weight, name, phases)
         self.alpha = _check_weight(alpha, "alpha")
         self.beta = _check_weight(beta, "beta")
         self.gamma = _check_weight(gamma, "gamma")
         self.delta = _check_weight(delta, "delta")
-        if not isinstance(name, str) or not name:
-            raise TypeError(f"`name` must be a non-empty str, got {name!r}.")
-        self.name = name
-        self.phases = check_phases(phases)
         self.register_buffer("energies", torch.zeros(len(self.modalities)))
 
     def extra_repr(self) -> str:
         """Summarise the configuration for ``repr``."""
-        return (
-            f"modalities={self.modalities!r}, weight={self.weight}, alpha={self.alpha}, "
-            f"beta={self.beta}, gamma={self.gamma}, delta={self.delta}, name={self.name!r}"
-        )
+        return settings_repr(self, "weight", "alpha", "beta", "gamma", "delta", "name")
 
     def _inputs(self, out: StepOutput) -> tuple[list[Tensor], list[Tensor], list[Tensor]]:
         """Features ``(N, D)``, unimodal and teacher predictions, checked, in modality order."""
         check_choice(out.task, "out.task", ("regression", "classification"))
         for what, given in (("features", out.features), ("unimodal", out.unimodal)):
-            missing = [m for m in self.modalities if m not in given]
-            if missing:
-                raise ModbalanceError(
-                    f"EMC needs `out.{what}` for every modality: missing {missing[0]!r} (has "
-                    f"{sorted(given)})."
-                )
+            check_has_modalities(
+                given, self.modalities, f"EMC needs `out.{what}` for every modality: missing"
+            )
         feats = [
             check_tensor(out.features[m], f"out.features[{m!r}]", ndim=2, dtype="floating")
             for m in self.modalities
@@ -369,17 +368,13 @@ class EMC(BalancingMethod):
         grad = 2.0 * self.alpha * z / (count * z.shape[1])  # d(alpha * norm) / dz, absent rows 0
         return energy, grad.square().mean()
 
-    def losses(self, out: StepOutput, losses: Mapping[str, Tensor]) -> dict[str, Tensor]:
-        """Return the step's terms with ``"emc"`` (``name``) added.
+    def _term(self, out: StepOutput) -> Tensor:
+        """The term ``"emc"`` (``name``) of the step.
 
         Raises:
             ModbalanceError: Without ``out.teacher``, a modality's features, unimodal or
-                teacher prediction, on shapes that do not fit the task, or when the step
-                already has a term of this name.
+                teacher prediction, or on shapes that do not fit the task.
         """
-        if out.phase not in self.phases:
-            return dict(losses)
-        _check_term(losses, self.name, "EMC")
         feats, preds, teachers = self._inputs(out)
         dtype = _dtype(feats[0])
         present = _presence(out, self.modalities, feats[0].shape[0], feats[0].device).to(dtype)
@@ -396,15 +391,14 @@ class EMC(BalancingMethod):
         gap = ((energy[:, None] - energy[None, :]).square() * pairs * has[:, None] * has).sum()
         with torch.no_grad():
             self.energies.copy_(energy.detach() * has)
-        term = self.weight * (gap + self.delta * torch.stack(regs).sum())
-        return {**losses, self.name: term}
+        return self.weight * (gap + self.delta * torch.stack(regs).sum())
 
     def summary(self) -> dict[str, float]:
         """``{"energy_<m>": E_m}`` of the last batch (zero for a modality absent from it)."""
         return {f"energy_{m}": float(e) for m, e in zip(self.modalities, self.energies.tolist())}
 
 
-class IMTD(BalancingMethod):
+class IMTD(_Term):
     r"""Instance-aware modality trust distillation: distil the fused head from trusted teachers.
 
     Every sample :math:`i` weights the Stage-I teachers :math:`t_{im}`
@@ -460,17 +454,15 @@ class IMTD(BalancingMethod):
         phases: Phases of the dual-phase schedule in which the method acts.
 
     Reference:
-        K. He et al., "Enhance-then-Balance Modality Collaboration for Robust Multimodal
-        Sentiment Analysis", CVPR 2026 (arXiv:2604.12518). Code:
-        https://github.com/kangverse/EBMC
+        The paper and the code of :class:`EMC` (K. He et al., CVPR 2026, arXiv:2604.12518).
 
     Example:
         >>> import torch
         >>> from modbalance.balancing import StepOutput
         >>> from modbalance.methods.ebmc import IMTD
         >>> from modbalance.teachers import TeacherOutput
-        >>> names = ("text", "audio")
         >>> fused = torch.zeros(4, 3, requires_grad=True)
+        >>> names = ("text", "audio")
         >>> teacher = TeacherOutput({}, {"text": torch.eye(4, 3) * 5, "audio": torch.zeros(4, 3)})
         >>> out = StepOutput({m: torch.zeros(4, 2) for m in names}, {}, fused, {},
         ...                  torch.tensor([0, 1, 2, 0]), "classification", teacher=teacher)
@@ -481,10 +473,9 @@ class IMTD(BalancingMethod):
         tensor([0.8440, 0.1560])
     """
 
-    needs_teacher = True
-    coefficients: Tensor
-
     _checked_state: ClassVar[dict[str, str]] = {"coefficients": "nonnegative"}
+
+    coefficients: Tensor
 
     def __init__(
         self,
@@ -495,23 +486,14 @@ class IMTD(BalancingMethod):
         name: str = "imtd",
         phases: Iterable[int] = (2,),
     ) -> None:
-        super().__init__()
-        self.modalities = check_modality_names(modalities, minimum=2)
-        self.weight = _check_weight(weight, "weight")
+        super().__init__(modalities, weight, name, phases)
         self.tau = check_real(tau, "tau", low=0.0, low_inclusive=False)
-        if not isinstance(name, str) or not name:
-            raise TypeError(f"`name` must be a non-empty str, got {name!r}.")
-        self.name = name
-        self.phases = check_phases(phases)
         m = len(self.modalities)
         self.register_buffer("coefficients", torch.full((m,), 1.0 / m))
 
     def extra_repr(self) -> str:
         """Summarise the configuration for ``repr``."""
-        return (
-            f"modalities={self.modalities!r}, weight={self.weight}, tau={self.tau}, "
-            f"name={self.name!r}"
-        )
+        return settings_repr(self, "weight", "tau", "name")
 
     def _inputs(self, out: StepOutput) -> tuple[Tensor, Tensor, Tensor]:
         """Student ``(N,)``/``(N, C)``, teachers ``(N, M)``/``(N, M, C)``, presence ``(N, M)``."""
@@ -532,17 +514,13 @@ class IMTD(BalancingMethod):
         dtype = _dtype(student)
         return student.to(dtype), teachers.to(device=student.device, dtype=dtype), present
 
-    def losses(self, out: StepOutput, losses: Mapping[str, Tensor]) -> dict[str, Tensor]:
-        """Return the step's terms with ``"imtd"`` (``name``) added.
+    def _term(self, out: StepOutput) -> Tensor:
+        """The term ``"imtd"`` (``name``) of the step; updates ``coefficients``.
 
         Raises:
             ModbalanceError: Without ``out.teacher`` or ``out.fused``, without a modality's
-                teacher prediction, on shapes that do not fit the task, or when the step
-                already has a term of this name.
+                teacher prediction, or on shapes that do not fit the task.
         """
-        if out.phase not in self.phases:
-            return dict(losses)
-        _check_term(losses, self.name, "IMTD")
         student, teachers, present = self._inputs(out)
         if out.task == "regression":
             t = torch.where(present, teachers, 0.0)
@@ -564,4 +542,4 @@ class IMTD(BalancingMethod):
         with torch.no_grad():
             trust = (w * has[:, None]).sum(0) / has.sum().clamp_min(1.0)
             self.coefficients.copy_(trust.detach())
-        return {**losses, self.name: term}
+        return term

@@ -23,13 +23,15 @@ from modbalance._checks import ModbalanceError, check_choice, check_int, check_m
 from modbalance._groups import GroupScaler, parse_groups
 from modbalance.balancing import BalancingMethod, StepOutput, check_phases
 from modbalance.distributed import all_reduce_sum
-from modbalance.methods.umt import (
+from modbalance.methods._common import (
+    add_terms,
     check_teacher,
-    masked_feature_mse,
     masked_mean,
     per_modality,
     presence,
+    settings_repr,
 )
+from modbalance.methods.umt import masked_feature_mse
 from modbalance.teachers import TeacherOutput
 
 __all__ = ["G2D", "g2d_logit_distance", "g2d_teacher_scores", "smp_mask"]
@@ -248,12 +250,10 @@ class G2D(BalancingMethod):
     Example:
         >>> import torch
         >>> from torch import nn
-        >>> from modbalance.balancing import StepOutput, balanced_step
-        >>> from modbalance.methods.g2d import G2D
-        >>> from modbalance.teachers import TeacherOutput
+        >>> from modbalance import G2D, StepOutput, TeacherOutput, balanced_step
         >>> enc = nn.ModuleDict({"text": nn.Linear(5, 4), "audio": nn.Linear(3, 4)})
-        >>> head = nn.Linear(8, 3)
         >>> x = {"text": torch.randn(6, 5), "audio": torch.randn(6, 3)}
+        >>> head = nn.Linear(8, 3)
         >>> z = {m: enc[m](x[m]) for m in enc}
         >>> fused = head(torch.cat([z["text"], z["audio"]], 1))
         >>> y = torch.tensor([0, 1, 2, 0, 1, 2])
@@ -322,11 +322,8 @@ class G2D(BalancingMethod):
 
     def extra_repr(self) -> str:
         """Summarise the configuration for ``repr``."""
-        return (
-            f"modalities={self.modalities!r}, temperature={self.temperature}, "
-            f"logit_weight={self.logit_weight}, feature_weight={self.feature_weight}, "
-            f"smp_until={self.smp_until}"
-        )
+        names = ("temperature", "logit_weight", "feature_weight", "smp_until")
+        return settings_repr(self, *names)
 
     def _check(self, out: StepOutput) -> TeacherOutput:
         check_choice(out.task, "out.task", ("regression", "classification"))
@@ -354,7 +351,7 @@ class G2D(BalancingMethod):
         new = dict(losses)
         for i, m in enumerate(self.modalities):
             z = out.features[m]
-            mask = presence(out, m, z)
+            mask = presence(out, m, z.shape[0], z.device)
             terms = {}
             if self.logit_weight[i] != 0.0:
                 kd = g2d_logit_distance(
@@ -364,13 +361,7 @@ class G2D(BalancingMethod):
             if self.feature_weight[i] != 0.0:
                 feat = masked_feature_mse(z, teacher.features[m], mask)
                 terms[f"g2d_feat_{m}"] = self.feature_weight[i] * feat
-            for name, value in terms.items():
-                if name in new:
-                    raise ModbalanceError(
-                        f"G2D adds the loss term {name!r}, which the step already has; one "
-                        "would silently overwrite the other (use one G2D per step)."
-                    )
-                new[name] = value
+            add_terms(new, terms, "G2D")
         return new
 
     @contextlib.contextmanager
@@ -388,7 +379,10 @@ class G2D(BalancingMethod):
             check_choice(out.task, "out.task", ("regression", "classification"))
             self._scaler.check_optimizer(optimizer)
             with torch.no_grad():
-                present = {m: presence(out, m, out.features[m]) for m in self.modalities}
+                present = {
+                    m: presence(out, m, out.features[m].shape[0], out.features[m].device)
+                    for m in self.modalities
+                }
                 scores = g2d_teacher_scores(
                     teacher, out.target, present, self.modalities, out.task
                 ).to(self.teacher_scores)

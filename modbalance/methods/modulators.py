@@ -222,7 +222,6 @@ class _GroupModulator(BalancingMethod):
     def __init__(
         self,
         groups: Mapping[str, nn.Module | Iterable[nn.Parameter]],
-        *,
         momentum: float,
         apply: str,
         min_coefficient: float,
@@ -396,17 +395,11 @@ class _GroupModulator(BalancingMethod):
 
     @contextlib.contextmanager
     def _applied(self, optimizer: torch.optim.Optimizer) -> Iterator[None]:
-        if not isinstance(optimizer, torch.optim.Optimizer):
-            raise TypeError(
-                f"`optimizer` must be a torch.optim.Optimizer, got {type(optimizer).__name__}."
-            )
-        if self._handle is not None:
-            raise ModbalanceError(
-                "this modulator is attached to an optimizer, whose hooks already apply the "
-                "modulation on every optimizer.step(); call optimizer.step() or remove the handle."
-            )
-        self._warn_adaptive(optimizer)
-        self._scaler.check_optimizer(optimizer)
+        self._check_unattached(
+            optimizer,
+            "this modulator is attached to an optimizer, whose hooks already apply the "
+            "modulation on every optimizer.step(); call optimizer.step() or remove the handle.",
+        )
         self._pre_step_hook(optimizer, (), {})
         try:
             yield
@@ -415,6 +408,17 @@ class _GroupModulator(BalancingMethod):
             self._last_signature = None
             raise
         self._post_step_hook(optimizer, (), {})
+
+    def _check_unattached(self, optimizer: torch.optim.Optimizer, attached: str) -> None:
+        """An optimizer over every group, while no handle is attached (``attached``: the error)."""
+        if not isinstance(optimizer, torch.optim.Optimizer):
+            raise TypeError(
+                f"`optimizer` must be a torch.optim.Optimizer, got {type(optimizer).__name__}."
+            )
+        if self._handle is not None:
+            raise ModbalanceError(attached)
+        self._warn_adaptive(optimizer)
+        self._scaler.check_optimizer(optimizer)
 
     def _warn_adaptive(self, optimizer: torch.optim.Optimizer) -> None:
         if self.apply_mode != "grad" or not isinstance(optimizer, ADAPTIVE_OPTIMIZERS):
@@ -499,16 +503,10 @@ class _GroupModulator(BalancingMethod):
         Raises:
             ModbalanceError: If the modulator is already attached.
         """
-        if not isinstance(optimizer, torch.optim.Optimizer):
-            raise TypeError(
-                f"`optimizer` must be a torch.optim.Optimizer, got {type(optimizer).__name__}."
-            )
-        if self._handle is not None:
-            raise ModbalanceError(
-                "this modulator is already attached to an optimizer; call `handle.remove()` first."
-            )
-        self._warn_adaptive(optimizer)
-        self._scaler.check_optimizer(optimizer)
+        self._check_unattached(
+            optimizer,
+            "this modulator is already attached to an optimizer; call `handle.remove()` first.",
+        )
         pre = optimizer.register_step_pre_hook(self._pre_step_hook)
         try:
             post = optimizer.register_step_post_hook(self._post_step_hook)
@@ -598,13 +596,7 @@ class ShapleyGradModulator(_GroupModulator):
         min_coefficient: float = 0.0,
         game_every: int = 1,
     ) -> None:
-        super().__init__(
-            groups,
-            momentum=momentum,
-            apply=apply,
-            min_coefficient=min_coefficient,
-            game_every=game_every,
-        )
+        super().__init__(groups, momentum, apply, min_coefficient, game_every)
         if not callable(rule):
             check_choice(rule, "rule", ("pase",))
         self.rule = rule
@@ -745,13 +737,7 @@ class OGMGEModulator(_GroupModulator):
         source: Literal["unimodal", "game"] = "unimodal",
         game_every: int = 1,
     ) -> None:
-        super().__init__(
-            groups,
-            momentum=momentum,
-            apply=apply,
-            min_coefficient=min_coefficient,
-            game_every=game_every,
-        )
+        super().__init__(groups, momentum, apply, min_coefficient, game_every)
         self.source = check_choice(source, "source", ("unimodal", "game"))
         self.needs_game = self.source == "game"
         self.alpha = check_real(alpha, "alpha", low=0.0)

@@ -20,12 +20,17 @@ from modbalance._checks import (
     ModbalanceError,
     check_choice,
     check_int,
-    check_modality_names,
     check_real,
-    check_replace,
     check_tensor,
 )
-from modbalance.balancing import BalancingMethod, StepOutput, check_phases, check_unimodal
+from modbalance.balancing import StepOutput, check_unimodal
+from modbalance.methods._common import (
+    HeadEnsemble,
+    check_mask,
+    masked_mean,
+    presence,
+    settings_repr,
+)
 
 __all__ = [
     "ReconBoost",
@@ -47,22 +52,6 @@ def _squeeze(p: Tensor) -> Tensor:
 def _compute_dtype(x: Tensor) -> torch.dtype:
     """float32 for half precision, the tensor's own dtype for float32/float64."""
     return torch.promote_types(x.dtype, torch.float32)
-
-
-def _mask(present: Tensor | None, n: int, device: torch.device, name: str) -> Tensor:
-    """A ``(n,)`` bool mask on ``device`` (all ``True`` when ``present`` is ``None``)."""
-    if present is None:
-        return torch.ones(n, dtype=torch.bool, device=device)
-    mask = check_tensor(present, name)
-    if mask.shape != (n,):
-        raise ModbalanceError(f"`{name}` must have shape ({n},), got {tuple(mask.shape)}.")
-    return mask.to(device=device, dtype=torch.bool)
-
-
-def _masked_mean(per: Tensor, mask: Tensor) -> Tensor:
-    """Mean of ``per`` over the rows where ``mask`` holds; 0 (with its graph) when none does."""
-    m = mask.to(per.dtype)
-    return torch.where(mask, per, torch.zeros_like(per)).sum() / m.sum().clamp_min(1.0)
 
 
 def reconboost_stage(
@@ -165,7 +154,7 @@ def reconboost_ensemble(
             )
         if m == exclude:
             continue
-        mask = _mask((present or {}).get(m), p.shape[0], p.device, f"present[{m!r}]")
+        mask = check_mask((present or {}).get(m), p.shape[0], p.device, f"present[{m!r}]")
         mask = mask.view(-1, *([1] * (p.ndim - 1)))
         total = total + torch.where(mask, p.to(total.dtype), torch.zeros_like(total))
     if isinstance(boost_rate, Tensor):
@@ -278,7 +267,7 @@ def reconboost_boosting_loss(
     check_choice(regression_loss, "regression_loss", ("l1", "l2"))
     dtype = _compute_dtype(pred)
     x, e = pred.to(dtype), ensemble.detach().to(dtype)
-    mask = _mask(present, x.shape[0], x.device, "present")
+    mask = check_mask(present, x.shape[0], x.device, "present")
     if task == "classification":
         y = target.to(device=x.device, dtype=torch.long)[:, None]
         log_p = F.log_softmax(x, dim=1).gather(1, y)[:, 0]
@@ -289,7 +278,7 @@ def reconboost_boosting_loss(
         residual = target.to(device=x.device, dtype=dtype) - e
         diff = eta * x - residual
         per = diff.abs() if regression_loss == "l1" else diff.square()
-    return _masked_mean(per, mask)
+    return masked_mean(per, mask)
 
 
 def reconboost_consolidation(
@@ -344,10 +333,10 @@ def reconboost_consolidation(
         x, prev = F.softmax(x, dim=1), F.softmax(prev, dim=1)
     per = (x - prev).square()
     per = per.mean(1) if per.ndim == 2 else per
-    return _masked_mean(per, _mask(present, x.shape[0], x.device, "present"))
+    return masked_mean(per, check_mask(present, x.shape[0], x.device, "present"))
 
 
-class ReconBoost(BalancingMethod):
+class ReconBoost(HeadEnsemble):
     r"""ReconBoost: one modality learner per stage on a boosting loss, then a joint correction.
 
     The learner of modality :math:`m` is encoder :math:`m` with its head :math:`h_m`, its output
@@ -448,11 +437,9 @@ class ReconBoost(BalancingMethod):
         >>> combine_losses(terms).backward()
         >>> enc["audio"].weight.grad is not None, enc["text"].weight.grad is None
         (True, True)
-        >>> rb.predict(z).shape
-        torch.Size([6, 3])
+        >>> tuple(rb.predict(z).shape)  # the ensemble's (N, C) logits
+        (6, 3)
     """
-
-    phases: tuple[int, ...] = (1, 2)
 
     def __init__(
         self,
@@ -471,9 +458,7 @@ class ReconBoost(BalancingMethod):
         keep: Iterable[str] = (),
         phases: Iterable[int] = (1, 2),
     ) -> None:
-        super().__init__()
-        self.modalities = check_modality_names(modalities, minimum=2)
-        self._heads = self._check_heads(heads)
+        super().__init__(modalities, heads, keep, phases)
         self.stage_steps = check_int(stage_steps, "stage_steps", low=1)
         rectify = self.stage_steps if rectify_steps is None else rectify_steps
         self.rectify_steps = check_int(rectify, "rectify_steps", low=0)
@@ -490,37 +475,14 @@ class ReconBoost(BalancingMethod):
         self.boost_rate = nn.Parameter(torch.tensor(eta), requires_grad=learn_boost_rate)
         self.consolidation_grad = consolidation_grad
         self.regression_loss = check_choice(regression_loss, "regression_loss", ("l1", "l2"))
-        self.keep = check_replace(keep)
         ours = [k for k in self.keep if k in TERMS]
         if ours:
             raise ModbalanceError(f"`keep` must not name ReconBoost's own term {ours[0]!r}.")
-        self.phases = check_phases(phases)
-
-    def _check_heads(self, heads: Mapping[str, Callable[[Tensor], Tensor]]) -> dict:
-        if not isinstance(heads, Mapping) and not hasattr(heads, "keys"):
-            raise TypeError(
-                f"`heads` must map every modality to its unimodal head, got {type(heads).__name__}."
-            )
-        missing = [m for m in self.modalities if m not in heads]
-        if missing:
-            raise ModbalanceError(
-                f"`heads` must have a head for every modality; missing {missing[0]!r} (has "
-                f"{sorted(heads.keys())})."
-            )
-        for m in self.modalities:
-            if not callable(heads[m]):
-                raise TypeError(f"`heads[{m!r}]` must be callable, got {type(heads[m]).__name__}.")
-        # a plain dict: the model's heads, not registered as submodules of the method
-        return {m: heads[m] for m in self.modalities}
 
     def extra_repr(self) -> str:
         """Summarise the configuration for ``repr``."""
-        return (
-            f"modalities={self.modalities!r}, stage_steps={self.stage_steps}, "
-            f"rectify_steps={self.rectify_steps}, weight1={self.weight1}, "
-            f"weight2={self.weight2}, alpha={self.alpha}, "
-            f"consolidation_grad={self.consolidation_grad}, keep={self.keep!r}"
-        )
+        names = ("stage_steps", "rectify_steps", "weight1", "weight2", "alpha")
+        return settings_repr(self, *names, "consolidation_grad", "keep")
 
     def stage(self, step: int) -> tuple[int, str, bool]:
         """``(stage, modality trained, rectifying)`` at global step ``step``.
@@ -539,11 +501,7 @@ class ReconBoost(BalancingMethod):
         return t, self.modalities[index], rectify
 
     def _present(self, out: StepOutput, preds: Mapping[str, Tensor]) -> dict[str, Tensor]:
-        given = out.present if out.present is not None else {}
-        return {
-            m: _mask(given.get(m), p.shape[0], p.device, f"out.present[{m!r}]")
-            for m, p in preds.items()
-        }
+        return {m: presence(out, m, p.shape[0], p.device) for m, p in preds.items()}
 
     def _boost_terms(
         self, out: StepOutput, preds: Mapping[str, Tensor], present: Mapping[str, Tensor], t: int
@@ -582,7 +540,7 @@ class ReconBoost(BalancingMethod):
         else:
             diff = ens - out.target.to(device=ens.device, dtype=ens.dtype)
             per = diff.abs() if self.regression_loss == "l1" else diff.square()
-        return _masked_mean(per, any_present)
+        return masked_mean(per, any_present)
 
     def losses(self, out: StepOutput, losses: Mapping[str, Tensor]) -> dict[str, Tensor]:
         """Return the ``keep`` terms and ReconBoost's three terms (see the class docstring).
@@ -600,7 +558,7 @@ class ReconBoost(BalancingMethod):
         )
         preds = {m: _squeeze(out.unimodal[m]) for m in self.modalities}
         present = self._present(out, preds)
-        new = {k: v for k, v in losses.items() if k in self.keep}
+        new = self._kept(losses)
         first = preds[self.modalities[0]]
         zero = torch.zeros((), dtype=_compute_dtype(first), device=first.device)
         if rectify:
@@ -610,28 +568,8 @@ class ReconBoost(BalancingMethod):
             new.update(zip(TERMS, (boost, cons, zero)))
         return new
 
-    def predict(
-        self, features: Mapping[str, Tensor], present: Mapping[str, Tensor] | None = None
-    ) -> Tensor:
-        r"""The ensemble :math:`\eta\sum_{m \in P_i} h_m(z_{im})` (:func:`reconboost_ensemble`).
-
-        Args:
-            features: ``{modality: (N, D)}`` for every modality.
-            present: Optional ``{modality: (N,) bool}`` masks (all present when ``None``).
-
-        Returns:
-            ``(N,)`` regression predictions or ``(N, C)`` logits.
-
-        Raises:
-            ModbalanceError: If ``features`` lacks a modality or a mask has the wrong shape.
-        """
-        missing = [m for m in self.modalities if m not in features]
-        if missing:
-            raise ModbalanceError(
-                f"ReconBoost.predict needs the features of every modality: `features` is missing "
-                f"{missing[0]!r} (has {sorted(features)})."
-            )
-        preds = {m: self._heads[m](features[m]) for m in self.modalities}
+    def _ensemble(self, preds: dict[str, Tensor], present: Mapping[str, Tensor] | None) -> Tensor:
+        r"""The ensemble :math:`\eta\sum_{m \in P_i} h_m(z_{im})` (:func:`reconboost_ensemble`)."""
         return reconboost_ensemble(preds, present, self.boost_rate)
 
     def summary(self) -> dict[str, float]:

@@ -17,11 +17,10 @@ from torch import Tensor
 from modbalance._checks import (
     ModbalanceError,
     check_choice,
-    check_modality_names,
-    check_replace,
     check_tensor,
 )
-from modbalance.balancing import BalancingMethod, StepOutput, check_phases, unimodal_terms
+from modbalance.balancing import StepOutput, unimodal_terms
+from modbalance.methods._common import HeadEnsemble, check_mask
 
 __all__ = ["UME", "ume_ensemble"]
 
@@ -110,12 +109,8 @@ def ume_ensemble(
                 raise ModbalanceError(
                     f"`present` has no mask for modality {name!r} (has {sorted(present)})."
                 )
-            mask = check_tensor(present[name], f"present[{name!r}]")
-            if mask.shape != (n,):
-                raise ModbalanceError(
-                    f"`present[{name!r}]` must have shape ({n},), got {tuple(mask.shape)}."
-                )
-            rows.append(mask.to(device=x.device, dtype=x.dtype))
+            mask = check_mask(present[name], n, x.device, f"present[{name!r}]")
+            rows.append(mask.to(x.dtype))
         w = torch.stack(rows)
     if x.ndim == 3:
         w = w.unsqueeze(-1)
@@ -127,7 +122,7 @@ def ume_ensemble(
     return mean
 
 
-class UME(BalancingMethod):
+class UME(HeadEnsemble):
     r"""Uni-modal ensemble: train every encoder alone, predict with the mean of the heads.
 
     **Training.** :meth:`losses` *replaces* the step's terms by the unimodal losses
@@ -198,8 +193,6 @@ class UME(BalancingMethod):
         torch.Size([6, 3])
     """
 
-    phases: tuple[int, ...] = (1, 2)
-
     def __init__(
         self,
         modalities: Sequence[str],
@@ -209,26 +202,8 @@ class UME(BalancingMethod):
         keep: Iterable[str] = (),
         phases: Iterable[int] = (1, 2),
     ) -> None:
-        super().__init__()
-        self.modalities = check_modality_names(modalities, minimum=2)
-        if not isinstance(heads, Mapping) and not hasattr(heads, "keys"):
-            raise TypeError(
-                f"`heads` must map every modality to its unimodal head, got {type(heads).__name__}."
-            )
-        missing = [m for m in self.modalities if m not in heads]
-        if missing:
-            raise ModbalanceError(
-                f"`heads` must have a head for every modality; missing {missing[0]!r} (has "
-                f"{sorted(heads.keys())})."
-            )
-        for m in self.modalities:
-            if not callable(heads[m]):
-                raise TypeError(f"`heads[{m!r}]` must be callable, got {type(heads[m]).__name__}.")
-        # a plain dict: the model's heads, not registered as submodules of the method
-        self._heads: dict[str, Callable[[Tensor], Tensor]] = {m: heads[m] for m in self.modalities}
+        super().__init__(modalities, heads, keep, phases)
         self.combine = check_choice(combine, "combine", ("logits", "probs"))
-        self.keep = check_replace(keep)
-        self.phases = check_phases(phases)
 
     def extra_repr(self) -> str:
         """Summarise the configuration for ``repr``."""
@@ -242,32 +217,12 @@ class UME(BalancingMethod):
         """
         if out.phase not in self.phases:
             return dict(losses)
-        new = {k: v for k, v in losses.items() if k in self.keep}
+        new = self._kept(losses)
         new.update(unimodal_terms(out, self.modalities, None, "UME"))
         return new
 
-    def predict(
-        self, features: Mapping[str, Tensor], present: Mapping[str, Tensor] | None = None
-    ) -> Tensor:
-        """The ensemble: every head on its features, averaged by :func:`ume_ensemble`.
-
-        Args:
-            features: ``{modality: (N, D)}`` for every modality.
-            present: Optional ``{modality: (N,) bool}`` masks (all present when ``None``).
-
-        Returns:
-            ``(N,)`` regression predictions or ``(N, C)`` logits.
-
-        Raises:
-            ModbalanceError: If ``features`` lacks a modality.
-        """
-        missing = [m for m in self.modalities if m not in features]
-        if missing:
-            raise ModbalanceError(
-                f"UME.predict needs the features of every modality: `features` is missing "
-                f"{missing[0]!r} (has {sorted(features)})."
-            )
-        preds = {m: self._heads[m](features[m]) for m in self.modalities}
+    def _ensemble(self, preds: dict[str, Tensor], present: Mapping[str, Tensor] | None) -> Tensor:
+        """:func:`ume_ensemble` of the heads' outputs."""
         masks = (
             None if present is None else {m: present[m] for m in self.modalities if m in present}
         )

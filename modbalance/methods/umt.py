@@ -3,96 +3,23 @@ r"""UMT: the uni-modal teacher (Du et al., ICML 2023) as a balancing method.
 The fused model trains on its task loss while each encoder's features are pulled towards the
 features of a frozen, alone-trained unimodal model of the same modality (feature distillation).
 Written from the paper and BalanceMM's port (``GeWu-Lab/BalanceBenchmark``,
-``balancemm/trainer/UMT_trainer.py``); :class:`UMT` lists the deviations. The helpers here
-(teacher checks, masked distances) are shared with :mod:`modbalance.methods.g2d`.
+``balancemm/trainer/UMT_trainer.py``); :class:`UMT` lists the deviations. Its masked feature
+distance is shared with :mod:`modbalance.methods.g2d`.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping, Sequence
-from typing import Any, ClassVar
+from typing import ClassVar
 
 import torch
 from torch import Tensor
 
-from modbalance._checks import (
-    ModbalanceError,
-    check_modality_keys,
-    check_modality_names,
-    check_real,
-)
+from modbalance._checks import check_modality_names
 from modbalance.balancing import BalancingMethod, StepOutput, check_phases
-from modbalance.teachers import TeacherOutput
+from modbalance.methods._common import add_terms, check_teacher, masked_mean, per_modality, presence
 
 __all__ = ["UMT", "masked_feature_mse"]
-
-
-def per_modality(value: Any, name: str, modalities: Sequence[str], **bounds: Any) -> list[float]:
-    """One checked float per modality from a scalar or a ``{modality: value}`` mapping."""
-    if isinstance(value, Mapping):
-        check_modality_keys(value, name, modalities)
-        return [check_real(value[m], f"{name}[{m!r}]", **bounds) for m in modalities]
-    return [check_real(value, name, **bounds)] * len(modalities)
-
-
-def check_teacher(
-    out: StepOutput, modalities: Sequence[str], method: str, *, outputs: bool = False
-) -> TeacherOutput:
-    """``out.teacher`` with features (and, if ``outputs``, predictions) for every modality.
-
-    Structural checks only (names and shapes; no tensor values are read).
-    """
-    teacher = out.teacher
-    if teacher is None:
-        raise ModbalanceError(
-            f"{method} distils from alone-trained unimodal teachers and `out.teacher` is None: "
-            "wrap your trained unimodal models in modbalance.teachers.UnimodalTeachers and pass "
-            "`out._replace(teacher=teachers(inputs))`."
-        )
-    if not isinstance(teacher, TeacherOutput):
-        raise TypeError(
-            f"{method}: `out.teacher` must be a modbalance.teachers.TeacherOutput, got "
-            f"{type(teacher).__name__}."
-        )
-    parts = [("out.features", out.features), ("out.teacher.features", teacher.features)]
-    if outputs:
-        parts.append(("out.teacher.unimodal", teacher.unimodal))
-    for where, mapping in parts:
-        missing = [m for m in modalities if m not in mapping]
-        if missing:
-            raise ModbalanceError(
-                f"{method} needs every modality in `{where}`: missing {missing[0]!r} (has "
-                f"{sorted(mapping)})."
-            )
-    for m in modalities:
-        s, t = out.features[m], teacher.features[m]
-        if s.ndim < 2 or s.shape != t.shape:
-            raise ModbalanceError(
-                f"{method} distils the features of {m!r}: `out.features[{m!r}]` has shape "
-                f"{tuple(s.shape)} and `out.teacher.features[{m!r}]` {tuple(t.shape)}; they must "
-                "be the same (N, D) (give the teacher the student's encoder architecture)."
-            )
-    return teacher
-
-
-def presence(out: StepOutput, m: str, like: Tensor) -> Tensor:
-    """``(N,)`` bool mask of the samples that have modality ``m`` (all when it has no mask)."""
-    n = like.shape[0]
-    mask = out.present.get(m) if out.present is not None else None
-    if mask is None:
-        return torch.ones(n, dtype=torch.bool, device=like.device)
-    if mask.shape != (n,):
-        raise ModbalanceError(
-            f"`out.present[{m!r}]` must have shape ({n},) (one flag per sample), got "
-            f"{tuple(mask.shape)}."
-        )
-    return mask.to(device=like.device, dtype=torch.bool)
-
-
-def masked_mean(per_sample: Tensor, mask: Tensor) -> Tensor:
-    """Mean of ``(N,)`` values over the samples where ``mask`` holds (0 if none); NaN-safe."""
-    kept = torch.where(mask, per_sample, torch.zeros_like(per_sample))
-    return kept.sum() / mask.sum().to(kept.dtype).clamp_min(1.0)
 
 
 def masked_feature_mse(student: Tensor, teacher: Tensor, mask: Tensor) -> Tensor:
@@ -200,9 +127,9 @@ class UMT(BalancingMethod):
     """
 
     needs_teacher = True
-    coefficients: Tensor
-
     _checked_state: ClassVar[dict[str, str]] = {"coefficients": "nonnegative"}
+
+    coefficients: Tensor
 
     def __init__(
         self,
@@ -235,13 +162,9 @@ class UMT(BalancingMethod):
         teacher = check_teacher(out, self.modalities, "UMT")
         new = dict(losses)
         for i, m in enumerate(self.modalities):
-            name = f"umt_{m}"
-            if name in new:
-                raise ModbalanceError(
-                    f"UMT adds the loss term {name!r}, which the step already has; one would "
-                    "silently overwrite the other (use one UMT per step)."
-                )
             z = out.features[m]
-            dist = masked_feature_mse(z, teacher.features[m], presence(out, m, z))
-            new[name] = self.coefficients[i].to(device=dist.device, dtype=dist.dtype) * dist
+            mask = presence(out, m, z.shape[0], z.device)
+            dist = masked_feature_mse(z, teacher.features[m], mask)
+            weight = self.coefficients[i].to(device=dist.device, dtype=dist.dtype)
+            add_terms(new, {f"umt_{m}": weight * dist}, "UMT")
         return new

@@ -25,11 +25,11 @@ from modbalance._checks import (
     check_modality_names,
     check_real,
     check_target,
-    check_tensor,
 )
 from modbalance._modes import EvalMode
 from modbalance.balancing import BalancingMethod, StepOutput, check_phases, task_loss
 from modbalance.distributed import all_reduce_sum
+from modbalance.methods._common import check_fuse, check_modules, eval_modules_for, presence
 from modbalance.shapley import coalition_masks, shapley_from_table
 
 __all__ = [
@@ -404,8 +404,7 @@ class ModalityValuation(BalancingMethod):
     Example:
         >>> import torch
         >>> from torch import nn
-        >>> from modbalance.balancing import StepOutput, combine_losses, task_loss
-        >>> from modbalance.methods.valuation import ModalityValuation
+        >>> from modbalance import ModalityValuation, StepOutput, combine_losses, task_loss
         >>> enc = nn.ModuleDict({"audio": nn.Linear(3, 4), "visual": nn.Linear(5, 4)})
         >>> head = nn.Linear(8, 3)
         >>> def fuse(z, present):  # concatenation; the method zeroes masked modalities
@@ -467,7 +466,7 @@ class ModalityValuation(BalancingMethod):
         self.every = check_int(every, "every", low=1)
         self.masking = check_choice(masking, "masking", ("zero", "present"))
         self.tolerance = check_real(tolerance, "tolerance", low=0.0, low_inclusive=False)
-        self._eval_modules = _check_modules(modules)
+        self._eval_modules = check_modules(modules)
         self._generator = torch.Generator().manual_seed(check_int(seed, "seed", low=0))
         self.phases = check_phases(phases)
         m = len(self.modalities)
@@ -484,44 +483,13 @@ class ModalityValuation(BalancingMethod):
             text += f", alpha={self.alpha}, func={self.func!r}, part_ratio={self.part_ratio}"
         return text + f", masking={self.masking!r}"
 
-    def _modules_for(self, fuse: Any) -> list[nn.Module]:
-        if self._eval_modules:
-            return self._eval_modules
-        if isinstance(fuse, nn.Module):
-            return [fuse]
-        owner = getattr(fuse, "__self__", None)
-        return [owner] if isinstance(owner, nn.Module) else []
-
     def _check(self, out: StepOutput) -> dict[str, Tensor]:
         """Structural checks; the ``(N,)`` presence mask of every modality."""
-        check_choice(out.task, "out.task", ("regression", "classification"))
-        if out.fuse is None:
-            raise ModbalanceError(
-                "ModalityValuation values and re-feeds modalities through the fusion head and "
-                "needs it as `out.fuse` (fuse(features, present) -> prediction); the StepOutput "
-                "has fuse=None."
-            )
-        missing = [m for m in self.modalities if m not in out.features]
-        if missing:
-            raise ModbalanceError(
-                f"ModalityValuation needs the features of every modality: `out.features` is "
-                f"missing {missing[0]!r} (has {sorted(out.features)})."
-            )
+        does = "values and re-feeds modalities through the fusion head"
+        check_fuse(out, self.modalities, "ModalityValuation", does)
         n = out.features[self.modalities[0]].shape[0]
         check_target(out.target, out.task, n)
-        present: dict[str, Tensor] = {}
-        for m in self.modalities:
-            z = out.features[m]
-            mask = out.present.get(m) if out.present is not None else None
-            if mask is None:
-                mask = torch.ones(n, dtype=torch.bool, device=z.device)
-            check_tensor(mask, f"out.present[{m!r}]")
-            if mask.shape != (n,):
-                raise ModbalanceError(
-                    f"`out.present[{m!r}]` must have shape ({n},), got {tuple(mask.shape)}."
-                )
-            present[m] = mask.to(device=z.device, dtype=torch.bool)
-        return present
+        return {m: presence(out, m, n, out.features[m].device) for m in self.modalities}
 
     def _value(
         self, out: StepOutput, present: Mapping[str, Tensor], index: Tensor | None
@@ -542,7 +510,7 @@ class ModalityValuation(BalancingMethod):
             self.modalities,
             masking=self.masking,
             tolerance=self.tolerance,
-            eval_modules=self._modules_for(out.fuse),
+            eval_modules=eval_modules_for(self._eval_modules, out.fuse),
         )
 
     @torch.no_grad()
@@ -664,16 +632,3 @@ class ModalityValuation(BalancingMethod):
 
 
 _FUNCS = ("linear", "tanh", "square")
-
-
-def _check_modules(modules: Iterable[nn.Module] | None) -> list[nn.Module]:
-    mods: list[nn.Module] = []
-    if modules is None:
-        return mods
-    if isinstance(modules, nn.Module):
-        return [modules]
-    for mod in modules:
-        if not isinstance(mod, nn.Module):
-            raise TypeError(f"`modules` must hold nn.Module objects, got {type(mod).__name__}.")
-        mods.append(mod)
-    return mods
