@@ -21,29 +21,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from modbalance import (
-    AGM,
-    AUG,
-    CGGM,
-    DGL,
-    EMC,
-    G2D,
-    IMTD,
-    MLA,
-    PMR,
-    UME,
-    UMT,
-    GBlending,
-    InfoReg,
-    MMPareto,
-    ModalityValuation,
-    OGMGEModulator,
-    ReconBoost,
-    ShapleyEquilibrium,
-    ShapleyGradModulator,
-    UnimodalLoss,
-)
 from modbalance import distributed as mbdist
+from modbalance import methods as mb
 from modbalance.balancing import BalancingMethod, balanced_step, check_phases
 from modbalance.schedule import DualPhaseSchedule
 from modbalance.shapley import ModalityGame
@@ -109,21 +88,21 @@ class Parts:
 
 
 def _sgm(model: PaSEModel, seed: int, device: torch.device, **options: Any) -> BalancingMethod:
-    return ShapleyGradModulator(model.modality_groups(), **{"momentum": 0.9} | options)
+    return mb.ShapleyGradModulator(model.modality_groups(), **{"momentum": 0.9} | options)
 
 
 def _ogm(model: PaSEModel, seed: int, device: torch.device, **options: Any) -> BalancingMethod:
     gen = torch.Generator(device=device).manual_seed(seed + 17)
     defaults = {"alpha": 0.5, "momentum": 0.9, "noise": True, "generator": gen}
-    return OGMGEModulator(model.modality_groups(), **defaults | options)
+    return mb.OGMGEModulator(model.modality_groups(), **defaults | options)
 
 
 def _pmr(model: PaSEModel, seed: int, device: torch.device, **options: Any) -> BalancingMethod:
     c = model.config
     dims = {m: c.dim for m in model.modalities}
     if c.task == "regression":
-        return PMR(dims, c.num_classes, **{"label_bins": c.num_classes} | options)
-    return PMR(dims, c.num_outputs, **options)
+        return mb.PMR(dims, c.num_classes, **{"label_bins": c.num_classes} | options)
+    return mb.PMR(dims, c.num_outputs, **options)
 
 
 def _cggm(model: PaSEModel, seed: int, device: torch.device, **options: Any) -> BalancingMethod:
@@ -131,13 +110,13 @@ def _cggm(model: PaSEModel, seed: int, device: torch.device, **options: Any) -> 
     heads = {m: nn.Linear(c.dim, c.num_outputs) for m in model.modalities}
     # AdamW cancels a gradient scale: the suite scales the update, and bounds the coefficient
     defaults = {"apply": "update", "max_abs_coefficient": 10.0}
-    return CGGM(model.modality_groups(), heads, **defaults | options)
+    return mb.CGGM(model.modality_groups(), heads, **defaults | options)
 
 
 def _sge(model: PaSEModel, seed: int, device: torch.device, **options: Any) -> BalancingMethod:
     """PaSE's Shapley-based equilibrium in place of the example's detached read-out."""
     groups = model.modality_groups()
-    return ShapleyEquilibrium(model.modalities, groups=groups, replace=("readout",), **options)
+    return mb.ShapleyEquilibrium(model.modalities, groups=groups, replace=("readout",), **options)
 
 
 def _on_modalities(cls: type) -> Callable[..., BalancingMethod]:
@@ -157,36 +136,38 @@ def _on_groups(cls: type) -> Callable[..., BalancingMethod]:
 METHODS: dict[str, Callable[..., BalancingMethod]] = {
     "sgm": _sgm,  # the paper's update modulation (also ``--equilibrium pase``)
     "ogm-ge": _ogm,
-    "unimodal": _on_modalities(UnimodalLoss),
-    "gblending": lambda model, seed, device, **options: GBlending(
+    "unimodal": _on_modalities(mb.UnimodalLoss),
+    "gblending": lambda model, seed, device, **options: mb.GBlending(
         model.modalities, **{"every": 2} | options
     ),
-    "mmpareto": _on_groups(MMPareto),
-    "agm": lambda model, seed, device, **options: AGM(model.modalities, modules=[model], **options),
+    "mmpareto": _on_groups(mb.MMPareto),
+    "agm": lambda model, seed, device, **options: mb.AGM(
+        model.modalities, modules=[model], **options
+    ),
     "pmr": _pmr,
-    "mla": lambda model, seed, device, **options: MLA(
+    "mla": lambda model, seed, device, **options: mb.MLA(
         model.modalities, model.config.dim, model.config.num_outputs, **options
     ),
     "cggm": _cggm,
-    "inforeg": _on_groups(InfoReg),
-    "dgl": _on_modalities(DGL),
-    "ume": lambda model, seed, device, **options: UME(
+    "inforeg": _on_groups(mb.InfoReg),
+    "dgl": _on_modalities(mb.DGL),
+    "ume": lambda model, seed, device, **options: mb.UME(
         model.modalities, model.unimodal_heads, **options
     ),
     # distillation from alone-trained teachers (the loop trains them: examples/pase/teachers.py)
-    "umt": _on_modalities(UMT),
-    "g2d": lambda model, seed, device, **options: G2D(
+    "umt": _on_modalities(mb.UMT),
+    "g2d": lambda model, seed, device, **options: mb.G2D(
         model.modalities, model.modality_groups(), **options
     ),
-    "emc": _on_modalities(EMC),  # EBMC's two terms: use both, methods=("emc", "imtd")
-    "imtd": _on_modalities(IMTD),
-    "reconboost": lambda model, seed, device, **options: ReconBoost(
+    "emc": _on_modalities(mb.EMC),  # EBMC's two terms: use both, methods=("emc", "imtd")
+    "imtd": _on_modalities(mb.IMTD),
+    "reconboost": lambda model, seed, device, **options: mb.ReconBoost(
         model.modalities, model.unimodal_heads, **{"stage_steps": 20} | options
     ),
-    "aug": lambda model, seed, device, **options: AUG(
+    "aug": lambda model, seed, device, **options: mb.AUG(
         model.modalities, model.config.dim, model.config.num_outputs, **{"seed": seed} | options
     ),
-    "valuation": lambda model, seed, device, **options: ModalityValuation(
+    "valuation": lambda model, seed, device, **options: mb.ModalityValuation(
         model.modalities, modules=[model], **{"seed": seed} | options
     ),
     # PaSE's Shapley-based equilibrium: the default rule, and the variants measured on the suite
