@@ -175,12 +175,11 @@ def spec_of(name: str) -> Spec:
     from examples.pase.step import parse_method
 
     tokens = name.split("+")
-    if tokens[0] in SPECS:
-        base, tokens = SPECS[tokens[0]], tokens[1:]
-        if not tokens:
-            return base
-    else:
-        base = Spec(_PLAIN)
+    base = Spec(_PLAIN)
+    for k in range(len(tokens), 0, -1):  # the longest leading name of SPECS
+        if "+".join(tokens[:k]) in SPECS:
+            base, tokens = SPECS["+".join(tokens[:k])], tokens[k:]
+            break
     model, methods, warmup = dict(base.model), list(base.methods), base.warmup
     train = dict(base.train)
     for token in tokens:

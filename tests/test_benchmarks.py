@@ -383,6 +383,8 @@ def test_suite_names_set_training_and_method_options():
     assert spec.methods == ("sge@weight=2.0",) and spec.train == {"lr": 0.002}
     assert spec.warmup and spec.model == spec_of("pase").model
     assert spec_of("warmup+switch_epoch=4").train == {"switch_epoch": 4}
+    assert spec_of("pase+calibration") == competition.SPECS["pase+calibration"]  # a name, whole
+    assert spec_of("pase+calibration+lr=0.002").train == {"lr": 0.002}
     assert spec_of("ogm-ge@alpha=1.0").methods == ("ogm-ge@alpha=1.0",)
     with pytest.raises(KeyError, match="epochs=3"):
         spec_of("joint+epochs=3")
