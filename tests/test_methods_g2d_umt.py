@@ -5,7 +5,8 @@ G2D's parity tests compare our method with a transcription of the authors' code 
 ``feature_loss``; ``utils/utils.py``'s ``modulate_gradients_based_on_scores_from_two_modalities``;
 the ``late`` fusion of ``models/fusion_modules.py``), written out below in float64. The code has two
 modalities and classification only, so the M = 3 and regression references generalise it by hand
-(only the weakest teacher's modality keeps its gradient; L1 distances and a -MAE teacher score).
+(the strongest teacher's modality held back, or only the weakest one learning; L1 distances and a
+-MAE teacher score).
 UMT's reference is BalanceMM's port (GeWu-Lab/BalanceBenchmark ``balancemm/trainer/
 UMT_trainer.py::training_step``: ``CE + scaling * sum_m MSELoss(teacher_feat_m, feat_m)``).
 """
@@ -179,8 +180,13 @@ def released_g2d_step(net, x, y, teacher, temp=1.0, wl=1.0, wf=1.0, how=None):
     return grads(net), coeff
 
 
-def generalised_g2d_step(net, x, y, task, teacher, temp=1.0):
-    """The released rule generalised by hand: M modalities, regression (L1, score -MAE)."""
+def generalised_g2d_step(net, x, y, task, teacher, temp=1.0, rule="drop_strongest"):
+    """The released rule generalised by hand: M modalities, regression (L1, score -MAE).
+
+    ``rule``: ``drop_strongest`` zeroes the strongest teacher's encoder only (the default),
+    ``keep_weakest`` zeroes every encoder but the weakest teacher's. Returns the gradients and
+    the 0/1 factor per modality.
+    """
     net.zero_grad(set_to_none=True)
     z = net.encode(x)
     out = sum(net.pred(net.fusion[m](z[m])) for m in net.modalities) / len(net.modalities)
@@ -200,10 +206,15 @@ def generalised_g2d_step(net, x, y, task, teacher, temp=1.0):
                   for m in net.modalities]  # fmt: skip
     loss.backward()
     weakest = min(range(len(scores)), key=lambda i: float(scores[i]))
+    strongest = max(range(len(scores)), key=lambda i: float(scores[i]))
+    if rule == "keep_weakest":
+        factor = [float(i == weakest) for i in range(len(scores))]
+    else:
+        factor = [float(i != strongest) for i in range(len(scores))]
     for i, m in enumerate(net.modalities):
         for p in net.encoders[m].parameters():
-            p.grad = p.grad * (1.0 if i == weakest else 0.0)
-    return grads(net), net.modalities[weakest]
+            p.grad = p.grad * factor[i]
+    return grads(net), factor
 
 
 def ours_g2d_step(net, x, y, task, teacher, present=None, **options):
@@ -276,18 +287,25 @@ def test_g2d_parity_catches_prioritisation_by_the_students_scores():
     ids=["M3-cls", "M2-reg", "M3-reg"],
 )
 @pytest.mark.parametrize("seed", [0, 1])
-def test_g2d_generalised_rule_for_m3_and_regression(dims, task, seed):
+@pytest.mark.parametrize("rule", ["drop_strongest", "keep_weakest"])
+def test_g2d_generalised_rule_for_m3_and_regression(dims, task, seed, rule):
     torch.manual_seed(seed)
     out_dim = 1 if task == "regression" else CLASSES
     net = Net(dims, out_dim)
     x, y = make_data(dims, N, task, seed)
     boost = {list(dims)[seed]: 2.0}
     teacher = teacher_output(make_teachers(dims, out_dim, seed), x, y, task, boost)
-    ours, _, g2d = ours_g2d_step(net, x, y, task, teacher)
-    ref, kept = generalised_g2d_step(net, x, y, task, teacher)
+    ours, _, g2d = ours_g2d_step(net, x, y, task, teacher, smp=rule)
+    ref, factor = generalised_g2d_step(net, x, y, task, teacher, rule=rule)
     assert_grads_close(ours, ref)
-    assert g2d.coefficients.tolist() == [float(m == kept) for m in dims]
-    # perturbed: the strongest teacher's modality kept instead
+    assert g2d.coefficients.tolist() == factor
+    other = "keep_weakest" if rule == "drop_strongest" else "drop_strongest"
+    theirs, other_factor = generalised_g2d_step(net, x, y, task, teacher, rule=other)
+    if len(dims) > 2:  # the two rules differ from three modalities on, and parity sees it
+        assert other_factor != factor and grads_differ(ours, theirs)
+    else:  # and coincide at two (the released rule)
+        assert other_factor == factor
+    # perturbed: the strongest teacher's modality kept alone
     perturbed = {k: v.clone() for k, v in ref.items()}
     net.zero_grad(set_to_none=True)
     out, base = net.step(x, y, task, teacher)
@@ -429,21 +447,31 @@ def test_g2d_teacher_scores_and_the_mask_rule():
     s = g2d_teacher_scores(teacher, y, present, ("a", "b", "c"), "classification")
     torch.testing.assert_close(s[:2], torch.tensor([1 / (1 + 2 * torch.e**-10), 1 / 3]).double())
     assert s[2] == float("inf")  # absent from the batch: never the one kept
-    assert smp_mask(s).tolist() == [0.0, 1.0, 0.0]
+    assert smp_mask(s, "keep_weakest").tolist() == [0.0, 1.0, 0.0]
+    assert smp_mask(s).tolist() == [0.0, 1.0, 1.0]  # the absent one is not the strongest
     reg = TeacherOutput({}, {"a": torch.tensor([1.0, 2.0]), "b": torch.tensor([0.0, 0.0])})
     s = g2d_teacher_scores(reg, torch.tensor([1.0, 1.0]), {}, ("a", "b"), "regression")
     assert s.tolist() == [-0.5, -1.0]
-    assert smp_mask(torch.tensor([0.3, 0.3, 0.9])).tolist() == [1.0, 0.0, 0.0]  # ties: first
+    tie = torch.tensor([0.3, 0.3, 0.9])
+    assert smp_mask(tie, "keep_weakest").tolist() == [1.0, 0.0, 0.0]  # ties: first
+    assert smp_mask(torch.tensor([0.9, 0.3, 0.9])).tolist() == [1.0, 1.0, 0.0]  # ties: last
+    with pytest.raises(ModbalanceError, match="`rule` must be one of"):
+        smp_mask(tie, "keep_strongest")
 
 
 @settings(max_examples=60, deadline=None)
 @given(st.lists(st.floats(-5, 5, allow_nan=False, width=32), min_size=2, max_size=5))
 def test_smp_mask_keeps_exactly_the_first_lowest_score(scores):
-    mask = smp_mask(torch.tensor(scores))
+    mask = smp_mask(torch.tensor(scores), "keep_weakest")
     lowest = scores.index(min(scores))
     assert mask.tolist() == [float(i == lowest) for i in range(len(scores))]
     if len(scores) == 2 and scores[0] != scores[1]:  # the released two-modality comparison
         assert mask.tolist() == ([0.0, 1.0] if scores[0] > scores[1] else [1.0, 0.0])
+    dropped = len(scores) - 1 - scores[::-1].index(max(scores))
+    drop = smp_mask(torch.tensor(scores))
+    assert drop.tolist() == [float(i != dropped) for i in range(len(scores))]
+    if len(scores) == 2:  # both rules are the released one at M = 2, ties included
+        assert drop.tolist() == mask.tolist()
 
 
 def test_g2d_smp_window_phases_and_epoch_summary():
@@ -772,5 +800,5 @@ def test_example_model_steps_without_host_synchronisation(task):
     counter = count_syncs(parts, batch)
     _assert_no_sync(counter, f"G2D + UMT ({task})")
     g2d = parts.methods[0]
-    assert sorted(g2d.coefficients.tolist()) == [0.0, 0.0, 1.0]
+    assert sorted(g2d.coefficients.tolist()) == [0.0, 1.0, 1.0]  # the strongest is held back
     assert g2d.summary()["kept_fraction_text"] in (0.0, 1 / 3, 2 / 3, 1.0)
