@@ -5,20 +5,8 @@ shares function in :mod:`modbalance.metrics`; ``from modbalance.modulation impor
 working for code written against the earlier layout.
 """
 
-from modbalance.methods.modulators import (
-    ModulatorHandle,
-    OGMGEModulator,
-    ShapleyGradModulator,
-    ogmge_coefficients,
-    pase_coefficients,
-)
+from modbalance.methods import modulators as _modulators
+from modbalance.methods.modulators import *  # noqa: F403  (the same objects, re-exported)
 from modbalance.metrics import pase_shares
 
-__all__ = [
-    "ModulatorHandle",
-    "OGMGEModulator",
-    "ShapleyGradModulator",
-    "ogmge_coefficients",
-    "pase_coefficients",
-    "pase_shares",
-]
+__all__ = [*_modulators.__all__, "pase_shares"]
