@@ -30,27 +30,32 @@ LRS = (5e-4, 1e-3, 2e-3)
 #: Per method: the token that sets its main coefficient, and two values (its default first).
 #: ``@key`` is an option of the method's constructor; a bare key a training option.
 COEFFICIENTS: dict[str, tuple[str, tuple[Any, ...]]] = {
+    # controls and PaSE
     "joint": ("weight_decay", (1e-4, 1e-2)),
     "warmup": ("switch_epoch", (8, 4)),
     "pase": ("@weight", (1.0, 2.0)),
+    # gradient and update modulation
     "ogm-ge": ("@alpha", (0.5, 1.0)),
     "sgm": ("@momentum", (0.9, 0.5)),
+    "agm": ("@alpha", (1.0, 2.0)),
+    "cggm": ("@lam", (0.2, 0.4)),
+    "inforeg": ("@scale", (0.95, 1.9)),
+    # added losses and schedules
     "unimodal": ("weight_decay", (1e-4, 1e-2)),
     "gblending": ("@every", (2, 1)),
     "mmpareto": ("@gamma", (1.5, 3.0)),
-    "agm": ("@alpha", (1.0, 2.0)),
     "pmr": ("@alpha", (1.0, 2.0)),
     "mla": ("weight_decay", (1e-4, 1e-2)),
-    "cggm": ("@lam", (0.2, 0.4)),
-    "inforeg": ("@scale", (0.95, 1.9)),
+    # routing, alone-trained models and teachers
     "dgl": ("@alpha", (4.0, 1.0)),
     "ume": ("weight_decay", (1e-4, 1e-2)),
     "umt": ("@weight", (10.0, 1.0)),
     "g2d": ("@feature_weight", (1.0, 0.1)),
     "ebmc": ("@weight", (0.1, 0.5)),
-    "valuation": ("@level", ("sample", "modality")),
+    # boosting and re-sampling
     "reconboost": ("@alpha", (0.5, 1.0)),
     "aug": ("@gamma", (0.5, 1.0)),
+    "valuation": ("@level", ("sample", "modality")),
 }
 TASK = "cls-synthetic"
 TUNING_SEEDS = (0, 1)
