@@ -676,8 +676,10 @@ def leaderboard(summaries: Sequence[dict[str, Any]]) -> str:
 
 
 #: The README's headline rows.
-HEADLINE = ("joint", "warmup", "ogm-ge", "sgm", "pase-paper", "unimodal", "mmpareto", "mla", "pase",
-            "alone-ensemble", "alone-probe")  # fmt: skip
+HEADLINE = (
+    "joint", "warmup", "ogm-ge", "unimodal", "mmpareto", "mla", "dgl", "ume", "umt", "g2d", "ebmc",
+    "reconboost", "aug", "valuation", "pase", "alone-ensemble", "alone-probe",
+)  # fmt: skip
 
 
 def headline(summaries: Sequence[dict[str, Any]], methods: Sequence[str] = HEADLINE) -> str:
