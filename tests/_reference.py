@@ -87,3 +87,24 @@ class PotAligner(mot.SinkhornAligner):
 
     def _one_node(self, *args) -> bool:
         return False
+
+
+# ------------------------------------------------------------ gradients of a module's parameters
+def grads(module: torch.nn.Module) -> dict[str, Tensor]:
+    """``{name: gradient}`` of every parameter (zeros where there is none), cloned."""
+    return {
+        k: torch.zeros_like(p) if p.grad is None else p.grad.clone()
+        for k, p in module.named_parameters()
+    }
+
+
+def assert_grads_close(a, b, rtol: float = 1e-5, atol: float = 1e-7) -> None:
+    """The same parameters, and every gradient close (named in the failure)."""
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=rtol, atol=atol, msg=k)
+
+
+def grads_differ(a, b, rtol: float = 1e-5, atol: float = 1e-7) -> bool:
+    """Whether some gradient differs beyond the tolerance (a perturbed rule must be seen)."""
+    return any(not torch.allclose(a[k], b[k], rtol=rtol, atol=atol) for k in a)

@@ -16,6 +16,7 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
+from _reference import assert_grads_close, grads, grads_differ
 from torch import nn
 
 from modbalance import DGL, UME, ModbalanceError
@@ -41,23 +42,6 @@ def loss_fn(task):
     if task == "regression":
         return lambda pred, y: F.l1_loss(pred[:, 0], y)
     return nn.CrossEntropyLoss()
-
-
-def grads(model: nn.Module) -> dict[str, torch.Tensor]:
-    return {
-        k: torch.zeros_like(p) if p.grad is None else p.grad.clone()
-        for k, p in model.named_parameters()
-    }
-
-
-def assert_grads_close(a, b):
-    assert a.keys() == b.keys()
-    for k in a:
-        torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-7, msg=k)
-
-
-def grads_differ(a, b) -> bool:
-    return any(not torch.allclose(a[k], b[k], rtol=1e-5, atol=1e-7) for k in a)
 
 
 # ==========================================================================================

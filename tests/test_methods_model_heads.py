@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from _reference import assert_grads_close, grads, grads_differ
 from torch import nn
 
 from modbalance._checks import ModbalanceError
@@ -83,23 +84,6 @@ def make_data(dims, n, task, classes=3, seed=0):
 
 DIMS2 = {"audio": 3, "visual": 5}
 DIMS3 = {"text": 3, "audio": 2, "visual": 4}
-
-
-def grads(model: nn.Module) -> dict[str, torch.Tensor]:
-    return {
-        k: (torch.zeros_like(p) if p.grad is None else p.grad.clone())
-        for k, p in model.named_parameters()
-    }
-
-
-def assert_grads_close(a, b, rtol=1e-5, atol=1e-7):
-    assert a.keys() == b.keys()
-    for k in a:
-        torch.testing.assert_close(a[k], b[k], rtol=rtol, atol=atol, msg=k)
-
-
-def grads_differ(a, b, rtol=1e-5, atol=1e-7) -> bool:
-    return any(not torch.allclose(a[k], b[k], rtol=rtol, atol=atol) for k in a)
 
 
 # ==========================================================================================

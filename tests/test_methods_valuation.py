@@ -29,6 +29,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from _reference import assert_grads_close, grads
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
@@ -223,20 +224,6 @@ def brute_force_shapley(net: AVNet, x, y, task, present=None, tolerance=1.0, sca
                 phi[i, j] += value(before | {j}) - value(before)
                 before = before | {j}
     return phi / len(perms)
-
-
-def grads(model: nn.Module) -> dict[str, torch.Tensor]:
-    return {
-        k: torch.zeros_like(p) if p.grad is None else p.grad.clone()
-        for k, p in model.named_parameters()
-    }
-
-
-def assert_grads_close(a, b):
-    assert a.keys() == b.keys()
-    for k in a:
-        # the library's task loss runs in float32 (``task_loss`` casts to float)
-        torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-7, msg=k)
 
 
 # ==========================================================================================
