@@ -108,3 +108,12 @@ def assert_grads_close(a, b, rtol: float = 1e-5, atol: float = 1e-7) -> None:
 def grads_differ(a, b, rtol: float = 1e-5, atol: float = 1e-7) -> bool:
     """Whether some gradient differs beyond the tolerance (a perturbed rule must be seen)."""
     return any(not torch.allclose(a[k], b[k], rtol=rtol, atol=atol) for k in a)
+
+
+def make_data(dims, n: int, task: str, seed: int = 0, classes: int = 3):
+    """Seeded float64 inputs ``{m: (n, d)}`` and a target: ``(n,)`` values or class indices."""
+    g = torch.Generator().manual_seed(seed)
+    x = {m: torch.randn(n, d, generator=g, dtype=torch.float64) for m, d in dims.items()}
+    if task == "regression":
+        return x, torch.randn(n, generator=g, dtype=torch.float64)
+    return x, torch.randint(0, classes, (n,), generator=g)

@@ -19,7 +19,7 @@ import _reference
 import pytest
 import torch
 import torch.nn.functional as F
-from _reference import grads
+from _reference import grads, make_data
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
@@ -35,14 +35,6 @@ DIMS3 = {"text": 3, "audio": 2, "visual": 4}
 HIDDEN = 4
 CLASSES = 3
 N = 10
-
-
-def make_data(dims, n, task, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    x = {m: torch.randn(n, d, generator=g, dtype=torch.float64) for m, d in dims.items()}
-    if task == "regression":
-        return x, torch.randn(n, generator=g, dtype=torch.float64)
-    return x, torch.randint(0, CLASSES, (n,), generator=g)
 
 
 class Net(nn.Module):

@@ -29,7 +29,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from _reference import assert_grads_close, grads
+from _reference import assert_grads_close, grads, make_data
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
@@ -48,16 +48,6 @@ DIMS2 = {"audio": 3, "visual": 5}
 DIMS3 = {"text": 3, "audio": 2, "visual": 4}
 HIDDEN = 4
 CLASSES = 3
-
-
-def make_data(dims, n, task, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    x = {m: torch.randn(n, d, generator=g, dtype=torch.float64) for m, d in dims.items()}
-    if task == "regression":
-        y = torch.randn(n, generator=g, dtype=torch.float64)
-    else:
-        y = torch.randint(0, CLASSES, (n,), generator=g)
-    return x, y
 
 
 class AVNet(nn.Module):
