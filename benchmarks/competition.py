@@ -155,6 +155,7 @@ _TOKENS: dict[str, dict[str, Any]] = {
     "auto": {"decision": "auto"},
     "warmhead": {"warm_head": True},
     "nowarmhead": {"warm_head": False},
+    "ridge": {"readout": "ridge"},
 }
 
 
@@ -167,8 +168,9 @@ def spec_of(name: str) -> Spec:
 
     The first token may be a name of :data:`SPECS`, the others modify it. Tokens: ``warmup``;
     ``cal``, ``safecal``, ``align``, ``gate`` (PaSE components); ``ens``, ``res`` (decision
-    fusion); any balancing method registered in ``examples.pase.METHODS``, with options after
-    ``@`` (``ogm-ge@alpha=1.0``); ``@key=value`` sets an option of every method so far
+    fusion); ``ridge`` (the :class:`~modbalance.RidgeReadout` fused read-out); any balancing
+    method registered in ``examples.pase.METHODS``, with options after ``@``
+    (``ogm-ge@alpha=1.0``); ``@key=value`` sets an option of every method so far
     (``pase+@weight=2.0``); ``lr=``, ``weight_decay=``, ``switch_epoch=`` set training options.
     """
     from examples.pase import METHODS
@@ -211,6 +213,30 @@ ABLATIONS = (
 DEFAULT_METHODS = (
     "joint", "warmup", "ogm-ge", "sgm", "calibration", "pase", "pase-paper", *ABLATIONS, *FIELD,
 )  # fmt: skip
+#: Names ``--methods`` expands: ``core`` is the comparison every claim of the README rests on
+#: (joint training, the warm-up control, PaSE and the alone-trained references); ``all`` is the
+#: default, the whole leaderboard.
+GROUPS: dict[str, tuple[str, ...]] = {
+    "core": ("joint", "warmup", "pase", *REFERENCES),
+    "field": ("joint", "ogm-ge", "sgm", *FIELD),
+    "ablations": ("joint", "pase", "pase-paper", "calibration", *ABLATIONS),
+    "all": DEFAULT_METHODS + REFERENCES,
+}
+
+
+def expand_methods(names: str | None) -> tuple[str, ...]:
+    """``--methods``: comma-separated method names and groups (:data:`GROUPS`), in order, once.
+
+    Example:
+        >>> expand_methods("core")
+        ('joint', 'warmup', 'pase', 'alone', 'alone-ensemble', 'alone-probe')
+        >>> expand_methods("joint,ume,core")[:4]
+        ('joint', 'ume', 'warmup', 'pase')
+    """
+    if not names:
+        return GROUPS["all"]
+    out = [m for name in names.split(",") for m in GROUPS.get(name.strip(), (name.strip(),))]
+    return tuple(dict.fromkeys(m for m in out if m))
 
 
 # ------------------------------------------------------------------------------------ one run
@@ -744,7 +770,11 @@ def plot(summary: dict[str, Any], path: Path) -> Path:
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--task", default="all", help=f"one of {', '.join(TASK_NAMES)}, or all")
-    p.add_argument("--methods", default=None, help="comma-separated (default: the standard set)")
+    p.add_argument(
+        "--methods",
+        default=None,
+        help=f"comma-separated names or groups ({', '.join(GROUPS)}; default: all)",
+    )
     p.add_argument("--seeds", default="0,1,2,3,4", help="comma-separated training seeds")
     p.add_argument("--json", default=None, help="write the raw runs of one task as JSON here")
     p.add_argument("--quick", action="store_true", help="tiny tasks and 2 epochs (CI smoke test)")
@@ -790,7 +820,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     p = _parser()
     args = p.parse_args(argv)
     tasks = TASK_NAMES if args.task == "all" else tuple(args.task.split(","))
-    methods = tuple(args.methods.split(",")) if args.methods else DEFAULT_METHODS + REFERENCES
+    methods = expand_methods(args.methods)
     seeds = tuple(int(s) for s in args.seeds.split(","))
     cache = Path(args.cache) if args.cache else None
     out = Path(args.out)

@@ -76,6 +76,7 @@ from modbalance.prototypes import (
     class_means,
     sentiment_classes,
 )
+from modbalance.readout import RidgeReadout
 from modbalance.schedule import DualPhaseSchedule
 from modbalance.shapley import (
     GameResult,
@@ -127,6 +128,7 @@ __all__ = [
     "PrototypeCalibrator",
     "PrototypeGatedFusion",
     "ReconBoost",
+    "RidgeReadout",
     "ShapleyEquilibrium",
     "ShapleyGradModulator",
     "ShapleyResult",

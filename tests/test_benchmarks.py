@@ -202,6 +202,22 @@ def test_unknown_method_is_refused():
         competition.run_task("cls-synthetic", ("nope",), (0,), quick=True, cache=None)
 
 
+def test_method_groups_expand_in_order_and_cover_the_default():
+    assert competition.expand_methods(None) == competition.GROUPS["all"]
+    assert competition.expand_methods("core") == (
+        "joint", "warmup", "pase", "alone", "alone-ensemble", "alone-probe",
+    )  # fmt: skip
+    # names and groups mix; a name already listed is not repeated
+    assert competition.expand_methods("ume, core")[:3] == ("ume", "joint", "warmup")
+    assert competition.expand_methods("joint,joint") == ("joint",)
+    every = set(competition.expand_methods("core,field,ablations"))
+    assert every == set(competition.GROUPS["all"])  # the groups partition the default
+    with pytest.raises(SystemExit, match="unknown methods"):
+        competition.run_task(
+            "cls-synthetic", competition.expand_methods("core,nope"), (0,), quick=True, cache=None
+        )
+
+
 def test_composite_method_names_and_the_default_pase_spec():
     spec = competition.spec_of("warmup+sge+safecal+res")
     assert spec.warmup and spec.methods == ("sge",)

@@ -202,6 +202,39 @@ def test_resume_continues_bit_exactly(splits, tmp_path):
         assert torch.equal(a, b) if torch.is_tensor(a) else a == b, name
 
 
+def test_ridge_readout_is_refitted_in_phase_2_and_selects_the_checkpoint(splits, tmp_path):
+    """PaSEConfig(readout="ridge"): re-fitted after every phase-2 epoch (train split, strength on
+    validation), the checkpoint selected on its validation error, kept in best.pt, and the test
+    predictions are the read-out's."""
+    train, valid, test = _fresh_test(splits)
+    mc = PaSEConfig(
+        modalities=train.modalities, input_dims=dict(train.dims), dim=16, readout="ridge"
+    )
+    trainer = Trainer(mc, _train_config(epochs=3), train, valid, test, out_dir=tmp_path)
+    fits = []
+    fit = trainer.model.readout.fit
+    trainer.model.readout.fit = lambda *a, **k: fits.append(trainer.epoch) or fit(*a, **k)
+    final = trainer.run()
+    assert fits == [1, 2]  # after the phase-2 epochs only (epoch 0 is the warm-up)
+    readout = trainer.model.readout
+    assert readout.fitted and readout.alpha in readout.alphas
+    # selection read the read-out's validation MAE: the selected epoch's is the best of them
+    vals = [r["val"]["fused"]["MAE"] for r in trainer.history if r["phase"] == 2]
+    assert trainer.best_value == min(vals)
+    assert final["valid"]["fused"]["MAE"] == pytest.approx(readout.valid_error, abs=1e-4)
+    # the test predictions are the read-out on the test features (not the fusion head)
+    out = trainer.test_predictions
+    torch.testing.assert_close(out["preds"]["fused"], readout(out["features"], out["present"]))
+    with torch.no_grad():
+        head = trainer.model.fuse(out["features"], out["present"])
+    assert not torch.allclose(head, out["preds"]["fused"])
+    # the checkpoint on disk carries the selected read-out
+    best = torch.load(tmp_path / "best.pt", weights_only=False)["model"]["readout._extra_state"]
+    assert best["alpha"] == readout.alpha
+    with pytest.raises(ValueError, match="readout must be 'head' or 'ridge'"):
+        PaSEConfig(modalities=("a", "b"), input_dims={"a": 2, "b": 2}, readout="lasso")
+
+
 @pytest.mark.parametrize(
     ("flags", "absent_losses"),
     [

@@ -243,10 +243,11 @@ class Trainer:
 
     @torch.no_grad()
     def predict(self, dataset: Dataset) -> dict[str, Any]:
-        """Fused and unimodal predictions, features and targets over a whole split."""
+        """Fused and unimodal predictions, features, presence flags and targets over a split."""
         self.model.eval()
         preds: dict[str, list[Tensor]] = {"fused": []} | {m: [] for m in self.model.modalities}
         feats: dict[str, list[Tensor]] = {m: [] for m in self.model.modalities}
+        present: dict[str, list[Tensor]] = {m: [] for m in self.model.modalities}
         targets = []
         for batch in make_loader(dataset, self.config.batch_size, train=False):
             batch = to_device(batch, self.parts.device)
@@ -261,10 +262,12 @@ class Trainer:
             for m in self.model.modalities:
                 preds[m].append(out["unimodal"][m].float().cpu())
                 feats[m].append(out["features"][m].float().cpu())
+                present[m].append(out["present"][m].cpu())
             targets.append(self.model.target(batch["label"]).cpu())
         return {
             "preds": {k: torch.cat(v) for k, v in preds.items()},
             "features": {m: torch.cat(v) for m, v in feats.items()},
+            "present": {m: torch.cat(v) for m, v in present.items()},
             "target": torch.cat(targets),
         }
 
@@ -315,6 +318,8 @@ class Trainer:
         while self.epoch < self.config.epochs:
             t0 = time.perf_counter()
             record = {"epoch": self.epoch + 1} | self.train_epoch()
+            if record["phase"] == 2 and self.model_config.readout == "ridge":
+                self._fit_readout()
             record["val"] = self.evaluate(self.valid_set)
             summary = {k: v for method in self.methods for k, v in method.summary().items()}
             if summary:  # what the methods set, for the logs and plots
@@ -328,6 +333,20 @@ class Trainer:
             if self.is_main and self.config.progress:
                 print(self._epoch_line(record), flush=True)
         self._load_selected()
+
+    def _fit_readout(self) -> None:
+        """Re-fit the model's :class:`~modbalance.RidgeReadout` on this epoch's features.
+
+        Fitted on the training split, its strength chosen on validation; the validation pass
+        that follows then scores it, so the checkpoint is selected on the read-out's error.
+        """
+        train, valid = self.predict(self.train_set), self.predict(self.valid_set)
+        self.model.readout.fit(
+            train["features"],
+            train["target"],
+            train["present"],
+            valid=(valid["features"], valid["target"], valid["present"]),
+        )
 
     def _epoch_line(self, record: dict[str, Any]) -> str:
         val, mods = record["val"], self.model.modalities

@@ -21,6 +21,7 @@ from modbalance.decision import Decision
 from modbalance.fusion import PrototypeGatedFusion
 from modbalance.ot import SinkhornAligner
 from modbalance.prototypes import PrototypeCalibrator, sentiment_classes
+from modbalance.readout import RidgeReadout
 
 #: The paper's model-side configuration (every prototype component, plain calibration, the fusion
 #: head alone): ``PaSEConfig(..., **PAPER_SWITCHES)``. With ``methods=("sgm",)`` (the paper's
@@ -69,6 +70,10 @@ class PaSEConfig:
     # the rule of modbalance.Decision: "auto" (residual for classification, head for regression),
     # "head", "residual", "ensemble", "stack", "gate" or "precision" (regression)
     decision: str = "auto"
+    # the fused prediction: "head" (the fusion head and the decision), or "ridge": a
+    # modbalance.RidgeReadout on the concatenated features, re-fitted after every phase-2 epoch
+    # on the training split with its strength and the checkpoint chosen on validation
+    readout: str = "head"
     momentum: float = 0.98
     temperature: float = 0.1
     epsilon: float = 0.05
@@ -83,6 +88,8 @@ class PaSEConfig:
             self.warm_head = self.task == "regression"
         if self.baseline:
             self.calibration = self.alignment = self.gate = False
+        if self.readout not in ("head", "ridge"):
+            raise ValueError(f"readout must be 'head' or 'ridge', got {self.readout!r}")
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -194,6 +201,11 @@ class PaSEModel(nn.Module):
             nn.Linear(c.dim, c.num_outputs),
         )
         self.decision = Decision(c.modalities, c.task, rule=c.decision, num_outputs=c.num_outputs)
+        self.readout = (
+            RidgeReadout(c.modalities, c.task, num_outputs=c.num_outputs)
+            if c.readout == "ridge"
+            else None
+        )
 
     # ----------------------------------------------------------------------------- pieces
     def encode(
@@ -341,9 +353,14 @@ class PaSEModel(nn.Module):
 
     @torch.no_grad()
     def predict(self, batch: Mapping[str, Any]) -> dict[str, Any]:
+        """Inference outputs; ``fused`` comes from the fitted read-out when there is one."""
         feats, present = self.encode(batch["features"], batch["mask"])
+        if self.readout is not None and self.readout.fitted:
+            fused = self.readout(feats, present)
+        else:
+            fused = self.fuse(feats, present)
         return {
-            "fused": self.fuse(feats, present),
+            "fused": fused,
             "unimodal": self.unimodal(feats),
             "features": feats,
             "present": present,
