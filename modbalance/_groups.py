@@ -159,11 +159,19 @@ class GroupScaler:
 
     @torch.no_grad()
     def snapshot(self) -> list[tuple[list[nn.Parameter], list[Tensor]]]:
-        """Copies of the parameters that have a gradient, per group (before the step)."""
+        """Copies of the parameters that have a gradient, per group (before the step).
+
+        One ``torch._foreach_mul(..., 1.0)`` per device and dtype (an exact copy: multiplying by
+        one changes no bit, NaN and signed zeros included) instead of one clone per parameter.
+        """
         snaps = []
         for ps in self.params:
             live = [p for p in ps if p.grad is not None]
-            snaps.append((live, [p.detach().clone() for p in live]))
+            copies = list(live)  # each entry replaced by its copy below
+            for idx in by_device_dtype(live).values():
+                for i, c in zip(idx, torch._foreach_mul([live[i] for i in idx], 1.0)):
+                    copies[i] = c
+            snaps.append((live, copies))
         return snaps
 
     @torch.no_grad()
@@ -176,6 +184,8 @@ class GroupScaler:
                 ps = [live[i] for i in idx]
                 olds = [old[i] for i in idx]
                 k = coefficients[m].to(device=device, dtype=dtype)
+                # three ops, not one _foreach_lerp_: its tensor-weight form reads the weight on
+                # the host once per parameter (a device sync each, tests/test_host_sync.py)
                 torch._foreach_sub_(olds, ps)  # old - new
                 torch._foreach_mul_(olds, 1.0 - k)  # (1 - k)(old - new)
                 torch._foreach_add_(ps, olds)  # k new + (1 - k) old

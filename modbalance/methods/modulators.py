@@ -99,7 +99,11 @@ def pase_coefficients(contributions: Tensor) -> Tensor:
         >>> pase_coefficients(torch.tensor([0.6, 0.2, 0.2])).round(decimals=4)
         tensor([0.5134, 1.0000, 1.0000])
     """
-    shares = pase_shares(contributions)
+    return _coefficients_of_shares(pase_shares(contributions))
+
+
+def _coefficients_of_shares(shares: Tensor) -> Tensor:
+    r""":func:`pase_coefficients` from the shares :math:`\psi` themselves."""
     tiny = torch.finfo(shares.dtype).tiny
     psi_min = shares.amin(-1, keepdim=True)
     ratio = torch.where(shares > 0, psi_min / shares.clamp_min(tiny), torch.ones_like(shares))
@@ -635,9 +639,10 @@ class ShapleyGradModulator(_GroupModulator):
                 check), or a custom rule returning a wrong shape or negative values.
         """
         x = self._as_vector(contributions, "contributions")
-        self.shares.copy_(pase_shares(x))
+        shares = pase_shares(x)
+        self.shares.copy_(shares)
         if isinstance(self.rule, str):
-            raw = pase_coefficients(x)
+            raw = _coefficients_of_shares(shares)  # pase_coefficients(x), shares computed once
         else:
             raw = self.rule(x)  # type: ignore[operator]
             check_tensor(raw, "rule(contributions)", dtype="floating")
