@@ -709,7 +709,7 @@ def _tiled_confidence(calibrator: PrototypeCalibrator, features: Tensor) -> Tens
     if base.shape[0] * count != features.shape[0] or base.shape[1:] != features.shape[1:]:
         return None
     conf = calibrator.confidence(base)
-    out = conf.repeat(count)
+    out = torch.cat([conf] * count)  # as conf.repeat(count), cheaper on CPU
     setattr(out, _TILES, (conf, count))
     return out
 
