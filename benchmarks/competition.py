@@ -106,6 +106,7 @@ _PLAIN = {
     "alignment": False,
     "gate": False,
     "decision": "head",
+    "readout": "head",
     "safe_calibration": False,
 }
 #: The paper's model: every prototype component, the fusion head alone.
@@ -113,8 +114,9 @@ _PAPER = PAPER_SWITCHES
 #: The example's default PaSE model (PaSEConfig's defaults): with the warm-up (and a warm fusion
 #: head for regression) and Shapley-weighted unimodal losses while they are learnable, the
 #: decision of ``modbalance.Decision(rule="auto")`` (residual for classification, the fusion head
-#: for regression).
-_PASE = _PLAIN | {"decision": "auto", "safe_calibration": True}
+#: for regression) and, for regression, the prediction of the ridge read-out
+#: (``PaSEConfig(readout="auto")``).
+_PASE = _PLAIN | {"decision": "auto", "safe_calibration": True, "readout": "auto"}
 SPECS: dict[str, Spec] = {
     "joint": Spec(_PLAIN),
     "warmup": Spec(_PLAIN, warmup=True),

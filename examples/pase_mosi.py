@@ -349,6 +349,15 @@ def _add_model_args(group: argparse._ArgumentGroup) -> None:
         "inverse running squared errors ('precision', regression), or 'head'",
     )
     add(
+        "--readout",
+        choices=("auto", "head", "ridge"),
+        default="auto",
+        help="the fused prediction: 'ridge' (modbalance.RidgeReadout on the concatenated "
+        "features, re-fitted after every phase-2 epoch, strength and checkpoint chosen on "
+        "validation), 'head' (the fusion head and the decision), or 'auto': 'ridge' for "
+        "regression (chosen on validation MAE), 'head' for classification and --baseline",
+    )
+    add(
         "--warm-head",
         choices=("auto", "on", "off"),
         default="auto",
@@ -412,6 +421,7 @@ def configs(args: argparse.Namespace, train, device: str) -> tuple[PaSEConfig, T
         alignment=args.alignment,
         gate=args.gate,
         decision="head" if args.baseline else args.decision,
+        readout=args.readout,
         warm_head={"auto": "auto", "on": True, "off": False}[args.warm_head],
         baseline=args.baseline,
     )

@@ -231,8 +231,17 @@ def test_ridge_readout_is_refitted_in_phase_2_and_selects_the_checkpoint(splits,
     # the checkpoint on disk carries the selected read-out
     best = torch.load(tmp_path / "best.pt", weights_only=False)["model"]["readout._extra_state"]
     assert best["alpha"] == readout.alpha
-    with pytest.raises(ValueError, match="readout must be 'head' or 'ridge'"):
+    with pytest.raises(ValueError, match="readout must be 'auto', 'head' or 'ridge'"):
         PaSEConfig(modalities=("a", "b"), input_dims={"a": 2, "b": 2}, readout="lasso")
+
+
+def test_readout_auto_is_ridge_for_regression_only():
+    kw = {"modalities": ("a", "b"), "input_dims": {"a": 2, "b": 2}}
+    assert PaSEConfig(**kw).readout == "ridge"
+    assert PaSEConfig(**kw, baseline=True).readout == "head"  # the plain reference
+    assert PaSEConfig(**kw, task="classification", num_outputs=3).readout == "head"
+    assert PaSEConfig(**kw, **PAPER_SWITCHES).readout == "head"  # the paper predicts with its head
+    assert PaSEConfig(**kw, baseline=True, readout="ridge").readout == "ridge"  # joint + read-out
 
 
 @pytest.mark.parametrize(

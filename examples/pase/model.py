@@ -25,14 +25,16 @@ from modbalance.readout import RidgeReadout
 
 #: The paper's model-side configuration (every prototype component, plain calibration, the fusion
 #: head alone): ``PaSEConfig(..., **PAPER_SWITCHES)``. With ``methods=("sgm",)`` (the paper's
-#: update modulation) it is ``--calibration --alignment --gate --equilibrium pase --decision head``
-#: of the example's command, apart from the separability-safe calibration the command always uses.
+#: update modulation) it is ``--calibration --alignment --gate --equilibrium pase --decision head
+#: --readout head`` of the example's command, apart from the separability-safe calibration the
+#: command always uses.
 PAPER_SWITCHES: dict[str, Any] = {
     "calibration": True,
     "alignment": True,
     "gate": True,
     "safe_calibration": False,
     "decision": "head",
+    "readout": "head",
 }
 
 
@@ -72,8 +74,10 @@ class PaSEConfig:
     decision: str = "auto"
     # the fused prediction: "head" (the fusion head and the decision), or "ridge": a
     # modbalance.RidgeReadout on the concatenated features, re-fitted after every phase-2 epoch
-    # on the training split with its strength and the checkpoint chosen on validation
-    readout: str = "head"
+    # on the training split with its strength and the checkpoint chosen on validation; "auto":
+    # "ridge" for regression (chosen on validation MAE over four backbones), "head" for
+    # classification and for the baseline
+    readout: str = "auto"
     momentum: float = 0.98
     temperature: float = 0.1
     epsilon: float = 0.05
@@ -88,8 +92,10 @@ class PaSEConfig:
             self.warm_head = self.task == "regression"
         if self.baseline:
             self.calibration = self.alignment = self.gate = False
-        if self.readout not in ("head", "ridge"):
-            raise ValueError(f"readout must be 'head' or 'ridge', got {self.readout!r}")
+        if self.readout not in ("auto", "head", "ridge"):
+            raise ValueError(f"readout must be 'auto', 'head' or 'ridge', got {self.readout!r}")
+        if self.readout == "auto":
+            self.readout = "ridge" if self.task == "regression" and not self.baseline else "head"
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

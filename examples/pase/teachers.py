@@ -87,6 +87,8 @@ def train_teachers(
     from .loop import Trainer, _rng_state, _set_rng_state
 
     cfg = replace(config, methods=("ume",), switch_epoch=0, patience=None, progress=False)
+    # the teachers are the encoders and unimodal heads: UME predicts and selects, no read-out
+    model_config = replace(model_config, readout="head")
     kind = "late" if model is None else type(model).__name__
     path = None
     if cache is not None:
