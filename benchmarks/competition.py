@@ -158,6 +158,7 @@ _TOKENS: dict[str, dict[str, Any]] = {
     "warmhead": {"warm_head": True},
     "nowarmhead": {"warm_head": False},
     "ridge": {"readout": "ridge"},
+    "headout": {"readout": "head"},
 }
 
 
@@ -170,9 +171,9 @@ def spec_of(name: str) -> Spec:
 
     The first token may be a name of :data:`SPECS`, the others modify it. Tokens: ``warmup``;
     ``cal``, ``safecal``, ``align``, ``gate`` (PaSE components); ``ens``, ``res`` (decision
-    fusion); ``ridge`` (the :class:`~modbalance.RidgeReadout` fused read-out); any balancing
-    method registered in ``examples.pase.METHODS``, with options after ``@``
-    (``ogm-ge@alpha=1.0``); ``@key=value`` sets an option of every method so far
+    fusion); ``ridge``, ``headout`` (predict with the :class:`~modbalance.RidgeReadout` read-out
+    / the fusion head); any balancing method registered in ``examples.pase.METHODS``, with
+    options after ``@`` (``ogm-ge@alpha=1.0``); ``@key=value`` sets an option of every method so far
     (``pase+@weight=2.0``); ``lr=``, ``weight_decay=``, ``switch_epoch=`` set training options.
     """
     from examples.pase import METHODS
@@ -731,16 +732,24 @@ def headline(summaries: Sequence[dict[str, Any]], methods: Sequence[str] = HEADL
 
 
 def validation_table(result: dict[str, Any]) -> str:
-    """Mean ± std of each method's fused metric on the *validation* split (for tuning)."""
+    """Mean ± std of each method's fused metrics on the *validation* split (for tuning).
+
+    The primary metric, and for regression the MAE (what model selection minimises).
+    """
     primary = result["primary"]
-    by: dict[str, list[float]] = {}
+    by: dict[str, list[dict[str, float]]] = {}
     for r in result["runs"]:
         if "valid_fused" in r:
-            by.setdefault(r["method"], []).append(r["valid_fused"][primary])
-    rows = sorted(by.items(), key=lambda kv: -statistics.mean(kv[1]))
-    lines = [f"| method | validation {primary} % | seeds |", "|---|---|---|"]
-    for name, values in rows:
-        lines.append(f"| {name} | {_ms(_mean_std(values), 100)} | {len(values)} |")
+            by.setdefault(r["method"], []).append(r["valid_fused"])
+    rows = sorted(by.items(), key=lambda kv: -statistics.mean(v[primary] for v in kv[1]))
+    mae = any("MAE" in v for runs in by.values() for v in runs)
+    head = f"| method | validation {primary} % |" + (" validation MAE |" if mae else "")
+    lines = [head + " seeds |", "|---|---|" + ("---|" if mae else "") + "---|"]
+    for name, runs in rows:
+        cells = [_ms(_mean_std([v[primary] for v in runs]), 100)]
+        if mae:
+            cells.append(_ms(_mean_std([v.get("MAE", math.nan) for v in runs]), 1, 4))
+        lines.append(f"| {name} | " + " | ".join(cells) + f" | {len(runs)} |")
     return "\n".join(lines) + "\n"
 
 

@@ -218,6 +218,22 @@ def test_method_groups_expand_in_order_and_cover_the_default():
         )
 
 
+def test_validation_table_shows_the_mae_that_selection_minimises():
+    runs = [
+        {"method": "a", "valid_fused": {"Non0_acc_2": 0.9, "MAE": 0.4}},
+        {"method": "a", "valid_fused": {"Non0_acc_2": 0.8, "MAE": 0.5}},
+        {"method": "b", "valid_fused": {"Non0_acc_2": 0.95, "MAE": 0.3}},
+    ]
+    table = competition.validation_table({"primary": "Non0_acc_2", "runs": runs})
+    lines = table.splitlines()
+    assert lines[0] == "| method | validation Non0_acc_2 % | validation MAE | seeds |"
+    assert lines[2] == "| b | 95.0 ± 0.0 | 0.3000 ± 0.0000 | 1 |"  # best primary first
+    assert lines[3] == "| a | 85.0 ± 7.1 | 0.4500 ± 0.0707 | 2 |"
+    cls = [{"method": "c", "valid_fused": {"accuracy": 0.5}}]
+    table = competition.validation_table({"primary": "accuracy", "runs": cls})
+    assert table.splitlines()[0] == "| method | validation accuracy % | seeds |"
+
+
 def test_composite_method_names_and_the_default_pase_spec():
     spec = competition.spec_of("warmup+sge+safecal+res")
     assert spec.warmup and spec.methods == ("sge",)

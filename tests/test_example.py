@@ -229,8 +229,8 @@ def test_ridge_readout_is_refitted_in_phase_2_and_selects_the_checkpoint(splits,
         head = trainer.model.fuse(out["features"], out["present"])
     assert not torch.allclose(head, out["preds"]["fused"])
     # the checkpoint on disk carries the selected read-out
-    best = torch.load(tmp_path / "best.pt", weights_only=False)["model"]["readout._extra_state"]
-    assert best["alpha"] == readout.alpha
+    best = torch.load(tmp_path / "best.pt", weights_only=True)["model"]
+    assert float(best["readout.chosen"][0]) == readout.alpha
     with pytest.raises(ValueError, match="readout must be 'auto', 'head' or 'ridge'"):
         PaSEConfig(modalities=("a", "b"), input_dims={"a": 2, "b": 2}, readout="lasso")
 
