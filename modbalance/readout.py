@@ -124,17 +124,24 @@ class RidgeReadout(nn.Module):
         self.register_buffer("bias", torch.zeros(self.num_outputs, **f64))
         self.register_buffer("dims", torch.zeros(0, dtype=torch.long))
         self.register_buffer("chosen", torch.full((2,), math.nan, **f64))  # alpha, valid error
-        self._dims: tuple[int, ...] | None = None  # host copy of ``dims`` (None: not fitted)
-        #: The chosen ridge strength (``nan`` before :meth:`fit`).
-        self.alpha = math.nan
-        #: The held-out error of the chosen strength: MAE, or 1 - accuracy (``nan`` without it).
-        self.valid_error = math.nan
+        # host copy of ``dims`` (None: not fitted), so that forward never reads the device
+        self._dims: tuple[int, ...] | None = None
 
     # ----------------------------------------------------------------------------- state
     @property
     def fitted(self) -> bool:
         """Whether :meth:`fit` has run (or a fitted state was loaded)."""
         return self._dims is not None
+
+    @property
+    def alpha(self) -> float:
+        """The chosen ridge strength (``nan`` before :meth:`fit`)."""
+        return float(self.chosen[0])
+
+    @property
+    def valid_error(self) -> float:
+        """The held-out error of :attr:`alpha`: MAE, or 1 - accuracy (``nan`` without it)."""
+        return float(self.chosen[1])
 
     def _set_fit(self, fit: Mapping[str, Tensor], alpha: float, valid_error: float) -> None:
         """Store a fitted state in the buffers (on their device, in their floating dtype)."""
@@ -144,7 +151,6 @@ class RidgeReadout(nn.Module):
         self.dims = torch.tensor(fit["dims"], dtype=torch.long, device=dev)
         self.chosen = torch.tensor([alpha, valid_error], dtype=dtype, device=dev)
         self._dims = tuple(int(d) for d in fit["dims"])
-        self.alpha, self.valid_error = float(alpha), float(valid_error)
 
     def _load_from_state_dict(
         self, state_dict: dict[str, Any], prefix: str, *args: Any, **kwargs: Any
@@ -164,7 +170,6 @@ class RidgeReadout(nn.Module):
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
         dims = self.dims.tolist()  # a host read at load time, never in forward
         self._dims = tuple(dims) if dims else None
-        self.alpha, self.valid_error = (float(v) for v in self.chosen.tolist())
 
     # ----------------------------------------------------------------------------- inputs
     def _matrix(
@@ -214,6 +219,18 @@ class RidgeReadout(nn.Module):
     def _columns(flags: Tensor, dims: Sequence[int]) -> Tensor:
         """Per-feature presence ``(N, D)`` from per-modality presence ``(N, M)`` (no host read)."""
         return torch.cat([flags[:, i : i + 1].expand(-1, d) for i, d in enumerate(dims)], 1)
+
+    def _standardised(
+        self, x: Tensor, flags: Tensor, dims: Sequence[int], mean: Tensor, scale: Tensor
+    ) -> Tensor:
+        """``(x - mean) / scale``, zero (the training mean) where the modality is absent."""
+        return torch.where(self._columns(flags, dims), (x - mean) / scale, 0.0)
+
+    def _error_of(self, scores: Tensor, y: Tensor) -> float:
+        """MAE, or 1 - accuracy, of ``(N, C)`` scores against :meth:`_targets`' ``(N, C)``."""
+        if self.task == "regression":
+            return float((scores[:, 0] - y[:, 0]).abs().mean())
+        return 1.0 - float((scores.argmax(1) == y.argmax(1)).double().mean())
 
     def _targets(self, target: Tensor, n: int, what: str) -> Tensor:
         t = check_tensor(target, what, ndim=1, nonempty=True)
@@ -274,44 +291,42 @@ class RidgeReadout(nn.Module):
                 f"choose the ridge strength on held-out data: pass valid=(features, target) or "
                 f"a single alpha (alphas={self.alphas})."
             )
-        x = x.double().cpu()
-        on = self._columns(flags.cpu(), dims)
+        if valid is not None and (not isinstance(valid, tuple) or len(valid) not in (2, 3)):
+            raise ModbalanceError(
+                "`valid` must be (features, target) or (features, target, present)."
+            )
+        x, flags = x.double().cpu(), flags.cpu()
+        on = self._columns(flags, dims)
         if not bool(torch.isfinite(torch.where(on, x, 0.0)).all()):
             raise ModbalanceError("`features` must be finite where the modality is present.")
         count = on.sum(0).clamp_min(1).double()
         mean = torch.where(on, x, 0.0).sum(0) / count
-        z = torch.where(on, x - mean, 0.0)
-        sd = (z.pow(2).sum(0) / count).sqrt()
+        sd = (torch.where(on, x - mean, 0.0).pow(2).sum(0) / count).sqrt()
         scale = torch.where(sd > 0, sd, torch.ones_like(sd))
-        z = z / scale
+        z = self._standardised(x, flags, dims, mean, scale)
         bias = y.mean(0)
         evals, evecs = torch.linalg.eigh(z.T @ z)
         proj = evecs.T @ (z.T @ (y - bias))  # (D, C) in the eigenbasis
-        fits = {
-            a: {
-                "mean": mean,
-                "scale": scale,
-                "weight": evecs @ (proj / (evals.clamp_min(0) + a)[:, None]),
-                "bias": bias,
-                "dims": tuple(dims),
+        weights = {a: evecs @ (proj / (evals.clamp_min(0) + a)[:, None]) for a in self.alphas}
+        chosen, err = self.alphas[0], math.nan
+        if valid is not None:  # every strength on the same standardised validation features
+            xv, fv = self._matrix(valid[0], valid[2] if len(valid) == 3 else None, "valid[0]")
+            if [valid[0][m].shape[1] for m in self.modalities] != dims:
+                raise ModbalanceError("`valid` features must have the training features' widths.")
+            yv = self._targets(valid[1], xv.shape[0], "valid[1]")
+            # scored as forward() predicts (in the features' dtype), so that valid_error is
+            # the error of what the fitted read-out predicts on them
+            dt = xv.dtype
+            zv = self._standardised(xv.cpu(), fv.cpu(), dims, mean.to(dt), scale.to(dt))
+            errors = {
+                a: self._error_of((zv @ w.to(dt) + bias.to(dt)).double(), yv)
+                for a, w in weights.items()
             }
-            for a in self.alphas
-        }
-        if valid is None:
-            self._set_fit(fits[self.alphas[0]], self.alphas[0], math.nan)
-            return self
-        if not isinstance(valid, tuple) or len(valid) not in (2, 3):
-            raise ModbalanceError(
-                "`valid` must be (features, target) or (features, target, present)."
-            )
-        best = None
-        for a in sorted(self.alphas, reverse=True):  # ties go to the stronger ridge
-            self._set_fit(fits[a], a, math.nan)
-            err = self.error(*valid)
-            if best is None or err < best[0]:
-                best = (err, a)
-        assert best is not None
-        self._set_fit(fits[best[1]], best[1], best[0])
+            # the lowest error; ties go to the stronger ridge
+            chosen = min(sorted(errors, reverse=True), key=errors.__getitem__)
+            err = errors[chosen]
+        fit = {"mean": mean, "scale": scale, "weight": weights[chosen], "bias": bias, "dims": dims}
+        self._set_fit(fit, chosen, err)
         return self
 
     # ----------------------------------------------------------------------------- predict
@@ -333,8 +348,7 @@ class RidgeReadout(nn.Module):
                 f"(in the order {list(self.modalities)}), got {dims}."
             )
         dev, dtype = x.device, x.dtype
-        mean, scale = self.mean.to(dev, dtype), self.scale.to(dev, dtype)
-        z = torch.where(self._columns(flags, dims), (x - mean) / scale, 0.0)
+        z = self._standardised(x, flags, dims, self.mean.to(dev, dtype), self.scale.to(dev, dtype))
         out = z @ self.weight.to(dev, dtype) + self.bias.to(dev, dtype)
         return out.squeeze(1) if self.task == "regression" else out
 
@@ -342,11 +356,9 @@ class RidgeReadout(nn.Module):
     def error(self, features: Mapping[str, Tensor], target: Tensor, present: Any = None) -> float:
         """MAE (regression) or 1 - accuracy (classification) of the fitted read-out."""
         pred = self(features, present).double().cpu()
-        n = pred.shape[0]
-        y = self._targets(target, n, "target")
-        if self.task == "regression":
-            return float((pred - y[:, 0]).abs().mean())
-        return 1.0 - float((pred.argmax(1) == y.argmax(1)).double().mean())
+        return self._error_of(
+            pred.reshape(pred.shape[0], -1), self._targets(target, len(pred), "target")
+        )
 
     def extra_repr(self) -> str:
         """Summarise the configuration and the fitted strength for ``repr``."""

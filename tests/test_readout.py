@@ -186,6 +186,10 @@ def test_errors():
         one.fit(feats, y, {"audio": torch.ones(3, dtype=torch.bool)})
     with pytest.raises(ModbalanceError, match=r"`valid` must be \(features, target\)"):
         RidgeReadout(MODS).fit(feats, y, valid=[feats, y])
+    with pytest.raises(ModbalanceError, match="`valid` features must have the training features"):
+        RidgeReadout(MODS).fit(feats, y, valid=(dict(feats, audio=feats["audio"][:, :2]), y))
+    with pytest.raises(ModbalanceError, match=r"`valid\[1\]` has 119 entries for 120 samples"):
+        RidgeReadout(MODS).fit(feats, y, valid=(feats, y[:-1]))
     one.fit(feats, y)
     with pytest.raises(ModbalanceError, match=r"fitted on feature widths \[4, 3\]"):
         one(dict(feats, audio=feats["audio"][:, :2]))
