@@ -74,6 +74,7 @@ from examples.pase import PAPER_SWITCHES, Parts, PaSEConfig, train_step
 from examples.pase import build as build_parts
 from modbalance.balancing import combine_losses
 from modbalance.metrics import pase_shares
+from modbalance.prototypes import CalibrationOutput, calibrate
 
 RESULTS = Path(__file__).resolve().parent / "results"
 MOSI_DIMS = {"text": 768, "audio": 5, "vision": 20}
@@ -471,15 +472,11 @@ def _paper_pieces(tr, base_feats, present, label, leaves, device, amp):
     def calibration():
         f = leaves()
         with _autocast(device, amp):
-            loss = sum(
-                model.calibrators[m](f[m], labels_c, present[m]).loss for m in model.modalities
-            )
+            loss = sum(o.loss for o in calibrate(model.calibrators, f, labels_c, present).values())
         loss.backward()
 
     with torch.no_grad():
-        cal = {
-            m: model.calibrators[m](base_feats[m], labels_c, present[m]) for m in model.modalities
-        }
+        cal = calibrate(model.calibrators, base_feats, labels_c, present)
     means = {m: o.class_means.detach() for m, o in cal.items()}
     masses = {m: o.class_counts.detach() for m, o in cal.items()}
 
@@ -534,9 +531,23 @@ def breakdown(
             loss = pmodel.task_loss(pmodel.fuse(leaves(), present), label)
         loss.backward()
 
-    def gated_fusion_head():
+    with torch.no_grad():
+        logits = {
+            m: o.logits
+            for m, o in calibrate(
+                model.calibrators, base_feats, model.class_labels(label), present
+            ).items()
+        }
+
+    def gated_fusion_head():  # as in the training step: the confidence from the logits
         with _autocast(device, amp):
-            loss = model.task_loss(model.fuse(leaves(), present), label)
+            cal = {
+                m: CalibrationOutput(*(None,) * 5)._replace(logits=v.clone().requires_grad_())
+                for m, v in logits.items()
+            }
+            conf = {m: o.confidence() for m, o in cal.items()}
+            head = model.head_output(leaves(), present, confidence=conf)
+            loss = model.task_loss(model._decide(head, base_feats, present), label)
         loss.backward()
 
     extra, modulator = _paper_pieces(tr, base_feats, present, label, leaves, device, amp)

@@ -73,6 +73,7 @@ from modbalance.prototypes import (
     CalibrationOutput,
     ClassMeans,
     PrototypeCalibrator,
+    calibrate,
     class_means,
     sentiment_classes,
 )
@@ -140,6 +141,7 @@ __all__ = [
     "UnimodalTeachers",
     "__version__",
     "balanced_step",
+    "calibrate",
     "check_phases",
     "class_means",
     "coalition_masks",

@@ -13,6 +13,7 @@ prototype classifier and its cross-entropy follow PMR (Fan et al., CVPR 2023).
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from typing import Any, NamedTuple
 
 import torch
@@ -37,6 +38,7 @@ __all__ = [
     "CalibrationOutput",
     "ClassMeans",
     "PrototypeCalibrator",
+    "calibrate",
     "class_means",
     "sentiment_classes",
 ]
@@ -185,9 +187,12 @@ def _check_mask(mask: Tensor | None, n: int, device: torch.device) -> Tensor:
 
 
 def _class_weights(labels: Tensor, num_classes: int, valid: Tensor) -> Tensor:
-    """(N, K) bool membership; out-of-range and masked-out labels belong to no class."""
+    """(N, K) bool membership; out-of-range and masked-out labels belong to no class.
+
+    Leading dimensions broadcast: ``(M, N)`` flags give ``(M, N, K)`` (:func:`calibrate`).
+    """
     classes = torch.arange(num_classes, device=labels.device)
-    return (labels.unsqueeze(1) == classes) & valid.unsqueeze(1)
+    return (labels.unsqueeze(-1) == classes) & valid.unsqueeze(-1)
 
 
 def _class_sums(features: Tensor, weights: Tensor) -> tuple[Tensor, Tensor]:
@@ -218,6 +223,19 @@ class CalibrationOutput(NamedTuple):
     prototypes: Tensor
     class_means: Tensor
     class_counts: Tensor
+
+    def confidence(self) -> Tensor:
+        r"""``(N,)`` label-free confidence of every row, from :attr:`logits`.
+
+        The value of :meth:`PrototypeCalibrator.confidence` without labels (the top
+        probability :math:`\max_k q_{ik}` over the initialised classes, ``0`` before any is
+        initialised), for the prototypes of this step, without computing the similarities
+        again; differentiable through :attr:`logits`. A masked-out row gives the confidence of
+        a zero feature: mask it out of whatever uses it (the gated fusion does).
+        """
+        logits = self.logits
+        probs = F.softmax(logits.clamp_min(torch.finfo(logits.dtype).min), dim=-1)
+        return torch.where(logits == float("-inf"), 0.0, probs).max(dim=-1).values
 
 
 class PrototypeCalibrator(nn.Module):
@@ -655,39 +673,214 @@ class PrototypeCalibrator(nn.Module):
         self, logits: Tensor, y: Tensor, qualified: Tensor, init: Tensor
     ) -> None:
         r"""EMA of the prototype classifier's accuracy above chance, :math:`\kappa \in [0, 1]`."""
-        hit = (logits.argmax(-1) == y) & qualified
-        stats = torch.stack([hit.sum(), qualified.sum()]).to(self.separability.dtype)
-        all_reduce_sum(stats)
-        acc = stats[0] / stats[1].clamp_min(1.0)
-        chance = 1.0 / init.sum().clamp_min(1).to(acc.dtype)
-        kappa = ((acc - chance) / (1.0 - chance).clamp_min(1e-6)).clamp(0.0, 1.0)
-        kappa = torch.where(stats[1] > 0, kappa, self.separability)
-        self.separability.mul_(0.9).add_(0.1 * kappa)
+        self.separability.copy_(_separability_step(self.separability, logits, y, qualified, init))
 
     @torch.no_grad()
     def _ema_update(self, emb: Tensor, member: Tensor, batch_sums: Tensor) -> None:
-        dtype = self.prototypes.dtype
-        if emb.dtype == dtype:
-            sums = batch_sums.detach().clone()  # never reduce in place into the autograd graph
-        else:
-            sums = member.to(dtype).transpose(0, 1) @ emb.detach().to(dtype)
-        n = member.sum(dim=0)  # exact integer counts, (K,) long
-        # The only step that differs between one process and several: global class statistics.
-        all_reduce_sum(sums)
-        all_reduce_sum(n)
-        present = n > 0
-        batch_mean = sums / n.clamp_min(1).to(dtype).unsqueeze(1)
-        if self.metric == "cosine":
-            batch_mean = unit(batch_mean)
-        old = self.prototypes
-        ema = self.momentum * old + (1.0 - self.momentum) * batch_mean
-        if self.metric == "cosine":
-            ema = unit(ema)
-        new = torch.where(self.initialized.unsqueeze(1), ema, batch_mean)
-        new = torch.where(present.unsqueeze(1), new, old)
+        new, present, n = _ema_step(
+            self.prototypes, self.initialized, self.momentum, self.metric, emb, member, batch_sums
+        )
         self.prototypes.copy_(new)
         self.initialized.logical_or_(present)
         self.counts.add_(n)
+
+
+def calibrate(
+    calibrators: Mapping[str, PrototypeCalibrator],
+    features: Mapping[str, Tensor],
+    labels: Tensor,
+    present: Mapping[str, Tensor] | None = None,
+) -> dict[str, CalibrationOutput]:
+    """Call every modality's calibrator on its features, in one batched pass where possible.
+
+    The same as ``{m: calibrators[m](features[m], labels, present[m]) for m in calibrators}``:
+    the same prototype updates, losses, logits and class statistics, equal up to float rounding,
+    and the same errors. When the calibrators share their settings (class, hyperparameters,
+    training mode, prototypes' dtype and device) and the features share shape, dtype and device
+    and take the fused cosine path (float32/float64 outside autocast), the M calibrations run as
+    one batched computation with one autograd node and one host read for the value checks,
+    instead of M of each; otherwise the calibrators are called one by one.
+
+    Args:
+        calibrators: ``{modality: PrototypeCalibrator}``, e.g. a model's ``nn.ModuleDict``.
+        features: ``{modality: (N, D)}`` features with at least the keys of ``calibrators``.
+        labels: ``(N,)`` labels shared by the modalities (see :meth:`PrototypeCalibrator.forward`).
+        present: Optional ``{modality: (N,) bool}`` masks with the same keys.
+
+    Returns:
+        ``{modality: CalibrationOutput}`` in the order of ``calibrators``.
+
+    Raises:
+        ModbalanceError: On a modality of ``calibrators`` missing from ``features`` or
+            ``present``, and on everything :meth:`PrototypeCalibrator.forward` refuses.
+
+    Example:
+        >>> import torch
+        >>> from modbalance.prototypes import PrototypeCalibrator, calibrate
+        >>> cals = {m: PrototypeCalibrator(3, 4) for m in ("text", "audio")}
+        >>> feats = {m: torch.randn(6, 4, requires_grad=True) for m in cals}
+        >>> out = calibrate(cals, feats, torch.tensor([0, 1, 2, 0, 1, 2]))
+        >>> sum(o.loss for o in out.values()).backward()
+        >>> [o.logits.shape for o in out.values()], cals["audio"].initialized.tolist()
+        ([torch.Size([6, 3]), torch.Size([6, 3])], [True, True, True])
+    """
+    names = list(calibrators)
+    for what, mapping in (("features", features), ("present", present)):
+        if mapping is None:
+            continue
+        if not isinstance(mapping, Mapping):
+            raise TypeError(f"`{what}` must be a mapping of modality names, got {type(mapping)}.")
+        missing = [m for m in names if m not in mapping]
+        if missing:
+            raise ModbalanceError(
+                f"`{what}` has no entry for the calibrated modalities {missing}; it has "
+                f"{sorted(mapping)}."
+            )
+    masks = {m: None if present is None else present[m] for m in names}
+    cals = [calibrators[m] for m in names]
+    if not _batchable(cals, [features[m] for m in names]):
+        return {m: calibrators[m](features[m], labels, masks[m]) for m in names}
+    outs = _calibrate_batched(cals, [features[m] for m in names], labels, list(masks.values()))
+    return dict(zip(names, outs))
+
+
+def _settings(c: PrototypeCalibrator) -> tuple[Any, ...]:
+    return (
+        c.num_classes, c.dim, c.momentum, c.metric, c.temperature, c.ce_weight,
+        c.pull_weight, c.label_bins, c.adaptive, c.training, c.prototypes.dtype,
+        c.prototypes.device,
+    )  # fmt: skip
+
+
+def _batchable(cals: list[PrototypeCalibrator], feats: list[Any]) -> bool:
+    """Whether :func:`calibrate` may run the calibrators as one batched computation."""
+    if len(cals) < 2 or any(type(c) is not PrototypeCalibrator for c in cals):
+        return False
+    if any(not isinstance(x, Tensor) or x.ndim != 2 or x.shape[0] == 0 for x in feats):
+        return False
+    first, x0 = _settings(cals[0]), feats[0]
+    return (
+        all(_settings(c) == first for c in cals[1:])
+        and all(
+            x.shape == x0.shape and x.dtype == x0.dtype and x.device == x0.device for x in feats
+        )
+        and x0.shape[1] == cals[0].dim
+        and x0.device == cals[0].prototypes.device
+        and _fusable(x0, cals[0].metric)
+    )
+
+
+def _calibrate_batched(
+    cals: list[PrototypeCalibrator],
+    feats: list[Tensor],
+    labels: Tensor,
+    masks: list[Tensor | None],
+) -> list[CalibrationOutput]:
+    """:meth:`PrototypeCalibrator.forward` of every calibrator (same settings) at once."""
+    c0 = cals[0]
+    n = feats[0].shape[0]  # the layout is checked by _batchable
+    valids = [_check_mask(m, n, feats[0].device) for m in masks]
+    valid = torch.stack(valids)  # (M, N)
+    y = c0._class_labels(labels, n, valid, values=False)  # (M, N) binned, or (N,) indices
+    member = _class_weights(y, c0.num_classes, valid)  # (M, N, K)
+    in_class = member.any(dim=-1)
+    stacked = torch.stack(feats)  # (M, N, D)
+    clean = torch.where(in_class.unsqueeze(-1), stacked, 0.0)
+    if value_checks_enabled():
+        # forward()'s value checks, one host read each for all the modalities; on a failure the
+        # per-modality checks run in forward()'s order and raise its messages
+        bad_values = not math.isfinite(float(clean.detach().sum()))
+        if bad_values or bool((valid > in_class).any()):
+            for c, x, v in zip(cals, feats, valids):
+                c._check_features(x, v)
+                c._class_labels(labels, n, v)
+    with torch.no_grad():
+        w = member.to(clean.dtype)
+        norm = torch.linalg.vector_norm(clean, dim=-1, keepdim=True)
+        emb = clean / norm.clamp_min(NORM_EPS)
+        sums, counts = w.transpose(-1, -2) @ emb, w.sum(dim=-2)
+    old = torch.stack([c.prototypes for c in cals])
+    init = torch.stack([c.initialized for c in cals])
+    if c0.training:
+        protos, present, n_seen = _ema_step(old, init, c0.momentum, c0.metric, emb, member, sums)
+        init = init | present
+        torch._foreach_copy_([c.prototypes for c in cals], list(protos.unbind(0)))
+        torch._foreach_copy_([c.initialized for c in cals], list(init.unbind(0)))
+        torch._foreach_add_([c.counts for c in cals], list(n_seen.unbind(0)))
+    else:
+        protos = old  # a stack is a copy: later updates of the buffers cannot reach it
+    y_safe = y.clamp(0, c0.num_classes - 1).expand(len(cals), n)
+    qualified = in_class & init.gather(-1, y_safe)
+    loss, logits, means = _CosineCalibration.apply(
+        stacked, in_class, emb, norm, w, sums,
+        counts, protos.to(clean.dtype), init, y_safe, qualified, c0.temperature,
+        c0.pull_weight, c0.ce_weight,
+    )  # fmt: skip
+    if c0.adaptive:
+        separability = torch.stack([c.separability for c in cals])
+        if c0.training:
+            separability = _separability_step(separability, logits, y_safe, qualified, init)
+            torch._foreach_copy_([c.separability for c in cals], list(separability.unbind(0)))
+        loss = loss * separability.to(loss.dtype)
+    return [
+        CalibrationOutput(*parts)
+        for parts in zip(
+            loss.unbind(0), logits.unbind(0), protos.unbind(0), means.unbind(0), counts.unbind(0)
+        )
+    ]
+
+
+@torch.no_grad()
+def _separability_step(
+    old: Tensor, logits: Tensor, y: Tensor, qualified: Tensor, init: Tensor
+) -> Tensor:
+    """The new separability of :meth:`PrototypeCalibrator._update_separability` (``(...)``)."""
+    hit = (logits.argmax(-1) == y) & qualified
+    stats = torch.stack([hit.sum(-1), qualified.sum(-1)], dim=-1).to(old.dtype)
+    all_reduce_sum(stats)
+    acc = stats[..., 0] / stats[..., 1].clamp_min(1.0)
+    chance = 1.0 / init.sum(-1).clamp_min(1).to(acc.dtype)
+    kappa = ((acc - chance) / (1.0 - chance).clamp_min(1e-6)).clamp(0.0, 1.0)
+    kappa = torch.where(stats[..., 1] > 0, kappa, old)
+    return old * 0.9 + 0.1 * kappa
+
+
+@torch.no_grad()
+def _ema_step(
+    old: Tensor,
+    initialized: Tensor,
+    momentum: float,
+    metric: str,
+    emb: Tensor,
+    member: Tensor,
+    batch_sums: Tensor,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """The prototype update of :meth:`PrototypeCalibrator._ema_update`, without writing it.
+
+    ``old`` ``(..., K, D)`` prototypes, ``initialized`` ``(..., K)``, ``emb`` ``(..., N, D)``,
+    ``member`` ``(..., N, K)``, ``batch_sums`` ``(..., K, D)`` (leading dimensions: one per
+    calibrator, :func:`calibrate`). Returns ``(new prototypes, classes present, counts)``, the
+    counts and sums summed over ranks under :mod:`torch.distributed`.
+    """
+    dtype = old.dtype
+    if emb.dtype == dtype:
+        sums = batch_sums.detach().clone()  # never reduce in place into the autograd graph
+    else:
+        sums = member.to(dtype).transpose(-1, -2) @ emb.detach().to(dtype)
+    n = member.sum(dim=-2)  # exact integer counts, (..., K) long
+    # The only step that differs between one process and several: global class statistics.
+    all_reduce_sum(sums)
+    all_reduce_sum(n)
+    present = n > 0
+    batch_mean = sums / n.clamp_min(1).to(dtype).unsqueeze(-1)
+    if metric == "cosine":
+        batch_mean = unit(batch_mean)
+    ema = momentum * old + (1.0 - momentum) * batch_mean
+    if metric == "cosine":
+        ema = unit(ema)
+    new = torch.where(initialized.unsqueeze(-1), ema, batch_mean)
+    new = torch.where(present.unsqueeze(-1), new, old)
+    return new, present, n
 
 
 #: Set by :class:`~modbalance.shapley.ModalityGame` (``masking="present"``) on the features it
@@ -743,6 +936,10 @@ class _CosineCalibration(torch.autograd.Function):
     * ``d emb = d s P + W (g_means / n)`` (``W`` the class membership, ``n`` the counts);
     * ``d clean = (d emb - emb (emb . d emb) [|clean| >= 1e-12]) / max(|clean|, 1e-12)``,
       zero on the rows of no class.
+
+    One calibrator: features ``(N, D)``, prototypes ``(K, D)``, a scalar loss. Several of the
+    same settings (:func:`calibrate`): a leading dimension on every input, ``(M, N, D)``,
+    ``(M, K, D)``, labels ``(M, N)``, and ``(M,)`` losses, one per calibrator.
     """
 
     @staticmethod
@@ -764,24 +961,24 @@ class _CosineCalibration(torch.autograd.Function):
         ce_weight: float,
     ) -> tuple[Tensor, Tensor, Tensor]:
         ctx.set_materialize_grads(False)
-        sizes = counts.clamp_min(1).unsqueeze(1)
+        sizes = counts.clamp_min(1).unsqueeze(-1)
         means = sums / sizes
         logits = cosine_similarity(emb, protos, normalized=True)
-        logits = logits.masked_fill(~init, float("-inf")) / temperature
+        logits = logits.masked_fill(~init.unsqueeze(-2), float("-inf")) / temperature
         per_sample: Tensor | None = None
         target = probs = None
         if pull_weight > 0:
-            target = protos.index_select(0, y)
+            target = _rows(protos, y)
             per_sample = pull_weight * (1.0 - (emb * target).sum(-1))
         if ce_weight > 0:
             log_probs = F.log_softmax(logits.clamp_min(torch.finfo(logits.dtype).min), dim=-1)
-            ce = ce_weight * log_probs.gather(1, y.unsqueeze(1)).squeeze(1)
+            ce = ce_weight * log_probs.gather(-1, y.unsqueeze(-1)).squeeze(-1)
             per_sample = -ce if per_sample is None else per_sample - ce
             probs = log_probs.exp()
         if per_sample is None:
-            per_sample = torch.zeros_like(emb[:, 0])
-        total = torch.where(qualified, per_sample, 0.0).sum()
-        size = qualified.sum().clamp_min(1).to(total.dtype)
+            per_sample = torch.zeros_like(emb[..., 0])
+        total = torch.where(qualified, per_sample, 0.0).sum(-1)
+        size = qualified.sum(-1).clamp_min(1).to(total.dtype)
         loss = total / size
         ctx.save_for_backward(in_class, emb, norm, w, sizes, protos, init, y, qualified, size)
         ctx.target, ctx.probs = target, probs
@@ -800,27 +997,39 @@ class _CosineCalibration(torch.autograd.Function):
         g_sim = None  # gradient w.r.t. s = emb @ protos^T
         g_emb = None
         if g_loss is not None:
-            g_row = torch.where(qualified, g_loss / size, 0.0).unsqueeze(1)  # (N, 1)
-            if ce_weight > 0:
+            g_row = torch.where(qualified, (g_loss / size).unsqueeze(-1), 0.0).unsqueeze(-1)
+            if ce_weight > 0:  # g_row: (..., N, 1)
                 # d(-ce log softmax_y) / d logits = ce (softmax - onehot_y)
                 g_sim = ctx.probs * (ce_weight * g_row)
-                g_sim.scatter_add_(1, y.unsqueeze(1), g_row * -ce_weight)
+                g_sim.scatter_add_(-1, y.unsqueeze(-1), g_row * -ce_weight)
             if pull_weight > 0:
                 g_emb = ctx.target * (g_row * -pull_weight)
         if g_logits is not None:
             g_sim = g_logits if g_sim is None else g_sim + g_logits
         if g_sim is not None:
-            g_sim = torch.where(init, g_sim, 0.0) / temperature
-            g_emb = g_sim @ protos if g_emb is None else torch.addmm(g_emb, g_sim, protos)
+            g_sim = torch.where(init.unsqueeze(-2), g_sim, 0.0) / temperature
+            g_emb = g_sim @ protos if g_emb is None else _addmm(g_emb, g_sim, protos)
         if g_means is not None:
             g_class = g_means / sizes
-            g_emb = w @ g_class if g_emb is None else torch.addmm(g_emb, w, g_class)
+            g_emb = w @ g_class if g_emb is None else _addmm(g_emb, w, g_class)
         if g_emb is None:
             return (torch.zeros_like(emb), *nones)
         # F.normalize's backward (the norm only where it is not clamped), then the row mask
         radial = torch.where(norm < NORM_EPS, 0.0, (emb * g_emb).sum(-1, keepdim=True))
         g_clean = torch.addcmul(g_emb, emb, radial, value=-1.0) / norm.clamp_min(NORM_EPS)
-        return (torch.where(in_class.unsqueeze(1), g_clean, 0.0), *nones)
+        return (torch.where(in_class.unsqueeze(-1), g_clean, 0.0), *nones)
+
+
+def _rows(protos: Tensor, y: Tensor) -> Tensor:
+    """``protos[y]`` row by row: ``(K, D)`` and ``(N,)``, or ``(M, K, D)`` and ``(M, N)``."""
+    if protos.ndim == 2:
+        return protos.index_select(0, y)
+    return torch.take_along_dim(protos, y.unsqueeze(-1), dim=-2)
+
+
+def _addmm(c: Tensor, a: Tensor, b: Tensor) -> Tensor:
+    """``c + a @ b`` in one kernel, for 2-D or matching 3-D batches."""
+    return torch.addmm(c, a, b) if c.ndim == 2 else torch.baddbmm(c, a, b)
 
 
 def _masked_softmax(logits: Tensor, init: Tensor) -> Tensor:

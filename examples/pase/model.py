@@ -20,7 +20,7 @@ from modbalance.balancing import StepOutput, task_loss
 from modbalance.decision import Decision
 from modbalance.fusion import PrototypeGatedFusion
 from modbalance.ot import SinkhornAligner
-from modbalance.prototypes import PrototypeCalibrator, sentiment_classes
+from modbalance.prototypes import PrototypeCalibrator, calibrate, sentiment_classes
 from modbalance.readout import RidgeReadout
 
 #: The paper's model-side configuration (every prototype component, plain calibration, the fusion
@@ -253,14 +253,24 @@ class PaSEModel(nn.Module):
         raw = {m: self.unimodal_heads[m](feats[m]) for m in self.modalities}
         return self._out(self.decision(head, raw, present))
 
-    def head_output(self, feats: Mapping[str, Tensor], present: Mapping[str, Tensor]) -> Tensor:
+    def head_output(
+        self,
+        feats: Mapping[str, Tensor],
+        present: Mapping[str, Tensor],
+        confidence: Mapping[str, Tensor] | None = None,
+    ) -> Tensor:
         """The fusion head's raw output ``(N, num_outputs)`` before the decision.
 
         Backbones with another fusion (tensor, low-rank, cross-modal attention) override this
-        method; the decision and everything else stay the same.
+        method with ``(feats, present)``; the decision and everything else stay the same.
+        ``confidence``: the gate's ``{m: (N,)}`` confidences when the caller has them (the
+        training forward takes them from the calibration's logits); computed by the calibrators
+        otherwise. Only passed when the gate is on.
         """
         if self.fusion is not None:
-            conf = {m: self.calibrators[m].confidence(feats[m]) for m in self.modalities}
+            conf = confidence
+            if conf is None:
+                conf = {m: self.calibrators[m].confidence(feats[m]) for m in self.modalities}
             fused = self.fusion(feats, conf, present).fused
         else:  # plain late fusion: mean over the present modalities
             w = torch.stack([present[m] for m in self.modalities], 1).to(
@@ -313,10 +323,8 @@ class PaSEModel(nn.Module):
         uni = self.unimodal(feats)
         losses: dict[str, Tensor] = {}
         cal_outputs = {}
-        if self.calibrators:
-            labels_c = self.class_labels(label)
-            for m in self.modalities:
-                cal_outputs[m] = self.calibrators[m](feats[m], labels_c, present[m])
+        if self.calibrators:  # every modality's calibration in one batched pass
+            cal_outputs = calibrate(self.calibrators, feats, self.class_labels(label), present)
         if c.calibration:
             losses["calibration"] = (
                 c.lambda_cal * sum(o.loss for o in cal_outputs.values()) / len(self.modalities)
@@ -331,7 +339,11 @@ class PaSEModel(nn.Module):
         else:
             readout = self.unimodal({m: f.detach() for m, f in feats.items()})
             losses["readout"] = self._mean_unimodal_loss(readout, target)
-            head = self.head_output(feats, present)
+            if self.fusion is not None:  # the gate's confidence from the calibration's logits
+                conf = {m: cal_outputs[m].confidence() for m in self.modalities}
+                head = self.head_output(feats, present, confidence=conf)
+            else:
+                head = self.head_output(feats, present)
             fused = self._decide(head, feats, present)
             if self.decision.rule == "precision":
                 self.decision.observe(self._out(head), uni, present, target)
