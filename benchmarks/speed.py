@@ -145,12 +145,15 @@ def build(
     num_classes: int = 7,
     dim: int | None = None,
     layers: int = 1,
+    switches: dict[str, Any] | None = None,
+    methods: tuple[str, ...] | None = None,
 ) -> Parts:
     """The parts of the example: model, AdamW, the modality game and the methods.
 
     ``recipe="paper"``: width 64 (or ``dim``), every PaSE component and the Shapley modulator
-    (``pase``), or the plain late-fusion step. ``recipe="default"``: the example command's model
-    and methods (:func:`example_recipe`), or its ``--baseline``.
+    (``pase``), or the plain late-fusion step; ``switches`` overrides the paper's model switches
+    and ``methods`` its methods (:func:`marginal_costs`). ``recipe="default"``: the example
+    command's model and methods (:func:`example_recipe`), or its ``--baseline``.
     """
     if recipe == "default":
         model_config, methods, game_every = example_recipe(
@@ -173,9 +176,11 @@ def build(
         num_outputs=1 if task == "regression" else num_classes,
         num_classes=num_classes,
         baseline=not pase,
-        **PAPER_SWITCHES,
+        **{**PAPER_SWITCHES, **(switches or {})},
     )
-    parts = build_parts(model_config, methods=("sgm",) if pase else (), device=device)
+    if methods is None:
+        methods = ("sgm",) if pase else ()
+    parts = build_parts(model_config, methods=methods, device=device)
     parts.model.train()
     return parts
 
@@ -232,8 +237,9 @@ def _prepare(
     num_classes: int = 7,
     warmup: int = 3,
     recipe: str = "paper",
+    **variant: Any,
 ):
-    parts = build(pase, dims, device, recipe=recipe, task=task, num_classes=num_classes)
+    parts = build(pase, dims, device, recipe=recipe, task=task, num_classes=num_classes, **variant)
     batch = make_batch(batch_size, seq, dims, task, num_classes, device)
     step = make_step(parts, batch, amp)
     if pase:
@@ -289,16 +295,7 @@ def compare_recipes(
             if pase and game:
                 calls[f"game_{recipe}"] = _game_call(parts, batch)
                 games[recipe] = parts.game
-    times: dict[str, list[float]] = {key: [] for key in calls}
-    order = list(calls)
-    limit = steps if max_steps is None else max(steps, max_steps)
-    spent, i = 0.0, 0
-    while i < steps or (i < limit and spent < budget_s * 1e3):
-        shift = i % len(order)
-        for key in order[shift:] + order[:shift]:
-            times[key].append(_time_ms(calls[key], device))
-            spent += times[key][-1]
-        i += 1
+    times, i = _interleaved(calls, device, steps, budget_s, max_steps)
     med = {key: statistics.median(v) for key, v in times.items()}
     out = {}
     for recipe in recipes:
@@ -321,6 +318,84 @@ def compare_recipes(
             )
         out[recipe] = row
     return out
+
+
+def _interleaved(
+    calls: dict[str, Callable[[], Any]],
+    device: str,
+    steps: int,
+    budget_s: float = 0.0,
+    max_steps: int | None = None,
+) -> tuple[dict[str, list[float]], int]:
+    """Time every call once per round, the order rotating; ``(times per call, rounds)``.
+
+    At least ``steps`` rounds, more (up to ``max_steps``) until the timed calls add up to
+    ``budget_s`` seconds.
+    """
+    times: dict[str, list[float]] = {key: [] for key in calls}
+    order = list(calls)
+    limit = steps if max_steps is None else max(steps, max_steps)
+    spent, i = 0.0, 0
+    while i < steps or (i < limit and spent < budget_s * 1e3):
+        shift = i % len(order)
+        for key in order[shift:] + order[:shift]:
+            times[key].append(_time_ms(calls[key], device))
+            spent += times[key][-1]
+        i += 1
+    return times, i
+
+
+#: The paper's step with one part switched off, for :func:`marginal_costs`: (label, model
+#: switches, methods; ``None`` keeps the paper's ``("sgm",)``).
+MARGINALS: tuple[tuple[str, dict[str, Any], tuple[str, ...] | None], ...] = (
+    ("OT alignment", {"alignment": False}, None),
+    ("prototype-gated fusion", {"gate": False}, None),
+    ("calibration loss (the calibrators still run for the others)", {"calibration": False}, None),
+    ("Shapley game + modulator (observe, update rescaling)", {}, ()),
+)
+
+
+def marginal_costs(
+    dims: dict[str, int],
+    batch_size: int,
+    seq: int,
+    device: str,
+    amp: str | None,
+    steps: int,
+    budget_s: float = 0.0,
+    max_steps: int | None = None,
+) -> dict[str, Any]:
+    """What each part of the paper's step costs: the step without it, all steps interleaved.
+
+    Returns the paired medians of the full step's extra cost over the plain step and, per part
+    of :data:`MARGINALS`, of the full step's time minus the step without that part.
+    """
+    calls = {
+        "plain": _prepare(False, dims, batch_size, seq, device, amp, warmup=1)[2],
+        "paper": _prepare(True, dims, batch_size, seq, device, amp, warmup=1)[2],
+    }
+    for label, switches, methods in MARGINALS:
+        variant = {"switches": switches, "methods": methods}
+        calls[label] = _prepare(True, dims, batch_size, seq, device, amp, warmup=1, **variant)[2]
+    times, rounds = _interleaved(calls, device, steps, budget_s, max_steps)
+    full, plain = times["paper"], times["plain"]
+    rows = [
+        {
+            "part": label,
+            "without_ms": statistics.median(times[label]),
+            "saved_ms": statistics.median(f - w for f, w in zip(full, times[label])),
+        }
+        for label, _, _ in MARGINALS
+    ]
+    return {
+        "M": len(dims),
+        "batch": batch_size,
+        "plain_ms": statistics.median(plain),
+        "pase_ms": statistics.median(full),
+        "extra_ms": statistics.median(f - p for p, f in zip(plain, full)),
+        "rounds": rounds,
+        "rows": rows,
+    }
 
 
 def scaling_grid(
@@ -689,6 +764,12 @@ def run(quick: bool = False, device: str = "cpu", amp: str | None = None) -> dic
     )
     near = min(grid_batches, key=lambda b: abs(b - batch_size))
     sweep += m_axis(grid, near)
+    small = {f"m{i}": 20 for i in range(min(grid_ms))}  # the grid's smallest cell
+    marginal_budget = dict(budget_s=12.0, max_steps=61) if not quick else grid_budget
+    marginal = marginal_costs(
+        small, min(grid_batches), 50 if not quick else seq, device, amp, grid_steps,
+        **marginal_budget,
+    )  # fmt: skip
     accuracy = sampled_accuracy(acc_ms, **accuracy_kw)
     memory = peak_memory(dims, batch_size, seq, device, amp, quick)
     return {
@@ -709,6 +790,7 @@ def run(quick: bool = False, device: str = "cpu", amp: str | None = None) -> dic
         "grid": grid,
         "grid_steps": grid_steps,
         "grid_budget_s": grid_budget["budget_s"],
+        "marginal": marginal,
         "accuracy": accuracy,
         "memory": memory,
         "sweep_steps": sweep_steps,
@@ -910,9 +992,34 @@ def _accuracy_lines(result: dict[str, Any]) -> list[str]:
     return lines
 
 
+def _marginal_lines(result: dict[str, Any]) -> list[str]:
+    """What each part of the paper's step costs in the grid's smallest cell."""
+    mc = result.get("marginal")
+    if not mc:
+        return []
+    lines = [
+        "",
+        f"## What each part of the paper's step costs (M = {mc['M']}, batch {mc['batch']})",
+        "",
+        f"The paper's step with one part switched off, interleaved with the full step and the "
+        f"plain step ({mc['rounds']} rounds): plain {mc['plain_ms']:.2f} ms, paper's "
+        f"configuration {mc['pase_ms']:.2f} ms, extra {mc['extra_ms']:.2f} ms (paired medians); "
+        "*saved*: the median paired difference between the full step and the step without the "
+        "part (parts interact, so the savings need not add up to the extra cost).\n",
+        "| part switched off | step without it, ms | saved ms | share of the extra |",
+        "|---|---|---|---|",
+    ]
+    extra = mc["extra_ms"]
+    for r in mc["rows"]:
+        share = f"{r['saved_ms'] / extra:.0%}" if extra > 0 else "-"
+        lines.append(f"| {r['part']} | {r['without_ms']:.2f} | {r['saved_ms']:.2f} | {share} |")
+    return lines
+
+
 def to_markdown(result: dict[str, Any]) -> str:
     """Render :func:`run`'s result as Markdown tables."""
-    lines = [*_main_lines(result), *_grid_lines(result), *_accuracy_lines(result)]
+    lines = [*_main_lines(result), *_grid_lines(result), *_marginal_lines(result)]
+    lines += _accuracy_lines(result)
     mem = result["memory"]
     lines += [
         "",
@@ -933,21 +1040,21 @@ every modality pair, the gated fusion and the modulator), which the game's optio
 Why the paper's configuration costs more at small batches, and what was done about it (issue
 23). Its other components cost a roughly fixed amount per step, dozens of small operations each
 (calibration of every modality, 50 Sinkhorn iterations over every modality pair, the gated
-fusion's per-modality prototype confidences, the modulator's observe and update hooks; see the
-breakdown above), which weigh most against the short plain steps of the smallest batches. They
-now run in fewer operations, with the same results up to float rounding
-(``tests/test_speed_paths.py``): the graph-free Sinkhorn iterations of all pairs in the scaling
-domain (two batched matrix-vector products per iteration instead of two log-sum-exps, where the
-normalised cost keeps them in range), the last iteration, the envelope value and the structure
-term as one autograd node, the cosine calibration of each modality as one autograd node with its
-batch statistics computed once, value checks with one reduction and one host read each, and in
-the game each sample's prototype confidence and gate scores computed once for all its coalition
-rows (the gated head ran them on 2^M N rows). What is left above the target is at batch 16 and
-M <= 6, mostly a fixed cost outside these pieces' reach: the model calls the calibration once per
-modality, the modulator's hooks run on every parameter, and the game's head pass remains. On the
-game's side, ``game_every=2`` (``--game-every 2``) halves its share, and ``max_exact_players=5``
-would sample at M = 6 (32 coalitions instead of 64). The default recipe, whose fusion head is the
-plain MLP, stays within the target everywhere.
+fusion, the modulator's observe and update hooks; see the breakdown above), which weigh most
+against the short plain steps of the smallest batches. They run in few operations, with the same
+results up to float rounding (``tests/test_speed_paths.py``, ``tests/test_calibrate.py``): the
+calibration of all the modalities as one batched pass (``modbalance.calibrate``: one autograd
+node, one prototype update, one host read for the value checks, whatever the number of
+modalities), the gate's confidences read from the calibration's logits instead of a second
+similarity pass, the graph-free Sinkhorn iterations of all pairs in the scaling domain, the last
+iteration, the envelope value and the structure term as one autograd node, value checks with one
+reduction and one host read each, and in the game each sample's prototype confidence and gate
+scores computed once for all its coalition rows. What is left above the target is the smallest
+cell (M = 2, batch 16, a plain step of about 25 ms): the table of what each part costs there
+shows no single part to remove, each of the alignment, the game with the modulator, the
+calibration and the gate costing one to two milliseconds of small operations. On the game's side,
+``game_every=2`` (``--game-every 2``) halves its share. The default recipe, whose fusion head is
+the plain MLP, stays within the target everywhere.
 """
 
 
