@@ -1051,8 +1051,8 @@ iteration, the envelope value and the structure term as one autograd node, value
 reduction and one host read each, and in the game each sample's prototype confidence and gate
 scores computed once for all its coalition rows. What is left above the target is the smallest
 cell (M = 2, batch 16, a plain step of about 25 ms): the table of what each part costs there
-shows no single part to remove, each of the alignment, the game with the modulator, the
-calibration and the gate costing one to two milliseconds of small operations. On the game's side,
+shows no single part to remove; the alignment, the gate and the game with the modulator's hooks
+each cost about two milliseconds of small operations. On the game's side,
 ``game_every=2`` (``--game-every 2``) halves its share. The default recipe, whose fusion head is
 the plain MLP, stays within the target everywhere.
 """

@@ -699,7 +699,8 @@ def calibrate(
     training mode, prototypes' dtype and device) and the features share shape, dtype and device
     and take the fused cosine path (float32/float64 outside autocast), the M calibrations run as
     one batched computation with one autograd node and one host read for the value checks,
-    instead of M of each; otherwise the calibrators are called one by one.
+    instead of M of each; otherwise (subclasses, forward hooks, other settings) the calibrators
+    are called one by one.
 
     Args:
         calibrators: ``{modality: PrototypeCalibrator}``, e.g. a model's ``nn.ModuleDict``.
@@ -752,9 +753,23 @@ def _settings(c: PrototypeCalibrator) -> tuple[Any, ...]:
     )  # fmt: skip
 
 
+def _has_hooks(module: nn.Module) -> bool:
+    """Whether calling ``module`` would run forward hooks (its own or global ones)."""
+    from torch.nn.modules import module as module_mod
+
+    return bool(
+        module._forward_hooks
+        or module._forward_pre_hooks
+        or module_mod._global_forward_hooks
+        or module_mod._global_forward_pre_hooks
+    )
+
+
 def _batchable(cals: list[PrototypeCalibrator], feats: list[Any]) -> bool:
     """Whether :func:`calibrate` may run the calibrators as one batched computation."""
     if len(cals) < 2 or any(type(c) is not PrototypeCalibrator for c in cals):
+        return False
+    if any(_has_hooks(c) for c in cals):  # a hook must see its module called
         return False
     if any(not isinstance(x, Tensor) or x.ndim != 2 or x.shape[0] == 0 for x in feats):
         return False

@@ -381,6 +381,23 @@ def test_speed_quick_grid_and_sampled_accuracy(quick_results):
     for heading in ("## Scaling with the number of modalities", "## Accuracy of the sampled game"):
         assert heading in text
     assert "default recipe" in text and "Target <= 1.20x" in text
+    mc = result["marginal"]
+    assert (mc["M"], mc["batch"]) == (min(r["M"] for r in grid), min(r["batch"] for r in grid))
+    assert [r["part"] for r in mc["rows"]] == [label for label, _, _ in speed.MARGINALS]
+    assert all(r["without_ms"] > 0 for r in mc["rows"]) and mc["plain_ms"] > 0
+    assert "## What each part of the paper's step costs (M = 2, batch 16)" in text
+
+
+def test_speed_variants_switch_off_exactly_one_part():
+    dims = {"text": 6, "audio": 3}
+    for label, switches, methods in speed.MARGINALS:
+        parts = speed.build(True, dims, "cpu", dim=8, switches=switches, methods=methods)
+        config = parts.model.config
+        for key in ("calibration", "alignment", "gate"):
+            assert getattr(config, key) == switches.get(key, True), (label, key)
+        assert [type(m).__name__ for m in parts.methods] == (
+            [] if methods == () else ["ShapleyGradModulator"]
+        ), label
 
 
 # ------------------------------------------------------------------ tuning and method options

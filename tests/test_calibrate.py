@@ -170,6 +170,11 @@ def test_other_settings_fall_back_to_one_call_each(monkeypatch):
     _run_both(sq, sq_ref, feats, present, labels)
     single, single_ref = _pair(1, label_bins=5)
     _run_both(single, single_ref, {"text": feats["text"]}, present, labels)
+    hooked, hooked_ref = _pair(label_bins=5)
+    seen = []
+    hooked["audio"].register_forward_hook(lambda *args: seen.append(1))
+    _run_both(hooked, hooked_ref, feats, present, labels)
+    assert seen == [1]  # the hook saw its module called
     with torch.autocast("cpu", dtype=torch.bfloat16):
         out = calibrate(_pair(label_bins=5)[0], feats, labels, present)
     assert set(out) == set(NAMES)
