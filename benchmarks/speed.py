@@ -764,12 +764,11 @@ def run(quick: bool = False, device: str = "cpu", amp: str | None = None) -> dic
     )
     near = min(grid_batches, key=lambda b: abs(b - batch_size))
     sweep += m_axis(grid, near)
-    small = {f"m{i}": 20 for i in range(min(grid_ms))}  # the grid's smallest cell
-    marginal_budget = dict(budget_s=12.0, max_steps=61) if not quick else grid_budget
-    marginal = marginal_costs(
-        small, min(grid_batches), 50 if not quick else seq, device, amp, grid_steps,
-        **marginal_budget,
-    )  # fmt: skip
+    # the grid's smallest cell, with more rounds than a grid cell
+    small = {f"m{i}": 20 for i in range(min(grid_ms))}
+    budget = dict(budget_s=12.0, max_steps=61) if not quick else grid_budget
+    marginal = marginal_costs(small, min(grid_batches), 50 if not quick else seq, device, amp,
+                              grid_steps, **budget)  # fmt: skip
     accuracy = sampled_accuracy(acc_ms, **accuracy_kw)
     memory = peak_memory(dims, batch_size, seq, device, amp, quick)
     return {
