@@ -74,7 +74,7 @@ from examples.pase import PAPER_SWITCHES, Parts, PaSEConfig, train_step
 from examples.pase import build as build_parts
 from modbalance.balancing import combine_losses
 from modbalance.metrics import pase_shares
-from modbalance.prototypes import CalibrationOutput, calibrate
+from modbalance.prototypes import calibrate
 
 RESULTS = Path(__file__).resolve().parent / "results"
 MOSI_DIMS = {"text": 768, "audio": 5, "vision": 20}
@@ -607,18 +607,12 @@ def breakdown(
         loss.backward()
 
     with torch.no_grad():
-        logits = {
-            m: o.logits
-            for m, o in calibrate(
-                model.calibrators, base_feats, model.class_labels(label), present
-            ).items()
-        }
+        cal_out = calibrate(model.calibrators, base_feats, model.class_labels(label), present)
 
     def gated_fusion_head():  # as in the training step: the confidence from the logits
         with _autocast(device, amp):
-            cal = {
-                m: CalibrationOutput(*(None,) * 5)._replace(logits=v.clone().requires_grad_())
-                for m, v in logits.items()
+            cal = {  # the logits as leaves: their backward is the calibration's, timed there
+                m: o._replace(logits=o.logits.clone().requires_grad_()) for m, o in cal_out.items()
             }
             conf = {m: o.confidence() for m, o in cal.items()}
             head = model.head_output(leaves(), present, confidence=conf)

@@ -19,6 +19,7 @@ from typing import Any, NamedTuple
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.nn.modules import module as module_mod
 
 from modbalance._checks import (
     ModbalanceError,
@@ -232,6 +233,15 @@ class CalibrationOutput(NamedTuple):
         initialised), for the prototypes of this step, without computing the similarities
         again; differentiable through :attr:`logits`. A masked-out row gives the confidence of
         a zero feature: mask it out of whatever uses it (the gated fusion does).
+
+        Example:
+            >>> import torch
+            >>> from modbalance.prototypes import PrototypeCalibrator
+            >>> calib = PrototypeCalibrator(3, 4)
+            >>> h = torch.randn(6, 4)
+            >>> out = calib(h, torch.tensor([0, 1, 2, 0, 1, 2]))
+            >>> torch.allclose(out.confidence(), calib.confidence(h))
+            True
         """
         logits = self.logits
         probs = F.softmax(logits.clamp_min(torch.finfo(logits.dtype).min), dim=-1)
@@ -755,8 +765,6 @@ def _settings(c: PrototypeCalibrator) -> tuple[Any, ...]:
 
 def _has_hooks(module: nn.Module) -> bool:
     """Whether calling ``module`` would run forward hooks (its own or global ones)."""
-    from torch.nn.modules import module as module_mod
-
     return bool(
         module._forward_hooks
         or module._forward_pre_hooks
