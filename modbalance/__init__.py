@@ -25,6 +25,7 @@ from modbalance.data import (
     load_mult,
     make_classification_competition,
     make_competition_data,
+    multimodal_loader,
 )
 from modbalance.decision import Decision
 from modbalance.fusion import FusionOutput, PrototypeGatedFusion
@@ -155,6 +156,7 @@ __all__ = [
     "make_classification_competition",
     "make_competition_data",
     "msa_regression_metrics",
+    "multimodal_loader",
     "ogmge_coefficients",
     "pase_coefficients",
     "pase_shares",

@@ -25,6 +25,7 @@ from modbalance.data import (
     load_mmsa,
     load_mult,
     make_competition_data,
+    multimodal_loader,
 )
 
 #: Keys that only MMSA pickles have (MulT pickles have ``labels`` instead).
@@ -59,6 +60,14 @@ class GuardedDataset(Dataset):
     def __getitem__(self, i: int) -> Any:
         self._check()
         return self._dataset[i]
+
+    def batch(self, indices: Any) -> Any:
+        """A whole collated batch (:func:`~modbalance.data.multimodal_loader`), guarded too."""
+        self._check()
+        fetch = getattr(self._dataset, "batch", None)
+        if callable(fetch):
+            return fetch(indices)
+        return collate_multimodal([self._dataset[i] for i in indices])
 
 
 def detect_format(path: str | os.PathLike) -> str:
@@ -184,13 +193,13 @@ def make_loader(
         sampler.set_epoch(epoch)
     elif train:
         generator = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
-    return DataLoader(
+    # the batches of DataLoader(..., collate_fn=collate_multimodal), each fetched in one go
+    return multimodal_loader(
         dataset,
-        batch_size=batch_size,
+        batch_size,
         shuffle=train and sampler is None,
         sampler=sampler,
         generator=generator,
-        collate_fn=collate_multimodal,
         drop_last=train and len(dataset) > batch_size,
     )
 

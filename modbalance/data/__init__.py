@@ -4,7 +4,13 @@
     Pickles run code when they are loaded. Only load files you trust.
 """
 
-from modbalance.data.mmsa import MultimodalDataset, collate_multimodal, load_mmsa, load_mult
+from modbalance.data.mmsa import (
+    MultimodalDataset,
+    collate_multimodal,
+    load_mmsa,
+    load_mult,
+    multimodal_loader,
+)
 from modbalance.data.synthetic import (
     ClassificationCompetitionData,
     CompetitionData,
@@ -21,4 +27,5 @@ __all__ = [
     "load_mult",
     "make_classification_competition",
     "make_competition_data",
+    "multimodal_loader",
 ]

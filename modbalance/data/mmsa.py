@@ -29,11 +29,24 @@ from typing import Any
 import numpy as np
 import torch
 from torch import Tensor
-from torch.utils.data import Dataset
+from torch.utils.data import (
+    BatchSampler,
+    DataLoader,
+    Dataset,
+    RandomSampler,
+    Sampler,
+    SequentialSampler,
+)
 
 from modbalance._checks import ModbalanceError, check_finite, value_checks_enabled
 
-__all__ = ["MultimodalDataset", "collate_multimodal", "load_mmsa", "load_mult"]
+__all__ = [
+    "MultimodalDataset",
+    "collate_multimodal",
+    "load_mmsa",
+    "load_mult",
+    "multimodal_loader",
+]
 
 _SPLITS = ("train", "valid", "test")
 _MODALITIES = ("text", "audio", "vision")
@@ -443,6 +456,94 @@ class MultimodalDataset(Dataset):
         """Pad a list of items into a batch (see :func:`collate_multimodal`)."""
         return collate_multimodal(batch)
 
+    def batch(self, indices: Sequence[int] | Tensor) -> dict[str, Any]:
+        """The collated batch of the samples ``indices``, fetched with one indexing per modality.
+
+        Equal to ``collate_multimodal([self[i] for i in indices])``, value for value, without
+        building the B items: sequence modalities are gathered from their valid-frame spans and
+        zero-padded after them to the longest span of the batch. :func:`multimodal_loader`
+        fetches every batch this way.
+
+        Args:
+            indices: B >= 1 sample indices (negative ones count from the end), a sequence of
+                ints or a (B,) integer tensor.
+
+        Returns:
+            The dict of :func:`collate_multimodal`: ``"features"``, ``"mask"``, ``"lengths"``,
+            ``"label"``, ``"id"`` and, when the dataset has them, ``"unimodal_labels"``.
+
+        Raises:
+            ModbalanceError: If ``indices`` is empty or not a 1-D sequence of integers.
+            IndexError: If an index is out of range.
+
+        Example:
+            >>> import torch
+            >>> from modbalance.data import MultimodalDataset, collate_multimodal
+            >>> seq = torch.zeros(3, 4, 2)
+            >>> seq[0, 2:] = 1.0; seq[2, 1:] = 2.0        # valid frames: 2, 0 and 3
+            >>> labels = torch.tensor([0.5, -1.0, 2.0])
+            >>> ds = MultimodalDataset({"a": seq, "v": torch.randn(3, 5)}, labels)
+            >>> out = ds.batch([2, 0])
+            >>> out["features"]["a"].shape, out["lengths"]["a"].tolist(), out["id"]
+            (torch.Size([2, 3, 2]), [3, 2], ['train_2', 'train_0'])
+            >>> ref = collate_multimodal([ds[2], ds[0]])
+            >>> all(torch.equal(out["features"][m], ref["features"][m]) for m in ds.modalities)
+            True
+        """
+        idx = self._batch_index(indices)
+        feats, masks, lens = {}, {}, {}
+        for m, x in self._features.items():
+            if x.ndim == 2:
+                feats[m] = x[idx]
+                masks[m] = torch.ones(idx.shape[0], dtype=torch.bool)
+                lens[m] = torch.ones(idx.shape[0], dtype=torch.long)
+                continue
+            start = self._start[m][idx]
+            length = self._end[m][idx] - start
+            frames = torch.arange(int(length.max()))
+            valid = frames[None, :] < length[:, None]  # (B, T_max)
+            pos = (start[:, None] + frames[None, :]).clamp_max(max(x.shape[1] - 1, 0))
+            gathered = x[idx[:, None], pos]  # (B, T_max, D...): frames past a span are padding
+            keep = valid.reshape(*valid.shape, *([1] * (x.ndim - 2)))
+            feats[m] = torch.where(keep, gathered, torch.zeros((), dtype=x.dtype))
+            masks[m], lens[m] = valid, length
+        result: dict[str, Any] = {
+            "features": feats,
+            "mask": masks,
+            "lengths": lens,
+            "label": self._labels[idx],
+            "id": [self._ids[i] for i in idx.tolist()],
+        }
+        if self._unimodal:
+            result["unimodal_labels"] = {m: y[idx] for m, y in self._unimodal.items()}
+        return result
+
+    def _batch_index(self, indices: Sequence[int] | Tensor) -> Tensor:
+        """``indices`` as a checked (B,) int64 tensor in ``[0, N)``."""
+        if isinstance(indices, Tensor):
+            bad = indices.ndim != 1 or indices.dtype.is_floating_point or indices.is_complex()
+            idx = indices.to(torch.long) if not bad else indices
+        else:
+            is_seq = isinstance(indices, Sequence) and not isinstance(indices, (str, bytes))
+            ints = is_seq and all(
+                isinstance(i, (int, np.integer)) and not isinstance(i, bool) for i in indices
+            )
+            bad = not ints
+            idx = torch.as_tensor(list(indices), dtype=torch.long) if ints else None
+        if bad:
+            raise ModbalanceError(
+                "`indices` must be a 1-D sequence (or tensor) of integer sample indices, got "
+                f"{indices!r:.80}."
+            )
+        if idx.numel() == 0:
+            raise ModbalanceError("`indices` must hold at least one sample index, got none.")
+        n = len(self)
+        out_of_range = (idx < -n) | (idx >= n)
+        if bool(out_of_range.any()):
+            i = int(idx[out_of_range][0])
+            raise IndexError(f"index {i} is out of range for a dataset of {n} samples.")
+        return idx % n
+
     def __repr__(self) -> str:
         dims = ", ".join(
             f"{m}={d}" if m in self.vector_modalities else f"{m}={self._features[m].shape[1]}x{d}"
@@ -630,6 +731,85 @@ def collate_multimodal(batch: list[dict[str, Any]]) -> dict[str, Any]:
     if "unimodal_labels" in batch[0]:
         result["unimodal_labels"] = _collate_unimodal_labels(batch)
     return result
+
+
+class _BatchFetch(Dataset):
+    """Index = a batch's list of sample indices; item = that collated batch."""
+
+    def __init__(self, dataset: Dataset) -> None:
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)  # type: ignore[arg-type]
+
+    def __getitem__(self, indices: list[int]) -> dict[str, Any]:
+        fetch = getattr(self.dataset, "batch", None)
+        if callable(fetch):
+            return fetch(indices)
+        return collate_multimodal([self.dataset[i] for i in indices])
+
+
+def _as_is(batch: dict[str, Any]) -> dict[str, Any]:
+    return batch
+
+
+def multimodal_loader(
+    dataset: Dataset,
+    batch_size: int,
+    *,
+    shuffle: bool = False,
+    sampler: Sampler[int] | None = None,
+    generator: torch.Generator | None = None,
+    drop_last: bool = False,
+) -> DataLoader:
+    """A ``DataLoader`` of collated batches that fetches each batch in one go.
+
+    It yields the batches of ``DataLoader(dataset, batch_size, shuffle=shuffle,
+    sampler=sampler, generator=generator, drop_last=drop_last,
+    collate_fn=collate_multimodal)``: the same samples in the same order, drawing the same random
+    numbers, value for value. A dataset with a ``batch(indices)`` method
+    (:meth:`MultimodalDataset.batch`) is asked for each whole batch instead of B single items
+    and a collate; any other map-style dataset is read item by item and collated.
+
+    Args:
+        dataset: A :class:`MultimodalDataset`, or any map-style dataset of its items.
+        batch_size: Samples per batch, >= 1.
+        shuffle: Reshuffle every epoch (with ``generator``, or a seed from torch's global
+            generator).
+        sampler: Sample order instead of ``shuffle`` (e.g. a ``DistributedSampler``).
+        generator: Random generator of the shuffle.
+        drop_last: Drop the last incomplete batch.
+
+    Returns:
+        A ``DataLoader`` whose items are the dicts of :func:`collate_multimodal`.
+
+    Raises:
+        ModbalanceError: If ``batch_size`` is not a positive integer, or both ``shuffle``
+            and ``sampler`` are given.
+
+    Example:
+        >>> import torch
+        >>> from modbalance.data import MultimodalDataset, multimodal_loader
+        >>> ds = MultimodalDataset({"v": torch.randn(10, 3)}, torch.arange(10) % 2)
+        >>> [b["id"] for b in multimodal_loader(ds, 4)][-1]
+        ['train_8', 'train_9']
+        >>> g = torch.Generator().manual_seed(0)
+        >>> [len(b["id"]) for b in multimodal_loader(ds, 4, shuffle=True, generator=g)]
+        [4, 4, 2]
+    """
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ModbalanceError(f"`batch_size` must be an integer >= 1, got {batch_size!r}.")
+    if shuffle and sampler is not None:
+        raise ModbalanceError("pass `shuffle=True` or a `sampler`, not both (the sampler orders).")
+    fetch = _BatchFetch(dataset)
+    if sampler is None and shuffle:
+        sampler = RandomSampler(fetch, generator=generator)
+    elif sampler is None:
+        sampler = SequentialSampler(fetch)
+    batches = BatchSampler(sampler, batch_size, drop_last)
+    return DataLoader(
+        fetch, batch_size=None, sampler=batches, generator=generator, collate_fn=_as_is
+    )
 
 
 # ----------------------------------------------------------------------------------------------
