@@ -266,7 +266,10 @@ def _configs(task: Task, name: str, modalities: Sequence[str], seed: int, quick:
     if not spec.warmup:
         train["switch_epoch"] = 0
     methods = spec.methods if len(modalities) > 1 else ()
-    config = TrainConfig(**train, seed=seed, methods=methods, device=device, progress=False)
+    # the validation game of every epoch only feeds the log: the suite reads the final one
+    config = TrainConfig(
+        **train, seed=seed, methods=methods, device=device, progress=False, epoch_shares=False
+    )
     return model_config, config
 
 
@@ -533,6 +536,8 @@ def run_task(
         done = [r for r in runs if r["method"] == source and r["seed"] == seed]
         record(path, [r | {"method": name, "same_as": source} for r in done])
     keep = set(methods) | ({"alone"} if set(methods) & set(REFERENCES) else set())
+    place = {name: i for i, name in enumerate(wanted)}  # the copies in their names' places
+    runs.sort(key=lambda r: place.get("alone" if r["method"] in REFERENCES else r["method"], 0))
     return {
         "task": task_name,
         "backbone": backbone,

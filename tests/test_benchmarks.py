@@ -202,6 +202,44 @@ def test_unknown_method_is_refused():
         competition.run_task("cls-synthetic", ("nope",), (0,), quick=True, cache=None)
 
 
+def test_a_configuration_two_names_resolve_to_is_trained_once(tmp_path):
+    msa = competition.get_task("msa-synthetic", quick=True)
+    cls = competition.get_task("cls-synthetic", quick=True)
+
+    def same(task, a, b):
+        key = competition._effective
+        return key(task, a, True, "cpu") == key(task, b, True, "cpu")
+
+    # regression: the "auto" decision is the fusion head, so "no residual" changes nothing
+    assert same(msa, "pase", "pase-no-residual")
+    assert not same(cls, "pase", "pase-no-residual")  # classification: "auto" is the residual
+    assert not same(msa, "joint", "warmup") and not same(msa, "pase", "pase-no-sge")
+    lines = []
+    out = competition.run_task(
+        "msa-synthetic",
+        ("pase-no-residual", "joint", "pase"),
+        (0, 1),
+        quick=True,
+        cache=tmp_path,
+        log=lines.append,
+    )
+    assert "4 runs to train, 2 the same as another name, 0 cached" in lines[0]
+    runs = {(r["method"], r["seed"]): r for r in out["runs"]}
+    assert [r["method"] for r in out["runs"]] == ["pase-no-residual"] * 2 + ["joint"] * 2 + [
+        "pase"
+    ] * 2  # in the order asked for
+    for seed in (0, 1):
+        copy, source = runs["pase", seed], runs["pase-no-residual", seed]
+        assert copy.pop("same_as") == "pase-no-residual" and copy.pop("method") == "pase"
+        assert copy == {k: v for k, v in source.items() if k != "method"}
+    # the copies are cached under their own names too
+    again = competition.run_task(
+        "msa-synthetic", ("pase",), (0, 1), quick=True, cache=tmp_path, log=lines.append
+    )
+    assert "0 runs to train, 0 the same as another name, 2 cached" in lines[-1]
+    assert [r["seed"] for r in again["runs"]] == [0, 1]
+
+
 def test_method_groups_expand_in_order_and_cover_the_default():
     assert competition.expand_methods(None) == competition.GROUPS["all"]
     assert competition.expand_methods("core") == (

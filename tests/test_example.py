@@ -177,6 +177,30 @@ def test_test_split_is_only_touched_by_the_final_evaluation(splits, monkeypatch)
     assert calls[-1] == ("test", 2) and all(c[0] == "valid" for c in calls[:-1])
 
 
+def test_epoch_shares_off_skips_only_the_per_epoch_game(splits, tmp_path):
+    """``epoch_shares=False``: no validation game after the epochs, the same run otherwise."""
+    runs = []
+    for flag in (True, False):
+        train, valid, test = _fresh_test(splits)
+        config = _train_config(epochs=3, methods=("sgm",), epoch_shares=flag)
+        trainer = Trainer(_model_config(train), config, train, valid, test, tmp_path / str(flag))
+        runs.append((trainer, trainer.run()))
+    (on, final_on), (off, final_off) = runs
+    assert all("shares" in r["val"] for r in on.history)
+    assert not any("shares" in r["val"] or "shapley" in r["val"] for r in off.history)
+    assert final_off == final_on  # the final evaluation still has them, and nothing else moved
+    assert "shares" in final_off["valid"] and "shares" in final_off["test"]
+    for a, b in zip(on.model.state_dict().values(), off.model.state_dict().values()):
+        assert torch.equal(a, b)
+    assert "shares" not in off._epoch_line(off.history[-1])
+    assert "| shares " in on._epoch_line(on.history[-1])
+    from examples.pase.plots import plot_history
+
+    (tmp_path / "plots").mkdir()
+    names = {p.name for p in plot_history(off.history, off.model.modalities, tmp_path / "plots")}
+    assert "shapley_shares.png" not in names and "val_scores.png" in names
+
+
 def test_resume_continues_bit_exactly(splits, tmp_path):
     train, valid, test = _fresh_test(splits)
     full = Trainer(

@@ -271,17 +271,22 @@ class Trainer:
             "target": torch.cat(targets),
         }
 
-    def evaluate(self, dataset: Dataset, *, with_predictions: bool = False) -> Any:
+    def evaluate(
+        self, dataset: Dataset, *, with_predictions: bool = False, shares: bool = True
+    ) -> Any:
         """Metrics of fused and unimodal predictions, plus Shapley values of the fused head.
 
         With ``with_predictions``: ``(metrics, predictions)``, the second :meth:`predict`'s
-        output from the same pass.
+        output from the same pass. ``shares=False`` leaves out the Shapley game (no
+        ``"shapley"``/``"shares"`` entries).
         """
         p = self.predict(dataset)
         task = self.model_config.task
         result: dict[str, Any] = {
             k: metrics_of(v, p["target"], task) for k, v in p["preds"].items()
         }
+        if not shares:
+            return (result, p) if with_predictions else result
         dev = self.parts.device
         game = self.parts.game(
             {m: f.to(dev) for m, f in p["features"].items()}, p["target"].to(dev)
@@ -320,7 +325,7 @@ class Trainer:
             record = {"epoch": self.epoch + 1} | self.train_epoch()
             if record["phase"] == 2 and self.model_config.readout == "ridge":
                 self._fit_readout()
-            record["val"] = self.evaluate(self.valid_set)
+            record["val"] = self.evaluate(self.valid_set, shares=self.config.epoch_shares)
             summary = {k: v for method in self.methods for k, v in method.summary().items()}
             if summary:  # what the methods set, for the logs and plots
                 record["methods"] = summary
@@ -359,9 +364,11 @@ class Trainer:
             if "Non0_acc_2" in fused:
                 head += f" Non0 {fused['Non0_acc_2']:.3f}"
             head += f" | unimodal {uni}"
-        shares = " ".join(f"{m} {val['shares'][m]:.2f}" for m in mods)
+        shares = ""
+        if "shares" in val:
+            shares = " | shares " + " ".join(f"{m} {val['shares'][m]:.2f}" for m in mods)
         return (
-            f"epoch {record['epoch']:3d} phase {record['phase']} | {head} | shares {shares} "
+            f"epoch {record['epoch']:3d} phase {record['phase']} | {head}{shares} "
             f"| {record['time_s']:.1f}s"
         )
 

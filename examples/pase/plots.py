@@ -32,7 +32,9 @@ def plot_history(
             "Shapley share of the fused head (validation)",
             "Shapley share",
             lambda r, m: r["val"]["shares"][m],
-        ),
+        )
+    ] * any("shares" in r["val"] for r in history)  # none without TrainConfig.epoch_shares
+    panels += [
         (
             "val_scores.png",
             "Validation error per modality read-out",
@@ -52,7 +54,11 @@ def plot_history(
     for fname, title, ylabel, get in panels:
         fig, ax = plt.subplots(figsize=(6, 3.5))
         # the shares are those of the fused head, which the warm-up does not train: phase 2 only
-        rows = [r for r in history if r["phase"] == 2 or fname != "shapley_shares.png"]
+        rows = [
+            r
+            for r in history
+            if fname != "shapley_shares.png" or (r["phase"] == 2 and "shares" in r["val"])
+        ]
         for m in modalities:
             ax.plot(
                 [r["epoch"] for r in rows], [get(r, m) for r in rows], marker="o", ms=3, label=m

@@ -38,7 +38,11 @@ class TrainConfig:
     """Training options: what :func:`build` assembles and how :class:`~.loop.Trainer` loops.
 
     ``methods`` are names of :data:`METHODS` (or, for :func:`build`, ready instances);
-    ``game_every`` evaluates the Shapley game every this many steps (when a method needs it).
+    ``game_every`` evaluates the Shapley game every this many steps (when a method needs it);
+    ``epoch_shares`` plays the game on the validation split after every epoch (the shares of the
+    log line and ``shapley_shares.png``); ``False`` plays it only in the final evaluation, which
+    is all the benchmarks read (the game costs M forward passes' worth per epoch, 2^M head
+    evaluations of every validation sample; skipping it changes no result).
     """
 
     epochs: int = 30
@@ -54,6 +58,7 @@ class TrainConfig:
     amp: str | None = None  # None or "bf16"
     max_steps_per_epoch: int | None = None
     progress: bool = True
+    epoch_shares: bool = True
     #: Folder where alone-trained teachers are cached (methods that distil from them); None:
     #: trained in every run that needs them.
     teacher_cache: str | None = None

@@ -52,7 +52,8 @@ def _fingerprint(dataset: Dataset) -> str:
 
 
 def _key(model_config: PaSEConfig, config: Any, train: Dataset, valid: Dataset, kind: str) -> str:
-    train_options = {k: v for k, v in asdict(config).items() if k not in ("progress", "methods")}
+    skip = ("progress", "methods", "epoch_shares")  # what changes no weight of the teachers
+    train_options = {k: v for k, v in asdict(config).items() if k not in skip}
     blob = json.dumps(
         [model_config.to_dict(), train_options, _fingerprint(train), _fingerprint(valid), kind],
         sort_keys=True,
