@@ -41,7 +41,7 @@ __all__ = [
 
 def _with_one(h: Tensor, present: Tensor) -> Tensor:
     """``[h; 1]``, or ``[0 ... 0; 1]`` where the modality is absent: (N, d) -> (N, d + 1)."""
-    h = torch.where(present.unsqueeze(-1), h, torch.zeros_like(h))
+    h = torch.where(present.unsqueeze(-1), h, 0.0)
     return torch.cat([h, torch.ones_like(h[:, :1])], dim=-1)
 
 
@@ -294,7 +294,7 @@ class MulTModel(PaSEModel):
             ]
             z = torch.cat(pairs, dim=-1) if pairs else tok[a]
             stream = self.self_attn[a](z).mean(1)
-            streams.append(torch.where(present[a].unsqueeze(-1), stream, torch.zeros_like(stream)))
+            streams.append(torch.where(present[a].unsqueeze(-1), stream, 0.0))
         return self.head(torch.cat(streams, dim=-1))
 
 

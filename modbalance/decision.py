@@ -203,7 +203,7 @@ class Decision(ModalityState, nn.Module):
         src, avail = self._sources(fused, unimodal, present)
         w = self._weights(src, avail).unsqueeze(-1)
         # an absent modality has weight 0: keep its (possibly non-finite) output out of the sum
-        out = torch.where(w > 0, w * src, torch.zeros_like(src)).sum(1)
+        out = torch.where(w > 0, w * src, 0.0).sum(1)
         return out.squeeze(-1) if fused.ndim == 1 else out
 
     @torch.no_grad()

@@ -277,7 +277,7 @@ class PaSEModel(nn.Module):
                 feats[self.modalities[0]].dtype
             )
             h = torch.stack([feats[m] for m in self.modalities], 1)
-            h = torch.where(w.unsqueeze(-1) > 0, h, torch.zeros_like(h))
+            h = torch.where(w.unsqueeze(-1) > 0, h, 0.0)
             fused = h.sum(1) / w.sum(1, keepdim=True).clamp_min(1.0)
         return self.head(fused)
 

@@ -500,13 +500,17 @@ class MultimodalDataset(Dataset):
                 continue
             start = self._start[m][idx]
             length = self._end[m][idx] - start
-            frames = torch.arange(int(length.max()))
+            t_max = int(length.max())
+            frames = torch.arange(t_max)
             valid = frames[None, :] < length[:, None]  # (B, T_max)
-            pos = (start[:, None] + frames[None, :]).clamp_max(max(x.shape[1] - 1, 0))
-            gathered = x[idx[:, None], pos]  # (B, T_max, D...): frames past a span are padding
-            keep = valid.reshape(*valid.shape, *([1] * (x.ndim - 2)))
-            feats[m] = torch.where(keep, gathered, torch.zeros((), dtype=x.dtype))
-            masks[m], lens[m] = valid, length
+            if bool((start == 0).all()):  # spans at the front (post-padded): one row gather
+                out = x[:, :t_max].index_select(0, idx)
+            else:  # frame t of row b is frame start_b + t of the stored sample
+                pos = (start[:, None] + frames[None, :]).clamp_max(max(x.shape[1] - 1, 0))
+                out = x[idx[:, None], pos]
+            if not bool(valid.all()):  # frames past a span are padding: zero them
+                out.masked_fill_(~valid.reshape(*valid.shape, *([1] * (x.ndim - 2))), 0.0)
+            feats[m], masks[m], lens[m] = out, valid, length
         result: dict[str, Any] = {
             "features": feats,
             "mask": masks,
