@@ -5,7 +5,8 @@ benchmarks.competition`` reports the ``joint`` vs ``alone`` probes that show it)
 
 * ``msa-synthetic``: :func:`modbalance.data.make_competition_data` (MMSA layout, MOSI shapes and
   split sizes, continuous sentiment in [-3, 3], known ground truth), generated in memory from its
-  seed; text is strong, audio and vision are weak.
+  seed; text is strong, audio and vision are weak. The suite trains it with the example's
+  Transformer encoders at two heads and no dropout (``benchmarks.competition.SETTINGS``).
 * ``msa-pooled``: the same generator with ``pooled_share=0.3`` (:data:`POOLED_SHARE`): 30 % of
   each weak modality's signal is linear in the time-mean of one frame direction (as part of real
   acoustic and visual features survives averaging over time), the other 70 % stays in the

@@ -27,9 +27,10 @@ an encoder produced for a missing input.
 Use it after training (or at every epoch, selecting the checkpoint on its validation error, as
 ``examples/pase`` does for regression by default). Measured on the competition suite's
 ``msa-synthetic`` with four fusion backbones (5 seeds, that per-epoch refit): after PaSE's
-balancing it has the lower validation MAE than the fusion head on all four and a test MAE at or
-below joint training's (by up to 0.016); on joint training alone it changes MAE by at most
-0.005, because the weak encoders' features carry little to read. It has no parameters and no
+balancing it has the lower validation MAE than the fusion head on all four, and a test MAE below
+joint training's on two of them (by up to 0.009) and level on the other two (within 0.002); on
+joint training alone it raises MAE by 0.004 to 0.007, because the weak encoders' features carry
+little to read. It has no parameters and no
 gradient: the fitted state lives in buffers (resized on loading) and round-trips with
 ``state_dict``. Fitting reads tensors on the host (it is not a training-step operation);
 :meth:`RidgeReadout.forward` does not synchronise.
