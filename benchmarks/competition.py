@@ -470,6 +470,38 @@ def _job(args: tuple[Any, ...]) -> list[dict[str, Any]]:
     return [_public(train_one(task, name, seed, teacher_cache=teacher_cache, **kw))]
 
 
+def _plan(
+    task: Task,
+    wanted: Sequence[str],
+    seeds: Sequence[int],
+    quick: bool,
+    device: str,
+    backbone: str,
+    cache: Path | None,
+) -> tuple[list[Any], list[Any], list[dict[str, Any]]]:
+    """``(jobs to train, copies of another name's run, cached runs)`` of :func:`run_task`.
+
+    A job is ``(args of _job, cache path)``; a copy ``(name, the name whose run it repeats,
+    seed, cache path)``.
+    """
+    fp = _fingerprint(task.name, quick, device, backbone)
+    stem = task.name if backbone == "late" else f"{task.name}_{backbone}"
+    first: dict[str, str] = {}  # what a name trains -> the first name that trains it
+    same_as = {n: first.setdefault(_effective(task, n, quick, device), n) for n in wanted}
+    todo, copies, runs = [], [], []
+    for name in wanted:
+        for seed in seeds:
+            path = None if cache is None else cache / f"{stem}_{fp}_{name}_{seed}.json"
+            if path is not None and path.exists():
+                runs += json.loads(path.read_text())
+            elif same_as[name] != name:
+                copies.append((name, same_as[name], seed, path))
+            else:
+                teachers = None if cache is None else str(cache / "teachers")
+                todo.append(((task.name, name, seed, quick, device, backbone, teachers), path))
+    return todo, copies, runs
+
+
 def run_task(
     task_name: str,
     methods: Sequence[str],
@@ -489,23 +521,8 @@ def run_task(
     if backbone not in BACKBONES:
         raise SystemExit(f"unknown backbone {backbone!r}; known: {', '.join(BACKBONES)}")
     wanted = _wanted(methods)
-    fp = _fingerprint(task_name, quick, device, backbone)
-    stem = task_name if backbone == "late" else f"{task_name}_{backbone}"
-    todo, runs = [], []
     task = get_task(task_name, seed=0, quick=quick)
-    first: dict[str, str] = {}  # what a name trains -> the first name that trains it
-    same_as = {n: first.setdefault(_effective(task, n, quick, device), n) for n in wanted}
-    copies = []  # (name, the name whose run it repeats, seed, path)
-    for name in wanted:
-        for seed in seeds:
-            path = None if cache is None else cache / f"{stem}_{fp}_{name}_{seed}.json"
-            if path is not None and path.exists():
-                runs += json.loads(path.read_text())
-            elif same_as[name] != name:
-                copies.append((name, same_as[name], seed, path))
-            else:
-                teachers = None if cache is None else str(cache / "teachers")
-                todo.append(((task_name, name, seed, quick, device, backbone, teachers), path))
+    todo, copies, runs = _plan(task, wanted, seeds, quick, device, backbone, cache)
     log(
         f"[{task_name}] {len(todo)} runs to train, {len(copies)} the same as another name, "
         f"{len(wanted) * len(seeds) - len(todo) - len(copies)} cached"
