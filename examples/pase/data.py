@@ -21,12 +21,12 @@ from torch.utils.data import DataLoader, Dataset
 from modbalance import distributed as mbdist
 from modbalance.data import (
     MultimodalDataset,
-    collate_multimodal,
     load_mmsa,
     load_mult,
     make_competition_data,
     multimodal_loader,
 )
+from modbalance.data.mmsa import _BatchFetch
 
 #: Keys that only MMSA pickles have (MulT pickles have ``labels`` instead).
 _MMSA_KEYS = {"regression_labels", "classification_labels", "raw_text", "text_bert", "id"}
@@ -64,10 +64,7 @@ class GuardedDataset(Dataset):
     def batch(self, indices: Any) -> Any:
         """A whole collated batch (:func:`~modbalance.data.multimodal_loader`), guarded too."""
         self._check()
-        fetch = getattr(self._dataset, "batch", None)
-        if callable(fetch):
-            return fetch(indices)
-        return collate_multimodal([self._dataset[i] for i in indices])
+        return _BatchFetch(self._dataset)[indices]  # the loader's own fetch of the inner split
 
 
 def detect_format(path: str | os.PathLike) -> str:
