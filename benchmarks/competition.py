@@ -457,13 +457,26 @@ def _public(run: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in run.items() if not k.startswith("_")}
 
 
+#: The task a worker process built last, kept for its next jobs (``msa-synthetic`` takes about
+#: a second to generate; the runs only read it, and every run wraps its own test lock).
+_WORKER_TASK: dict[tuple[str, bool], Task] = {}
+
+
+def _worker_task(name: str, quick: bool) -> Task:
+    key = (name, quick)
+    if key not in _WORKER_TASK:
+        _WORKER_TASK.clear()  # one task at a time: the synthetic ones hold hundreds of MB
+        _WORKER_TASK[key] = get_task(name, seed=0, quick=quick)
+    return _WORKER_TASK[key]
+
+
 def _job(args: tuple[Any, ...]) -> list[dict[str, Any]]:
     """One (task, method, seed, quick, device[, backbone]) job, in a worker or in-process."""
     task_name, name, seed, quick, device, *rest = args
     backbone = rest[0] if rest else "late"
     teacher_cache = rest[1] if len(rest) > 1 else None
     torch.set_num_threads(max(1, int(os.environ.get("MODBALANCE_BENCH_THREADS", "1"))))
-    task = get_task(task_name, seed=0, quick=quick)
+    task = _worker_task(task_name, quick)
     kw = {"quick": quick, "device": device, "backbone": backbone}
     if name == "alone":
         return [_public(r) for r in alone_references(task, seed, **kw)]
@@ -521,7 +534,7 @@ def run_task(
     if backbone not in BACKBONES:
         raise SystemExit(f"unknown backbone {backbone!r}; known: {', '.join(BACKBONES)}")
     wanted = _wanted(methods)
-    task = get_task(task_name, seed=0, quick=quick)
+    task = _worker_task(task_name, quick)
     todo, copies, runs = _plan(task, wanted, seeds, quick, device, backbone, cache)
     log(
         f"[{task_name}] {len(todo)} runs to train, {len(copies)} the same as another name, "

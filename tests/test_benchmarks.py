@@ -523,3 +523,33 @@ def test_tuning_quick_writes_its_choice_and_the_tuned_suite_uses_it(tmp_path):
 def test_tuned_needs_a_tuning(tmp_path):
     with pytest.raises(SystemExit, match="--tuned needs"):
         competition.main(["--quick", "--tuned", "--out", str(tmp_path), "--cache", ""])
+
+
+def test_a_worker_builds_its_task_once_and_runs_do_not_change_it(monkeypatch):
+    built = []
+    real = competition.get_task
+
+    def counting(name, seed=0, quick=False, **kw):
+        built.append(name)
+        return real(name, seed=seed, quick=quick, **kw)
+
+    monkeypatch.setattr(competition, "get_task", counting)
+    monkeypatch.setattr(competition, "_WORKER_TASK", {})
+    job = ("cls-synthetic", "joint", 0, True, "cpu")
+    first = competition._job(job)
+    task = competition._WORKER_TASK[("cls-synthetic", True)]
+    before = {k: ds.batch(list(range(len(ds)))) for k, ds in task.splits.items()}
+    again = competition._job(job)  # the kept task: the same run
+    assert built == ["cls-synthetic"]
+    assert [{k: v for k, v in r.items() if k != "time_s"} for r in again] == [
+        {k: v for k, v in r.items() if k != "time_s"} for r in first
+    ]
+    for k, ds in task.splits.items():  # no run wrote into the kept data
+        after = ds.batch(list(range(len(ds))))
+        for m in after["features"]:
+            assert torch.equal(after["features"][m], before[k]["features"][m])
+        assert torch.equal(after["label"], before[k]["label"])
+    competition._job(("msa-synthetic", "joint", 0, True, "cpu"))
+    assert built[-1] == "msa-synthetic" and list(competition._WORKER_TASK) == [
+        ("msa-synthetic", True)
+    ]  # one task kept at a time

@@ -508,8 +508,9 @@ class MultimodalDataset(Dataset):
             else:  # frame t of row b is frame start_b + t of the stored sample
                 pos = (start[:, None] + frames[None, :]).clamp_max(max(x.shape[1] - 1, 0))
                 out = x[idx[:, None], pos]
-            if not bool(valid.all()):  # frames past a span are padding: zero them
-                out.masked_fill_(~valid.reshape(*valid.shape, *([1] * (x.ndim - 2))), 0.0)
+            if not bool(valid.all()):  # frames past a span are padding: zero those rows only
+                pad = (~valid).reshape(-1).nonzero().squeeze(1)
+                out.flatten(0, 1).index_fill_(0, pad, 0.0)  # a view: ``out`` is a fresh gather
             feats[m], masks[m], lens[m] = out, valid, length
         result: dict[str, Any] = {
             "features": feats,
@@ -526,14 +527,19 @@ class MultimodalDataset(Dataset):
         """``indices`` as a checked (B,) int64 tensor in ``[0, N)``."""
         if isinstance(indices, Tensor):
             bad = indices.ndim != 1 or indices.dtype.is_floating_point or indices.is_complex()
+            bad = bad or indices.dtype == torch.bool  # a mask, not indices
             idx = indices.to(torch.long) if not bad else indices
         else:
             is_seq = isinstance(indices, Sequence) and not isinstance(indices, (str, bytes))
-            ints = is_seq and all(
-                isinstance(i, (int, np.integer)) and not isinstance(i, bool) for i in indices
+            # a sampler's batch is a list of ints: one pass over the types
+            ints = is_seq and (
+                set(map(type, indices)) == {int}
+                or all(
+                    isinstance(i, (int, np.integer)) and not isinstance(i, bool) for i in indices
+                )
             )
             bad = not ints
-            idx = torch.as_tensor(list(indices), dtype=torch.long) if ints else None
+            idx = self._int64(indices) if ints else None
         if bad:
             raise ModbalanceError(
                 "`indices` must be a 1-D sequence (or tensor) of integer sample indices, got "
@@ -547,6 +553,15 @@ class MultimodalDataset(Dataset):
             i = int(idx[out_of_range][0])
             raise IndexError(f"index {i} is out of range for a dataset of {n} samples.")
         return idx % n
+
+    def _int64(self, indices: Sequence[int]) -> Tensor:
+        try:
+            return torch.tensor(list(indices), dtype=torch.long)
+        except (OverflowError, RuntimeError, ValueError):  # beyond int64
+            big = next(int(i) for i in indices if not -(2**63) <= int(i) < 2**63)
+            raise IndexError(
+                f"index {big} is out of range for a dataset of {len(self)} samples."
+            ) from None
 
     def __repr__(self) -> str:
         dims = ", ".join(
