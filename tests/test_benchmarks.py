@@ -553,3 +553,13 @@ def test_a_worker_builds_its_task_once_and_runs_do_not_change_it(monkeypatch):
     assert built[-1] == "msa-synthetic" and list(competition._WORKER_TASK) == [
         ("msa-synthetic", True)
     ]  # one task kept at a time
+
+
+def test_loading_says_whether_other_jobs_shared_the_cores():
+    from benchmarks.loading import load_note
+
+    assert load_note([0.7, 1.2]).endswith(
+        "(about 1 is the measured process itself: no other job ran)"
+    )
+    busy = load_note([0.9, 4.2])
+    assert busy.startswith("0.9, 4.2 (other jobs shared the cores: times are upper bounds")
