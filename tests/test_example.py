@@ -226,6 +226,45 @@ def test_resume_continues_bit_exactly(splits, tmp_path):
         assert torch.equal(a, b) if torch.is_tensor(a) else a == b, name
 
 
+def test_the_readout_epoch_scores_validation_from_the_pass_it_fitted_on(splits, monkeypatch):
+    """After a read-out fit the validation split is not predicted again: the kept features give
+    the re-fitted read-out's predictions batch by batch, the same values as a new pass."""
+    train, valid, test = _fresh_test(splits)
+    mc = PaSEConfig(
+        modalities=train.modalities, input_dims=dict(train.dims), dim=16, readout="ridge"
+    )
+
+    def fit_and_predict_again(self):  # the previous behaviour: validation predicted anew
+        train, valid = self.predict(self.train_set), self.predict(self.valid_set)
+        self.model.readout.fit(
+            train["features"],
+            train["target"],
+            train["present"],
+            valid=(valid["features"], valid["target"], valid["present"]),
+        )
+
+    def run(reuse: bool):
+        if not reuse:
+            monkeypatch.setattr(Trainer, "_fit_readout", fit_and_predict_again)
+        trainer = Trainer(mc, _train_config(epochs=3, batch_size=7), train, valid, test)
+        passes = []
+        predict = trainer.predict
+        trainer.predict = lambda ds: passes.append(ds is valid) or predict(ds)
+        trainer.fit()
+        monkeypatch.undo()
+        return trainer, passes
+
+    kept, kept_passes = run(True)
+    again, again_passes = run(False)
+    assert kept_passes.count(True) == again_passes.count(True) - 2  # one per phase-2 epoch
+    assert len(valid) % 7 != 0  # a short last batch is predicted like the others
+    for a, b in zip(kept.history, again.history):
+        assert a["val"] == b["val"] and a.get("train_task") == b.get("train_task")
+    assert kept.best_epoch == again.best_epoch
+    for (name, x), y in zip(kept.model.state_dict().items(), again.model.state_dict().values()):
+        assert torch.equal(x, y), name
+
+
 def test_ridge_readout_is_refitted_in_phase_2_and_selects_the_checkpoint(splits, tmp_path):
     """PaSEConfig(readout="ridge"): re-fitted after every phase-2 epoch (train split, strength on
     validation), the checkpoint selected on its validation error, kept in best.pt, and the test

@@ -272,15 +272,21 @@ class Trainer:
         }
 
     def evaluate(
-        self, dataset: Dataset, *, with_predictions: bool = False, shares: bool = True
+        self,
+        dataset: Dataset,
+        *,
+        with_predictions: bool = False,
+        shares: bool = True,
+        predictions: dict[str, Any] | None = None,
     ) -> Any:
         """Metrics of fused and unimodal predictions, plus Shapley values of the fused head.
 
         With ``with_predictions``: ``(metrics, predictions)``, the second :meth:`predict`'s
         output from the same pass. ``shares=False`` leaves out the Shapley game (no
-        ``"shapley"``/``"shares"`` entries).
+        ``"shapley"``/``"shares"`` entries). ``predictions``: :meth:`predict`'s output on
+        ``dataset`` for the model as it is now, scored instead of a new pass.
         """
-        p = self.predict(dataset)
+        p = self.predict(dataset) if predictions is None else predictions
         task = self.model_config.task
         result: dict[str, Any] = {
             k: metrics_of(v, p["target"], task) for k, v in p["preds"].items()
@@ -323,9 +329,12 @@ class Trainer:
         while self.epoch < self.config.epochs:
             t0 = time.perf_counter()
             record = {"epoch": self.epoch + 1} | self.train_epoch()
+            valid = None
             if record["phase"] == 2 and self.model_config.readout == "ridge":
-                self._fit_readout()
-            record["val"] = self.evaluate(self.valid_set, shares=self.config.epoch_shares)
+                valid = self._fit_readout()
+            record["val"] = self.evaluate(
+                self.valid_set, shares=self.config.epoch_shares, predictions=valid
+            )
             summary = {k: v for method in self.methods for k, v in method.summary().items()}
             if summary:  # what the methods set, for the logs and plots
                 record["methods"] = summary
@@ -339,11 +348,14 @@ class Trainer:
                 print(self._epoch_line(record), flush=True)
         self._load_selected()
 
-    def _fit_readout(self) -> None:
+    def _fit_readout(self) -> dict[str, Any] | None:
         """Re-fit the model's :class:`~modbalance.RidgeReadout` on this epoch's features.
 
-        Fitted on the training split, its strength chosen on validation; the validation pass
-        that follows then scores it, so the checkpoint is selected on the read-out's error.
+        Fitted on the training split, its strength chosen on validation; the validation scores
+        that follow then score it, so the checkpoint is selected on the read-out's error.
+        Returns the validation split's :meth:`predict` output with the re-fitted read-out's
+        fused predictions (the encoders did not change, so only those are new), or ``None``
+        under autocast, where the features kept in float32 are not what the read-out saw.
         """
         train, valid = self.predict(self.train_set), self.predict(self.valid_set)
         self.model.readout.fit(
@@ -352,6 +364,35 @@ class Trainer:
             train["present"],
             valid=(valid["features"], valid["target"], valid["present"]),
         )
+        if self.parts.amp is not None:
+            return None
+        valid["preds"]["fused"] = self._readout_fused(valid)
+        # The pass this saves opened a DataLoader, which draws its base seed from the global
+        # random generator; drawing it all the same keeps every later random number (dropout,
+        # the methods' draws) and so every run as it was.
+        iter(make_loader(self.valid_set, self.config.batch_size, train=False))
+        return valid
+
+    @torch.no_grad()
+    def _readout_fused(self, p: dict[str, Any]) -> Tensor:
+        """The fused predictions :meth:`predict` would give now, from its kept features.
+
+        Batch by batch, in the batches of :meth:`predict` (the same shapes, so the same values),
+        with the methods' own inference rules applied after the read-out as there.
+        """
+        self.model.eval()
+        size, dev, n = self.config.batch_size, self.parts.device, p["target"].shape[0]
+        out = []
+        for start in range(0, n, size):
+            feats = {m: f[start : start + size].to(dev) for m, f in p["features"].items()}
+            present = {m: x[start : start + size].to(dev) for m, x in p["present"].items()}
+            fused = self.model.readout(feats, present)
+            for method in self.methods:
+                own = method.predict(feats, present)
+                if own is not None:
+                    fused = own.reshape(fused.shape)
+            out.append(fused.float().cpu())
+        return torch.cat(out)
 
     def _epoch_line(self, record: dict[str, Any]) -> str:
         val, mods = record["val"], self.model.modalities
