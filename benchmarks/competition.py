@@ -44,6 +44,7 @@ configuration, so an interrupted suite resumes where it stopped.
 from __future__ import annotations
 
 import argparse
+import functools
 import hashlib
 import json
 import math
@@ -61,6 +62,7 @@ import torch
 
 from benchmarks.backbones import BACKBONES, make_model
 from benchmarks.tasks import Task, get_task
+from examples import pase_mosi
 from examples.pase import PAPER_SWITCHES, GuardedDataset, PaSEConfig, TrainConfig, Trainer
 from examples.pase.loop import seed_everything
 from examples.pase_mosi import PASE_METHODS
@@ -420,6 +422,30 @@ def _fingerprint(task_name: str, quick: bool, device: str, backbone: str = "late
     return hashlib.sha1(key.encode()).hexdigest()[:10]
 
 
+@functools.lru_cache(maxsize=1)
+def code_fingerprint() -> str:
+    """A digest of the source that decides what a run computes, recorded with every run.
+
+    The library, the example's trainer (``examples/pase``, ``examples/pase_mosi.py``) and the
+    suite's tasks, configurations and backbones. The cache key leaves it out (so that a table
+    can be rebuilt from the cache after an edit), and :func:`run_task` says how many cached runs
+    another version of the code trained.
+    """
+    import examples.pase
+    import modbalance
+
+    here = Path(__file__).resolve().parent
+    packages = [Path(m.__file__).resolve().parent for m in (modbalance, examples.pase)]
+    files = [(p.parent, f) for p in packages for f in sorted(p.rglob("*.py"))]
+    files.append((here.parent, Path(pase_mosi.__file__).resolve()))
+    files += [(here.parent, here / name) for name in ("competition.py", "tasks.py", "backbones.py")]
+    digest = hashlib.sha1()
+    for root, f in files:  # each file's place in its package, then its text
+        digest.update(f.relative_to(root).as_posix().encode())
+        digest.update(f.read_bytes())
+    return digest.hexdigest()[:12]
+
+
 def _known(name: str) -> bool:
     try:
         spec_of(name)
@@ -515,6 +541,18 @@ def _plan(
     return todo, copies, runs
 
 
+def _plan_line(todo: int, copies: int, cached: int, runs: list[dict[str, Any]], code: str) -> str:
+    """What :func:`run_task` will do, and how many cached records other code wrote."""
+    line = f"{todo} runs to train, {copies} the same as another name, {cached} cached"
+    other = sum(r.get("code") != code for r in runs)
+    if other:
+        line += (
+            f"; {other} cached run records come from other code than this (or do not say): "
+            "pass a new --cache to train them again"
+        )
+    return line
+
+
 def run_task(
     task_name: str,
     methods: Sequence[str],
@@ -536,13 +574,13 @@ def run_task(
     wanted = _wanted(methods)
     task = _worker_task(task_name, quick)
     todo, copies, runs = _plan(task, wanted, seeds, quick, device, backbone, cache)
-    log(
-        f"[{task_name}] {len(todo)} runs to train, {len(copies)} the same as another name, "
-        f"{len(wanted) * len(seeds) - len(todo) - len(copies)} cached"
-    )
+    code = code_fingerprint()
+    cached = len(wanted) * len(seeds) - len(todo) - len(copies)
+    log(f"[{task_name}] {_plan_line(len(todo), len(copies), cached, runs, code)}")
     start = time.perf_counter()
 
     def record(path, result):
+        result = [r if "code" in r else r | {"code": code} for r in result]
         if path is not None:
             path.parent.mkdir(parents=True, exist_ok=True)
             path.write_text(json.dumps(result))

@@ -563,3 +563,27 @@ def test_loading_says_whether_other_jobs_shared_the_cores():
     )
     busy = load_note([0.9, 4.2])
     assert busy.startswith("0.9, 4.2 (other jobs shared the cores: times are upper bounds")
+
+
+def test_cached_runs_record_their_code_and_other_code_is_reported(tmp_path):
+    lines = []
+    kw = {"quick": True, "cache": tmp_path, "log": lines.append}
+    out = competition.run_task("cls-synthetic", ("joint",), (0, 1), **kw)
+    code = competition.code_fingerprint()
+    assert re.fullmatch(r"[0-9a-f]{12}", code)
+    assert [r["code"] for r in out["runs"]] == [code, code]
+    competition.run_task("cls-synthetic", ("joint",), (0, 1), **kw)
+    assert lines[-1].endswith("0 runs to train, 0 the same as another name, 2 cached")
+    # one record from other code, one that does not say: both reported, neither retrained
+    first, second = sorted(tmp_path.glob("cls-synthetic_*_joint_*.json"))
+    [run] = json.loads(first.read_text())
+    first.write_text(json.dumps([run | {"code": "0" * 12}]))
+    [run] = json.loads(second.read_text())
+    del run["code"]
+    second.write_text(json.dumps([run]))
+    again = competition.run_task("cls-synthetic", ("joint",), (0, 1), **kw)
+    assert lines[-1].endswith(
+        "2 cached; 2 cached run records come from other code than this (or do not say): "
+        "pass a new --cache to train them again"
+    )
+    assert [r.get("code") for r in again["runs"]] == ["0" * 12, None]
