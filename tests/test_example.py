@@ -235,13 +235,7 @@ def test_the_readout_epoch_scores_validation_from_the_pass_it_fitted_on(splits, 
     )
 
     def fit_and_predict_again(self):  # the previous behaviour: validation predicted anew
-        train, valid = self.predict(self.train_set), self.predict(self.valid_set)
-        self.model.readout.fit(
-            train["features"],
-            train["target"],
-            train["present"],
-            valid=(valid["features"], valid["target"], valid["present"]),
-        )
+        self._fit_readout_on(self.predict(self.train_set), self.predict(self.valid_set))
 
     def run(reuse: bool):
         if not reuse:

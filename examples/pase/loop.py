@@ -358,12 +358,7 @@ class Trainer:
         under autocast, where the features kept in float32 are not what the read-out saw.
         """
         train, valid = self.predict(self.train_set), self.predict(self.valid_set)
-        self.model.readout.fit(
-            train["features"],
-            train["target"],
-            train["present"],
-            valid=(valid["features"], valid["target"], valid["present"]),
-        )
+        self._fit_readout_on(train, valid)
         if self.parts.amp is not None:
             return None
         valid["preds"]["fused"] = self._readout_fused(valid)
@@ -372,6 +367,15 @@ class Trainer:
         # the methods' draws) and so every run as it was.
         iter(make_loader(self.valid_set, self.config.batch_size, train=False))
         return valid
+
+    def _fit_readout_on(self, train: dict[str, Any], valid: dict[str, Any]) -> None:
+        """Fit the read-out on :meth:`predict`'s outputs of the training and validation splits."""
+        self.model.readout.fit(
+            train["features"],
+            train["target"],
+            train["present"],
+            valid=(valid["features"], valid["target"], valid["present"]),
+        )
 
     @torch.no_grad()
     def _readout_fused(self, p: dict[str, Any]) -> Tensor:
