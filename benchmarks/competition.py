@@ -430,6 +430,11 @@ def code_fingerprint() -> str:
     suite's tasks, configurations and backbones. The cache key leaves it out (so that a table
     can be rebuilt from the cache after an edit), and :func:`run_task` says how many cached runs
     another version of the code trained.
+
+    Example:
+        >>> fp = code_fingerprint()
+        >>> len(fp), fp == code_fingerprint()
+        (12, True)
     """
     import examples.pase
     import modbalance

@@ -30,10 +30,9 @@ Use it after training (or at every epoch, selecting the checkpoint on its valida
 balancing it has the lower validation MAE than the fusion head on all four, and a test MAE below
 joint training's on two of them (by up to 0.009) and level on the other two (within 0.002); on
 joint training alone it raises MAE by 0.004 to 0.007, because the weak encoders' features carry
-little to read. It has no parameters and no
-gradient: the fitted state lives in buffers (resized on loading) and round-trips with
-``state_dict``. Fitting reads tensors on the host (it is not a training-step operation);
-:meth:`RidgeReadout.forward` does not synchronise.
+little to read. It has no parameters and no gradient: the fitted state lives in buffers
+(resized on loading) and round-trips with ``state_dict``. Fitting reads tensors on the host (it
+is not a training-step operation); :meth:`RidgeReadout.forward` does not synchronise.
 """
 
 from __future__ import annotations

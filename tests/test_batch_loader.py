@@ -175,3 +175,14 @@ def test_loader_errors(kwargs, match):
     ds = _dataset(0, 3, 2, classes=False, unimodal=False)
     with pytest.raises(ModbalanceError, match=match):
         multimodal_loader(ds, **kwargs)
+
+
+def test_an_index_error_beyond_int64_is_raised_only_for_an_overflow(monkeypatch):
+    ds = _dataset(0, 3, 2, classes=False, unimodal=False)
+
+    def refuse(*args, **kwargs):
+        raise RuntimeError("some other failure")
+
+    monkeypatch.setattr(torch, "tensor", refuse)
+    with pytest.raises(RuntimeError, match="some other failure"):
+        ds._int64([0, 1])

@@ -253,11 +253,7 @@ class Trainer:
             batch = to_device(batch, self.parts.device)
             with autocast(self.parts):
                 out = self.model.predict(batch)
-            fused = out["fused"]
-            for method in self.methods:  # a method with its own inference rule (MLA)
-                own = method.predict(out["features"], out["present"])
-                if own is not None:
-                    fused = own.reshape(fused.shape)
+            fused = self._methods_fused(out["fused"], out["features"], out["present"])
             preds["fused"].append(fused.float().cpu())
             for m in self.model.modalities:
                 preds[m].append(out["unimodal"][m].float().cpu())
@@ -390,13 +386,19 @@ class Trainer:
         for start in range(0, n, size):
             feats = {m: f[start : start + size].to(dev) for m, f in p["features"].items()}
             present = {m: x[start : start + size].to(dev) for m, x in p["present"].items()}
-            fused = self.model.readout(feats, present)
-            for method in self.methods:
-                own = method.predict(feats, present)
-                if own is not None:
-                    fused = own.reshape(fused.shape)
+            fused = self._methods_fused(self.model.readout(feats, present), feats, present)
             out.append(fused.float().cpu())
         return torch.cat(out)
+
+    def _methods_fused(
+        self, fused: Tensor, feats: Mapping[str, Tensor], present: Mapping[str, Tensor]
+    ) -> Tensor:
+        """``fused``, or the prediction of a method with its own inference rule (MLA)."""
+        for method in self.methods:
+            own = method.predict(feats, present)
+            if own is not None:
+                fused = own.reshape(fused.shape)
+        return fused
 
     def _epoch_line(self, record: dict[str, Any]) -> str:
         val, mods = record["val"], self.model.modalities

@@ -555,10 +555,13 @@ class MultimodalDataset(Dataset):
         return idx % n
 
     def _int64(self, indices: Sequence[int]) -> Tensor:
+        """Integer ``indices`` as int64; one beyond int64 is out of range (``IndexError``)."""
         try:
             return torch.tensor(list(indices), dtype=torch.long)
-        except (OverflowError, RuntimeError, ValueError):  # beyond int64
-            big = next(int(i) for i in indices if not -(2**63) <= int(i) < 2**63)
+        except (OverflowError, RuntimeError, ValueError):
+            big = next((int(i) for i in indices if not -(2**63) <= int(i) < 2**63), None)
+            if big is None:  # not an overflow: torch's own error
+                raise
             raise IndexError(
                 f"index {big} is out of range for a dataset of {len(self)} samples."
             ) from None
